@@ -1,0 +1,5 @@
+"""Audio in and out: WAV encoding (decoding, resampling and loudness come with loops)."""
+
+from .wav import to_wav_bytes, write_wav
+
+__all__ = ["to_wav_bytes", "write_wav"]

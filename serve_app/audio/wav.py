@@ -1,0 +1,26 @@
+"""Writing generated audio: int16 frames to WAV files or bytes."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+import numpy as np
+import soundfile as sf
+
+from ..engine.variants import SAMPLE_RATE
+
+
+def to_wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format="WAV", subtype=_subtype(samples))
+    return buf.getvalue()
+
+
+def write_wav(path: pathlib.Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), samples, sample_rate, format="WAV", subtype=_subtype(samples))
+
+
+def _subtype(samples: np.ndarray) -> str:
+    return "PCM_16" if samples.dtype == np.int16 else "FLOAT"

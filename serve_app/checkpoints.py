@@ -1,0 +1,180 @@
+"""Where a model's files come from: a Hugging Face repo or a local directory laid out like one.
+
+Layout (that of `google/magenta-realtime-2`, which finetune repos follow):
+
+    checkpoints/<variant>.safetensors        base weights of a variant
+    checkpoint_<step>.safetensors            a finetune step (root or checkpoints/)
+    resources/spectrostream/encoder.safetensors
+    resources/musiccoca/*                    MusicCoCa TFLite models and spm.model
+    mean_style_embed.npy, cluster_centroids.npy   finetune steering assets (optional)
+
+Hub files go through `huggingface_hub`'s cache (resumable, progress bars, HF_TOKEN
+and HF_HUB_OFFLINE honoured). Nothing is unpickled: `.npy` files load with
+`allow_pickle=False`, and every file name is checked to stay inside its repo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import re
+
+import numpy as np
+
+from .styles import SteeringAssets
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPO = "google/magenta-realtime-2"
+ENCODER_FILE = "resources/spectrostream/encoder.safetensors"
+MUSICCOCA_DIR = "resources/musiccoca"
+MUSICCOCA_FILES = (
+    "spm.model",
+    "text_encoder.tflite",
+    "audio_preprocessor.tflite",
+    "music_encoder.tflite",
+    "pretrained_vector_quantizer.tflite",
+)
+MEAN_FILE = "mean_style_embed.npy"
+CENTROIDS_FILE = "cluster_centroids.npy"
+_STEP_FILE = re.compile(r"^(?:checkpoints/)?checkpoint_(\d+)\.safetensors$")
+_V1_ARCHIVE = re.compile(r"checkpoint_\d+\.tgz$")
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """A required model file is in neither the local directory nor the Hub/cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """Resolved local paths of everything one model needs."""
+
+    repo: str
+    checkpoint: pathlib.Path
+    step: int | None
+    encoder: pathlib.Path | None
+    musiccoca_dir: pathlib.Path | None
+    steering: SteeringAssets
+
+
+def is_local(repo: str) -> bool:
+    return os.path.isdir(os.path.expanduser(repo))
+
+
+def _safe_relative(name: str) -> str:
+    path = pathlib.PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"file name {name!r} would leave the repository")
+    return str(path)
+
+
+class Repo:
+    """Fetches files of one repo (local directory or Hub id) on demand."""
+
+    def __init__(self, repo: str, *, revision: str | None = None) -> None:
+        self.repo = repo
+        self.revision = revision
+        self.local = pathlib.Path(os.path.expanduser(repo)) if is_local(repo) else None
+
+    def where(self) -> str:
+        if self.local is not None:
+            return f"local directory {self.local}"
+        from huggingface_hub import constants
+
+        return f"Hub repo {self.repo!r} (cache {constants.HF_HUB_CACHE})"
+
+    def fetch(self, name: str) -> pathlib.Path | None:
+        """The local path of `name`, downloading it if needed; None if it does not exist."""
+        name = _safe_relative(name)
+        if self.local is not None:
+            path = self.local / name
+            return path if path.is_file() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            return pathlib.Path(
+                hf_hub_download(self.repo, name, revision=self.revision)
+            )
+        except EntryNotFoundError:
+            return None
+        except LocalEntryNotFoundError as e:  # offline and not cached
+            raise CheckpointNotFound(
+                f"{name} is not in the local cache and the Hub cannot be reached "
+                f"({self.where()}): {e}"
+            ) from e
+        except Exception as e:  # RepositoryNotFound, gated repo, HTTP errors
+            raise CheckpointNotFound(f"could not fetch {name} from {self.where()}: {e}") from e
+
+    def require(self, names: list[str], what: str) -> pathlib.Path:
+        for name in names:
+            path = self.fetch(name)
+            if path is not None:
+                return path
+        raise CheckpointNotFound(f"{what}: none of {names} found in {self.where()}")
+
+    def list_files(self) -> list[str]:
+        if self.local is not None:
+            files = (p for p in self.local.rglob("*") if p.is_file())
+            return sorted(str(p.relative_to(self.local)) for p in files)
+        from huggingface_hub import list_repo_files
+
+        try:
+            return sorted(list_repo_files(self.repo, revision=self.revision))
+        except Exception as e:
+            raise CheckpointNotFound(f"could not list {self.where()}: {e}") from e
+
+
+def list_steps(files: list[str]) -> list[int]:
+    return sorted({int(m.group(1)) for f in files if (m := _STEP_FILE.match(f))})
+
+
+def has_v1_archives(files: list[str]) -> bool:
+    return any(_V1_ARCHIVE.search(f) for f in files)
+
+
+def checkpoint_candidates(variant_file: str, step: int | None) -> list[str]:
+    if step is None:
+        return [variant_file, pathlib.PurePosixPath(variant_file).name]
+    return [f"checkpoint_{step}.safetensors", f"checkpoints/checkpoint_{step}.safetensors"]
+
+
+def _load_npy(path: pathlib.Path | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    return np.load(path, allow_pickle=False).astype(np.float32)
+
+
+def resolve(
+    repo: str,
+    variant_file: str,
+    *,
+    step: int | None = None,
+    revision: str | None = None,
+    need_musiccoca: bool = True,
+) -> ModelFiles:
+    """Finds (downloading where needed) every file a model needs, or says what is missing."""
+    source = Repo(repo, revision=revision)
+    checkpoint = source.require(
+        checkpoint_candidates(variant_file, step),
+        f"checkpoint{'' if step is None else f' step {step}'}",
+    )
+    # Finetune repos usually hold only weights and steering assets; the codec encoder
+    # and MusicCoCa then come from the base repo.
+    resources = source
+    if source.fetch(ENCODER_FILE) is None and repo != DEFAULT_REPO:
+        resources = Repo(DEFAULT_REPO)
+    encoder = resources.fetch(ENCODER_FILE)
+    musiccoca_dir = None
+    if need_musiccoca:
+        paths = [
+            resources.require([f"{MUSICCOCA_DIR}/{f}"], "MusicCoCa") for f in MUSICCOCA_FILES
+        ]
+        musiccoca_dir = paths[0].parent
+    steering = SteeringAssets(
+        mean=_load_npy(source.fetch(MEAN_FILE)), centroids=_load_npy(source.fetch(CENTROIDS_FILE))
+    )
+    log.info("model files from %s: %s", source.where(), checkpoint.name)
+    return ModelFiles(repo, checkpoint, step, encoder, musiccoca_dir, steering)

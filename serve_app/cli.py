@@ -1,0 +1,84 @@
+"""`mrt-serve` command line: offline rendering now; serving lives in scripts/serve."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from . import logs
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .audio import write_wav
+    from .engine import Controls, load_model
+    from .render import RenderRequest, render
+    from .styles.prompts import parse_floats, parse_styles
+
+    try:
+        request = RenderRequest(
+            styles=parse_styles(args.styles, args.style_weights),
+            seconds=args.seconds,
+            seed=args.seed,
+            controls=Controls(
+                temperature=args.temperature,
+                top_k=args.topk,
+                cfg={"musiccoca": args.guidance, "notes": args.cfg_notes, "drums": args.cfg_drums},
+                drums=args.drums,
+            ),
+            notes=[int(n) for n in parse_floats(args.notes, "notes")] if args.notes else None,
+            mean=args.mean,
+            centroid_weights=parse_floats(args.centroid_weights, "centroid_weights"),
+        )
+        frames = request.frames
+        request.controls.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with tqdm(total=3, desc="loading model", unit="step", leave=False) as bar:
+        loaded = load_model(args.variant, repo=args.repo, step=args.step)
+        bar.update(3)
+    with tqdm(total=frames, desc=f"generating {args.seconds:g}s", unit="frame") as bar:
+        audio = render(loaded, request, on_frame=lambda _: bar.update(1))
+    write_wav(args.out, audio)
+    print(f"wrote {args.out} ({audio.shape[0] / 48000:.2f} s, 48 kHz stereo)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrt-serve", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="render a style prompt to a WAV file, no server")
+    gen.add_argument("--variant", default="mrt2_base", help="tiny, mrt2_small or mrt2_base")
+    gen.add_argument("--repo", default=None, help="Hub repo id or local directory")
+    gen.add_argument("--step", type=int, default=None, help="finetune checkpoint step")
+    gen.add_argument("--styles", default="", help='comma-separated, e.g. "disco funk, strings"')
+    gen.add_argument("--style-weights", default=None, help='e.g. "1.0, 0.5"')
+    gen.add_argument("--mean", type=float, default=0.0, help="weight of the finetune mean style")
+    gen.add_argument("--centroid-weights", default=None, help="weights of finetune centroids")
+    gen.add_argument("--seconds", type=float, default=8.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=1.3)
+    gen.add_argument("--topk", type=int, default=40)
+    gen.add_argument("--guidance", type=float, default=3.0, help="style CFG scale")
+    gen.add_argument("--cfg-notes", type=float, default=1.0)
+    gen.add_argument("--cfg-drums", type=float, default=1.0)
+    gen.add_argument("--notes", default=None, help="held MIDI pitches, e.g. 60,64,67")
+    gen.add_argument("--drums", default="free", choices=["free", "on", "off"])
+    gen.add_argument("--out", type=pathlib.Path, required=True)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

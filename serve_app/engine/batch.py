@@ -1,0 +1,196 @@
+"""The batched engine: one jitted step advances every session by one 40 ms frame.
+
+Model state for all sessions lives in one batched pytree of `capacity` rows (a
+bucket size: 1, 2, 4, 8, ...). Sessions occupy rows ("slots"); joining writes a
+fresh per-seed state into a free row, leaving frees the row. When the sessions no
+longer fit, or fit in a bucket half the size, the rows are gathered into a state of
+the new capacity. Each bucket's step is compiled once (`warmup`), so a session
+joining never waits on XLA. Empty rows compute throwaway audio: rows never mix.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+
+from ..styles import StyleModel
+from .model import State, StreamingModel
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class CapacityError(RuntimeError):
+    """The engine already holds its maximum number of sessions."""
+
+
+@jax.jit
+def _gather_rows(state: State, rows: jax.Array) -> State:
+    return jax.tree.map(lambda a: a[rows], state)
+
+
+@jax.jit
+def _put_row(state: State, row_state: State, row: jax.Array) -> State:
+    return jax.tree.map(lambda a, r: a.at[row].set(r[0]), state, row_state)
+
+
+@dataclasses.dataclass
+class SessionSnapshot:
+    """A session lifted out of the engine: host controls plus its model state on host."""
+
+    session: Session
+    state: State
+
+
+class BatchedEngine:
+    def __init__(
+        self,
+        model: StreamingModel,
+        style_model: StyleModel,
+        *,
+        buckets: Iterable[int] = DEFAULT_BUCKETS,
+        max_sessions: int | None = None,
+    ) -> None:
+        self.model = model
+        self.style_model = style_model
+        self.buckets = tuple(sorted(set(buckets)))
+        self.max_sessions = max_sessions or self.buckets[-1]
+        if self.max_sessions > self.buckets[-1]:
+            raise ValueError(
+                f"max_sessions: {self.max_sessions} exceeds the largest bucket {self.buckets[-1]}"
+            )
+        self._slots: list[str | None] = []
+        self._sessions: dict[str, Session] = {}
+        self._state: State | None = None
+        self.steps = 0
+        self.last_batch_size = 0
+
+    # -- sessions -------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return len(self._slots)
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        return self._sessions
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def add(self, session: Session, state: State | None = None) -> None:
+        """Places a session in a free row (a fresh state for its seed unless given)."""
+        if session.id in self._sessions:
+            raise ValueError(f"session_id: {session.id} is already running")
+        if len(self._sessions) >= self.max_sessions:
+            raise CapacityError(
+                f"this replica is at its limit of {self.max_sessions} concurrent sessions"
+            )
+        if state is None:
+            state = self.model.state_at(session.seed)
+        if None not in self._slots:
+            self._resize(self._bucket_for(len(self._sessions) + 1))
+        row = self._slots.index(None)
+        self._state = _put_row(self._state, state, np.int32(row))
+        self._slots[row] = session.id
+        self._sessions[session.id] = session
+
+    def remove(self, session_id: str) -> Session:
+        session = self._sessions.pop(session_id)
+        self._slots[self._slots.index(session_id)] = None
+        target = self._bucket_for(len(self._sessions)) if self._sessions else 0
+        if target <= self.capacity // 2:
+            self._resize(target)
+        return session
+
+    def snapshot(self, session_id: str) -> SessionSnapshot:
+        """Copies a session and its model state to host memory (to save or move it)."""
+        row = self._slots.index(session_id)
+        state = jax.device_get(_gather_rows(self._state, np.array([row], np.int32)))
+        return SessionSnapshot(self._sessions[session_id], state)
+
+    def restore(self, snapshot: SessionSnapshot) -> None:
+        self.add(snapshot.session, jax.device_put(snapshot.state))
+
+    # -- batching -------------------------------------------------------------
+    def _bucket_for(self, n: int) -> int:
+        i = bisect.bisect_left(self.buckets, n)
+        if i == len(self.buckets):
+            raise CapacityError(f"no batch bucket holds {n} sessions (largest {self.buckets[-1]})")
+        return self.buckets[i]
+
+    def _resize(self, capacity: int) -> None:
+        occupied = [i for i, s in enumerate(self._slots) if s is not None]
+        if capacity == 0:
+            self._state, self._slots = None, []
+            return
+        if self._state is None:
+            fresh = self.model.state_at(0)
+            self._state = _gather_rows(fresh, np.zeros(capacity, np.int32))
+            self._slots = [None] * capacity
+            return
+        # Occupied rows first, then padding rows copied from row 0 (overwritten on join).
+        rows = occupied + [0] * (capacity - len(occupied))
+        self._state = _gather_rows(self._state, np.array(rows, np.int32))
+        self._slots = [self._slots[i] for i in occupied] + [None] * (capacity - len(occupied))
+        log.debug("engine capacity -> %d rows for %d sessions", capacity, len(occupied))
+
+    def step(self) -> dict[str, np.ndarray]:
+        """Generates the next frame for every session: {session_id: int16 [1920, 2]}."""
+        if not self._sessions:
+            return {}
+        tokens, temperature, top_k = self._frame_inputs()
+        audio, self._state = self.model.step(
+            self.model.params, tokens, temperature, top_k, self._state
+        )
+        audio = np.asarray(audio)  # the one host sync per step: the audio itself
+        self.steps += 1
+        self.last_batch_size = len(self._sessions)
+        return {sid: audio[i] for i, sid in enumerate(self._slots) if sid is not None}
+
+    def _frame_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cap = self.capacity
+        tokens = np.zeros((cap, 144), np.int32)
+        temperature = np.ones(cap, np.float32)
+        top_k = np.full(cap, 40, np.int32)
+        for row, sid in enumerate(self._slots):
+            if sid is not None:
+                tokens[row], temperature[row], top_k[row] = self._sessions[sid].next_frame_inputs(
+                    self.style_model
+                )
+        return tokens, temperature, top_k
+
+    # -- compilation ----------------------------------------------------------
+    def warmup(
+        self,
+        buckets: Iterable[int] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Compiles the step (and row moves) for each bucket before sessions arrive."""
+        fresh = self.model.state_at(0)
+        previous = fresh
+        for capacity in buckets or self.buckets:
+            state = _gather_rows(fresh, np.zeros(capacity, np.int32))
+            # the row moves of growing into and shrinking out of this bucket
+            _gather_rows(previous, np.zeros(capacity, np.int32))
+            _gather_rows(state, np.zeros(len(jax.tree.leaves(previous)[0]), np.int32))
+            state = _put_row(state, fresh, np.int32(0))
+            tokens = np.zeros((capacity, 144), np.int32)
+            audio, state = self.model.step(
+                self.model.params,
+                tokens,
+                np.ones(capacity, np.float32),
+                np.full(capacity, 40, np.int32),
+                state,
+            )
+            jax.block_until_ready(audio)
+            _gather_rows(state, np.zeros(1, np.int32))
+            previous = state
+            if progress:
+                progress(capacity)

@@ -1,0 +1,126 @@
+"""The streaming model: upstream's sampler built for a variant, with jitted entry points.
+
+One `StreamingModel` holds the Flax module and its parameters. Its functions are
+pure and batch-size agnostic: `init_state` makes one session's state (batch 1, its
+own seed), `step` advances a batch of states by one frame and returns only int16
+audio, never the per-layer emits upstream's system returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import sequence_layers.jax as sl
+from magenta_rt.jax import system as upstream_system
+
+from .sampling import with_fast_sampling
+from .variants import FRAME_SAMPLES, Variant
+
+log = logging.getLogger(__name__)
+
+CONDITIONING_TOKENS = 144
+Params = dict[str, Any]
+State = Any
+
+
+def build_sampler(
+    variant: Variant, *, compute_dtype=None, fast_sampling: bool = True
+) -> upstream_system.MagentaRT2Sampler:
+    """Upstream's `MagentaRT2Sampler` (depthformer + codec decoder) for a variant."""
+    model = variant.model()
+    if compute_dtype is not None:
+        model.compute_dtype = compute_dtype
+    depthformer_config = model.depthformer_config()
+    if fast_sampling:
+        depthformer_config = with_fast_sampling(depthformer_config)
+    return upstream_system.MagentaRT2Sampler.Config(
+        depthformer=depthformer_config, spectrostream=variant.codec_config()
+    ).make()
+
+
+def _input_spec() -> sl.ChannelSpec:
+    return sl.ChannelSpec([CONDITIONING_TOKENS], jnp.int32)
+
+
+def _dummy_inputs(batch: int) -> tuple[sl.Sequence, dict[str, jax.Array]]:
+    block = sl.Sequence.from_values(jnp.zeros((batch, 1, CONDITIONING_TOKENS), jnp.int32))
+    constants = {"temperature": jnp.ones([batch]), "top_k": jnp.full([batch], 40, jnp.int32)}
+    return block, constants
+
+
+def _init_variables(module, block, constants):
+    state = module.get_initial_state(
+        block.shape[0], _input_spec(), training=False, constants=constants
+    )
+    return module.step(block, state, training=False, constants=constants)
+
+
+def random_params(sampler, seed: int = 0) -> Params:
+    """Random parameters with the exact tree of a real checkpoint (for tiny and benchmarks)."""
+    block, constants = _dummy_inputs(1)
+    rngs = {"params": jax.random.PRNGKey(seed), "random": jax.random.PRNGKey(seed)}
+    init = jax.jit(lambda r: sampler.init(r, block, constants, method=_init_variables))
+    return nn.unbox(init(rngs))
+
+
+def expected_param_shapes(sampler) -> Params:
+    """The parameter tree a checkpoint must provide, as ShapeDtypeStructs (no compute)."""
+    block, constants = _dummy_inputs(1)
+    rngs = {"params": jax.random.PRNGKey(0), "random": jax.random.PRNGKey(0)}
+    shapes = jax.eval_shape(
+        lambda r: sampler.init(r, block, constants, method=_init_variables), rngs
+    )
+    return nn.unbox(shapes)
+
+
+@dataclasses.dataclass
+class StreamingModel:
+    """A variant's sampler and parameters, with jitted init/step functions."""
+
+    variant: Variant
+    sampler: Any
+    params: Params
+
+    def __post_init__(self) -> None:
+        sampler = self.sampler
+
+        def init_state(params: Params, seed: jax.Array) -> State:
+            state = sampler.apply(
+                params,
+                1,
+                _input_spec(),
+                training=False,
+                constants={},
+                rngs={"random": jax.random.PRNGKey(seed)},
+                method=sampler.get_initial_state,
+            )
+            # Upstream's SOS frame is weakly typed; the step returns it strongly typed.
+            # Matching types keeps each bucket at exactly one compiled step.
+            return jax.tree.map(lambda a: jax.lax.convert_element_type(a, a.dtype), state)
+
+        def step(params, tokens, temperature, top_k, state):
+            """tokens [B,144] int32 -> (audio [B,1920,2] int16, new state)."""
+            block = sl.Sequence.from_values(tokens[:, None, :])
+            constants = {"temperature": temperature, "top_k": top_k}
+            out, state = sampler.apply(
+                params, block, state, training=False, constants=constants,
+                method=sampler.step,
+            )
+            return out.values, state
+
+        self.init_state = jax.jit(init_state)
+        self.step = jax.jit(step, donate_argnums=(4,))
+
+    @property
+    def frame_samples(self) -> int:
+        return FRAME_SAMPLES
+
+    def state_at(self, seed: int) -> State:
+        return self.init_state(self.params, jnp.asarray(seed, jnp.uint32))
+
+

@@ -1,0 +1,127 @@
+"""Model variants: which depthformer and which codec make up each servable model.
+
+`mrt2_small` and `mrt2_base` are the upstream model classes unchanged. `tiny` uses
+the same classes with very small transformers and a very small SpectroStream codec,
+keeping the frame geometry (48 kHz stereo, 1920 samples per 40 ms frame, 12 RVQ
+levels of 1024 codes, the 144-token conditioning block) so every code path that
+serves the real models is exercised by the tests on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from magenta_rt.config import ModelSpec
+from magenta_rt.jax import model as upstream_model
+from magenta_rt.jax import spectrostream
+
+SAMPLE_RATE = 48_000
+CHANNELS = 2
+FRAME_SAMPLES = 1920
+FRAMES_PER_SECOND = SAMPLE_RATE // FRAME_SAMPLES  # 25
+STYLE_EMBEDDING_DIM = 768
+
+
+_TINY_SPEC = ModelSpec(
+    num_layers=1,
+    model_dims=64,
+    hidden_dims=128,
+    num_heads=2,
+    dim_per_head=32,
+    ffn_use_gated_activation=False,
+)
+
+
+class TinyModel(upstream_model.MagentaRT2ModelBase):
+    """The upstream model class with tiny transformers (test and CI variant)."""
+
+    encoder_size = _TINY_SPEC
+    decoder_temporal_size = _TINY_SPEC
+    decoder_depth_size = _TINY_SPEC
+    encoder_max_past_horizon = 25
+    decoder_temporal_self_attention_max_past_horizon = 25
+    decoder_temporal_cross_attention_max_past_horizon = 25
+
+
+def _full_codec(rvq_levels: int) -> spectrostream.SpectroStream.Config:
+    return spectrostream.stft_spectrostream_40ms_generic_48khz_stereo_config(
+        rvq_truncation_level=rvq_levels, use_unique_codes=False
+    )
+
+
+def _tiny_codec(rvq_levels: int) -> spectrostream.SpectroStream.Config:
+    """The real codec topology (same STFT and strides) with 4-channel convs."""
+    full = _full_codec(rvq_levels)
+    features = 16
+    return dataclasses.replace(
+        full,
+        encoder_base_conv_depth=4,
+        decoder_base_conv_depth=4,
+        num_features=features,
+        quantizer=dataclasses.replace(
+            full.quantizer, num_quantizers=rvq_levels, embedding_dim=features
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A servable model: the depthformer class, its codec and where its weights live."""
+
+    name: str
+    model_class: type[upstream_model.MagentaRT2ModelBase]
+    codec: Callable[[int], spectrostream.SpectroStream.Config]
+    checkpoint_file: str
+    description: str
+
+    def model(self) -> upstream_model.MagentaRT2ModelBase:
+        return self.model_class()
+
+    @property
+    def rvq_levels(self) -> int:
+        return self.model_class.spectrostream.rvq_truncation_level
+
+    def codec_config(self) -> spectrostream.SpectroStream.Config:
+        return self.codec(self.rvq_levels)
+
+    def default_compute_dtype(self):
+        return self.model_class.compute_dtype
+
+
+VARIANTS: dict[str, Variant] = {
+    "mrt2_base": Variant(
+        "mrt2_base",
+        upstream_model.get_model_class("mrt2_base"),
+        _full_codec,
+        "checkpoints/mrt2_base.safetensors",
+        "Magenta RT 2 base (2.4B): best quality, needs a GPU for real time.",
+    ),
+    "mrt2_small": Variant(
+        "mrt2_small",
+        upstream_model.get_model_class("mrt2_small"),
+        _full_codec,
+        "checkpoints/mrt2_small.safetensors",
+        "Magenta RT 2 small (230M): lighter, many streams per GPU.",
+    ),
+    "tiny": Variant(
+        "tiny",
+        TinyModel,
+        _tiny_codec,
+        "checkpoints/tiny.safetensors",
+        "Random-weight test model with the real frame geometry; runs offline on CPU.",
+    ),
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(
+            f"variant: unknown model variant {name!r}; choose one of {sorted(VARIANTS)}"
+        ) from None
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -1,0 +1,78 @@
+"""Checkpoint tensors <-> Flax parameter trees, in upstream's safetensors layout.
+
+Upstream stores the whole sampler as flat `params/a/b/c` keys (see
+`magenta_rt.jax.system._load_jax_weights`); the SpectroStream encoder ships beside
+it as `params/encoder/...`. Loading checks every tensor against the tree the model
+expects before any weight reaches the device, so a wrong or truncated file fails
+with the name of the first bad tensor instead of deep inside XLA.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import flax.traverse_util as traverse
+import jax
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+log = logging.getLogger(__name__)
+
+SEP = "/"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing tensors, has wrongly shaped ones, or is unreadable."""
+
+
+def flatten(tree: dict) -> dict[str, Any]:
+    return traverse.flatten_dict(tree, sep=SEP)
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    return traverse.unflatten_dict({tuple(k.split(SEP)): v for k, v in flat.items()})
+
+
+def save(tree: dict, path: pathlib.Path) -> None:
+    """Writes a parameter tree as flat safetensors (the layout `load` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(tree).items()}
+    tmp = path.with_suffix(path.suffix + ".partial")
+    safetensors.numpy.save_file(flat, str(tmp))
+    tmp.replace(path)
+
+
+def load(path: pathlib.Path, expected: dict, *, prefix: str = "") -> dict:
+    """Loads the tensors of `expected` (a tree of ShapeDtypeStructs) from `path`.
+
+    `prefix` maps expected keys into the file, e.g. the encoder file stores
+    `params/encoder/...` for a tree rooted at the encoder. Extra tensors in the
+    file are ignored (upstream files may carry more than one model needs).
+    """
+    want = flatten(expected)
+    try:
+        handle = safetensors.safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    with handle as f:
+        available = set(f.keys())
+        missing = [k for k in want if prefix + k not in available]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{path}: missing tensor {prefix + missing[0]!r}{more}")
+        loaded = {}
+        for key, spec in want.items():
+            shape = tuple(f.get_slice(prefix + key).get_shape())
+            if shape != tuple(spec.shape):
+                raise CheckpointError(
+                    f"{path}: tensor {prefix + key!r} has shape {shape}, "
+                    f"the model expects {tuple(spec.shape)}"
+                )
+            loaded[key] = f.get_tensor(prefix + key).astype(spec.dtype, copy=False)
+    extra = len(available) - len(want)
+    if extra > 0:
+        log.debug("%s: ignored %d tensors the model does not use", path, extra)
+    return jax.device_put(unflatten(loaded))

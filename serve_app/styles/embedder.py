@@ -1,0 +1,68 @@
+"""Text and audio prompts -> 768-d MusicCoCa style embeddings, and embeddings -> tokens.
+
+Real variants use MusicCoCa (TFLite models under the repo's `resources/musiccoca/`);
+`tiny` uses upstream's `MockMusicCoCa`, deterministic by hash, so tests need no
+download. Embeddings of repeated text prompts are cached: a jam re-sends its styles
+with every update.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import threading
+
+import numpy as np
+from magenta_rt import audio as mrt_audio
+from magenta_rt import musiccoca
+
+log = logging.getLogger(__name__)
+
+
+class StyleModel:
+    """Embeds prompts and tokenizes embeddings; thread-safe (TFLite interpreters are not)."""
+
+    def __init__(self, backend: musiccoca.MusicCoCaBase, *, cache_size: int = 1024) -> None:
+        self._backend = backend
+        self._lock = threading.Lock()
+        self._embed_text_cached = functools.lru_cache(maxsize=cache_size)(self._embed_text)
+
+    @classmethod
+    def mock(cls) -> StyleModel:
+        return cls(musiccoca.MockMusicCoCa())
+
+    @classmethod
+    def from_resources(cls, resource_dir: pathlib.Path) -> StyleModel:
+        return cls(musiccoca.MusicCoCa(resource_dir=resource_dir, lazy=True))
+
+    @property
+    def is_mock(self) -> bool:
+        return isinstance(self._backend, musiccoca.MockMusicCoCa)
+
+    def _embed_text(self, text: str) -> np.ndarray:
+        with self._lock:
+            emb = np.asarray(self._backend.embed(text), np.float32)
+        emb.setflags(write=False)
+        return emb
+
+    def embed_text(self, text: str) -> np.ndarray:
+        return self._embed_text_cached(text)
+
+    def embed_audio(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Embeds a clip ([n] or [n, channels] float in [-1, 1]) pooled over time."""
+        waveform = mrt_audio.Waveform(np.asarray(samples, np.float32), sample_rate)
+        with self._lock:
+            return np.asarray(self._backend.embed(waveform), np.float32)
+
+    def tokenize(self, embedding: np.ndarray) -> np.ndarray:
+        with self._lock:
+            rng_state = np.random.get_state()  # MockMusicCoCa reseeds the global RNG
+            try:
+                tokens = self._backend.tokenize(np.asarray(embedding, np.float32))
+            finally:
+                np.random.set_state(rng_state)
+        return np.asarray(tokens, np.int32)
+
+    def cache_info(self):
+        return self._embed_text_cached.cache_info()
