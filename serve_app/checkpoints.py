@@ -98,13 +98,13 @@ class Repo:
             return pathlib.Path(
                 hf_hub_download(self.repo, name, revision=self.revision)
             )
-        except EntryNotFoundError:
-            return None
-        except LocalEntryNotFoundError as e:  # offline and not cached
+        except LocalEntryNotFoundError as e:  # offline and not cached (an EntryNotFound too)
             raise CheckpointNotFound(
                 f"{name} is not in the local cache and the Hub cannot be reached "
                 f"({self.where()}): {e}"
             ) from e
+        except EntryNotFoundError:
+            return None
         except Exception as e:  # RepositoryNotFound, gated repo, HTTP errors
             raise CheckpointNotFound(f"could not fetch {name} from {self.where()}: {e}") from e
 

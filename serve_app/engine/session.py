@@ -27,6 +27,9 @@ class Controls:
     cfg: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CFG))
     drums: str = "free"
 
+    def __post_init__(self) -> None:
+        self.cfg = {**DEFAULT_CFG, **self.cfg}  # a partial dict overrides single scales
+
     def validate(self) -> None:
         if not 0.0 <= self.temperature <= 10.0:
             raise ValueError(f"temperature: must be within 0..10, got {self.temperature}")
@@ -77,8 +80,8 @@ class Session:
 
     def update_controls(self, **changes) -> None:
         """Applies changes atomically: all valid, or none applied."""
-        candidate = dataclasses.replace(self.controls, **changes)
-        candidate.cfg = {**self.controls.cfg, **changes.get("cfg", {})}
+        cfg = {**self.controls.cfg, **changes.pop("cfg", {})}
+        candidate = dataclasses.replace(self.controls, cfg=cfg, **changes)
         candidate.validate()
         self.controls = candidate
 

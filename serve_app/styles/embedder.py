@@ -8,6 +8,7 @@ with every update.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import pathlib
@@ -40,8 +41,18 @@ class StyleModel:
     def is_mock(self) -> bool:
         return isinstance(self._backend, musiccoca.MockMusicCoCa)
 
-    def _embed_text(self, text: str) -> np.ndarray:
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """One caller at a time; MockMusicCoCa reseeds NumPy's global RNG, so restore it."""
         with self._lock:
+            rng_state = np.random.get_state()
+            try:
+                yield
+            finally:
+                np.random.set_state(rng_state)
+
+    def _embed_text(self, text: str) -> np.ndarray:
+        with self._exclusive():
             emb = np.asarray(self._backend.embed(text), np.float32)
         emb.setflags(write=False)
         return emb
@@ -52,16 +63,12 @@ class StyleModel:
     def embed_audio(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         """Embeds a clip ([n] or [n, channels] float in [-1, 1]) pooled over time."""
         waveform = mrt_audio.Waveform(np.asarray(samples, np.float32), sample_rate)
-        with self._lock:
+        with self._exclusive():
             return np.asarray(self._backend.embed(waveform), np.float32)
 
     def tokenize(self, embedding: np.ndarray) -> np.ndarray:
-        with self._lock:
-            rng_state = np.random.get_state()  # MockMusicCoCa reseeds the global RNG
-            try:
-                tokens = self._backend.tokenize(np.asarray(embedding, np.float32))
-            finally:
-                np.random.set_state(rng_state)
+        with self._exclusive():
+            tokens = self._backend.tokenize(np.asarray(embedding, np.float32))
         return np.asarray(tokens, np.int32)
 
     def cache_info(self):

@@ -1,0 +1,137 @@
+"""Weights and repos: the real loader on files written by our own tiny script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from serve_app import checkpoints
+from serve_app.engine import load_model, weights
+from serve_app.engine.model import build_sampler, expected_param_shapes
+from serve_app.engine.tiny import _fill_zero_matrices, random_params
+from serve_app.engine.variants import FRAME_SAMPLES, get_variant
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_tiny_repo_has_the_hub_layout(tiny_repo):
+    files = checkpoints.Repo(str(tiny_repo)).list_files()
+    for name in ("checkpoints/tiny.safetensors", checkpoints.ENCODER_FILE,
+                 checkpoints.MEAN_FILE, checkpoints.CENTROIDS_FILE):
+        assert name in files
+    assert np.load(tiny_repo / checkpoints.CENTROIDS_FILE).shape == (3, 768)
+
+
+def test_checkpoint_round_trip_through_the_real_loader(tiny):
+    expected = _fill_zero_matrices(random_params(tiny.model.sampler, 0), 0)
+    got, want = weights.flatten(tiny.model.params), weights.flatten(expected)
+    assert got.keys() == want.keys() and len(got) > 50
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+    assert tiny.files.checkpoint.name == "tiny.safetensors"
+    assert tiny.steering.num_centroids == 3
+
+
+@pytest.fixture
+def broken_copy(tiny_repo, tmp_path):
+    def make(edit):
+        repo = tmp_path / "repo"
+        shutil.copytree(tiny_repo, repo)
+        path = repo / "checkpoints/tiny.safetensors"
+        tensors = safetensors.numpy.load_file(str(path))
+        edit(tensors)
+        safetensors.numpy.save_file(tensors, str(path))
+        return repo
+    return make
+
+
+def test_missing_tensor_is_named(broken_copy):
+    key = "params/depthformer/decoder/depth_body/final_ln/scale"
+    repo = broken_copy(lambda t: t.pop(key))
+    with pytest.raises(weights.CheckpointError, match=f"missing tensor '{key}'"):
+        load_model("tiny", repo=str(repo))
+
+
+def test_misshapen_tensor_is_named_with_both_shapes(broken_copy):
+    key = "params/soundstream/quantizer/embedding"
+    repo = broken_copy(lambda t: t.__setitem__(key, np.zeros((12, 1024, 8), np.float32)))
+    with pytest.raises(
+        weights.CheckpointError,
+        match=rf"tensor '{key}' has shape \(12, 1024, 8\), the model expects \(12, 1024, 16\)",
+    ):
+        load_model("tiny", repo=str(repo))
+
+
+def test_unreadable_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    sampler = build_sampler(get_variant("tiny"))
+    with pytest.raises(weights.CheckpointError, match="not a readable safetensors file"):
+        weights.load(path, expected_param_shapes(sampler))
+
+
+def test_missing_files_say_what_and_where(tmp_path):
+    with pytest.raises(checkpoints.CheckpointNotFound) as err:
+        checkpoints.resolve(str(tmp_path), "checkpoints/tiny.safetensors", need_musiccoca=False)
+    assert "checkpoints/tiny.safetensors" in str(err.value) and str(tmp_path) in str(err.value)
+    with pytest.raises(checkpoints.CheckpointNotFound, match="checkpoint step 42"):
+        checkpoints.resolve(str(tmp_path), "x.safetensors", step=42, need_musiccoca=False)
+
+
+def test_hub_repo_offline_and_uncached_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(checkpoints.CheckpointNotFound) as err:
+        checkpoints.resolve("google/magenta-realtime-2", "checkpoints/mrt2_small.safetensors")
+    message = str(err.value)
+    assert "checkpoints/mrt2_small.safetensors" in message
+    assert "google/magenta-realtime-2" in message and "cannot be reached" in message
+
+
+def test_names_cannot_leave_the_repo(tiny_repo):
+    repo = checkpoints.Repo(str(tiny_repo))
+    for name in ("../secrets", "/etc/passwd", "a/../../b"):
+        with pytest.raises(ValueError, match="would leave the repository"):
+            repo.fetch(name)
+
+
+def test_step_listing_and_v1_archives():
+    files = ["checkpoint_10.safetensors", "checkpoints/checkpoint_2.safetensors",
+             "checkpoints/mrt2_small.safetensors", "checkpoint_1863001.tgz"]
+    assert checkpoints.list_steps(files) == [2, 10]
+    assert checkpoints.has_v1_archives(files)
+    assert not checkpoints.has_v1_archives(files[:3])
+
+
+def test_make_tiny_checkpoint_script_writes_a_finetune_step(tmp_path):
+    out = tmp_path / "ft"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/make_tiny_checkpoint.py"),
+         "--out", str(out), "--seed", "3", "--step", "1200"],
+        check=True, capture_output=True, text=True,
+    )
+    assert (out / "checkpoint_1200.safetensors").is_file()
+    loaded = load_model("tiny", repo=str(out), step=1200)
+    assert loaded.files.step == 1200
+    assert checkpoints.list_steps(checkpoints.Repo(str(out)).list_files()) == [1200]
+
+
+def test_audio_encoder_turns_audio_into_codes(tiny):
+    encoder = tiny.audio_encoder()
+    t = np.arange(4 * FRAME_SAMPLES) / 48000
+    audio = np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], -1) * 0.5
+    codes = encoder.encode(audio.astype(np.float32))
+    assert codes.shape == (4, 12) and codes.dtype == np.int32
+    assert ((codes >= 0) & (codes < 1024)).all()
+    np.testing.assert_array_equal(codes, encoder.encode(audio.astype(np.float32)))
+    with pytest.raises(ValueError, match=r"audio: expected \[k\*1920, 2\]"):
+        encoder.encode(np.zeros((1000, 2), np.float32))

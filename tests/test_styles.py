@@ -1,0 +1,61 @@
+"""Style prompts, blends and finetune steering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve_app.styles import SteeringAssets, StyleModel, blend
+from serve_app.styles.prompts import parse_styles
+
+
+def test_parse_styles_like_the_prototype():
+    assert parse_styles("ambient, techno", "1.0, 0.5") == [("ambient", 1.0), ("techno", 0.5)]
+    assert parse_styles("jazz", None) == [("jazz", 1.0)]
+    with pytest.raises(ValueError, match="style_weights: 'x' is not a number"):
+        parse_styles("jazz", "x")
+    with pytest.raises(ValueError, match="style_weights: got 2 weights for 1 styles"):
+        parse_styles("jazz", "1,2")
+    with pytest.raises(ValueError, match="styles: at most 2 styles"):
+        parse_styles("a,b,c", None, max_styles=2)
+
+
+def test_blend_is_normalised_and_steerable():
+    a, b = np.ones(768, np.float32), np.zeros(768, np.float32)
+    np.testing.assert_allclose(blend([a, b], [1.0, 1.0]), 0.5)
+    np.testing.assert_allclose(blend([a, b], [10.0, 10.0]), 0.5)
+    steering = SteeringAssets(mean=np.full(768, 2.0, np.float32),
+                              centroids=np.stack([np.full(768, 4.0, np.float32)] * 2))
+    np.testing.assert_allclose(blend([a], [1.0], steering=steering, mean=1.0), 1.5)
+    np.testing.assert_allclose(
+        blend([a], [1.0], steering=steering, centroid_weights=[0.0, 3.0]), (1 + 12) / 4
+    )
+    with pytest.raises(ValueError, match="centroid_weights: got 3 weights but the model has 2"):
+        blend([a], [1.0], steering=steering, centroid_weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="mean: this model has no mean_style_embed"):
+        blend([a], [1.0], mean=0.5)
+    with pytest.raises(ValueError, match="at least one style or steering weight"):
+        blend([a], [0.0])
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        blend([a, b], [1.0, -1.0])
+
+
+def test_steering_assets_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"mean_style_embed.npy: expected shape \(768,\)"):
+        SteeringAssets(mean=np.zeros(5))
+    with pytest.raises(ValueError, match=r"cluster_centroids.npy: expected shape \(K, 768\)"):
+        SteeringAssets(centroids=np.zeros((3, 5)))
+
+
+def test_mock_style_model_is_deterministic_cached_and_keeps_global_rng():
+    model = StyleModel.mock()
+    np.random.seed(123)
+    expected_next = np.random.rand()
+    np.random.seed(123)
+    e1 = model.embed_text("disco funk")
+    tokens = model.tokenize(e1)
+    assert np.random.rand() == expected_next  # MockMusicCoCa's reseeding does not leak
+    assert model.embed_text("disco funk") is e1 and model.cache_info().hits == 1
+    assert e1.shape == (768,) and tokens.shape == (12,)
+    assert ((tokens >= 0) & (tokens < 1024)).all()
+    np.testing.assert_array_equal(StyleModel.mock().tokenize(e1), tokens)
