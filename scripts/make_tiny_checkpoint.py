@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from serve_app import logs  # noqa: E402
-from serve_app.engine.tiny import write_tiny_repo  # noqa: E402
+from serve_app import logs
+from serve_app.engine.tiny import write_tiny_repo
 
 
 def main() -> int:

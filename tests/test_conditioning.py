@@ -79,7 +79,7 @@ def test_held_notes_onset_then_hold_then_release():
     assert third[60] == 1 and third[72] == 2 and third[67] == 0
     tracker.set([])
     assert (tracker.next_frame() == 0).all()
-    with pytest.raises(ValueError, match="notes: MIDI pitches must be 0..127"):
+    with pytest.raises(ValueError, match=r"notes: MIDI pitches must be 0\.\.127"):
         tracker.set([128])
 
 

@@ -143,6 +143,26 @@ def test_leaving_compacts_rows_and_survivors_keep_their_stream(tiny, make_engine
     assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 2
 
 
+def test_a_session_left_out_of_a_step_keeps_its_state(tiny, make_engine):
+    """Paced sessions that are not due share the batch without advancing."""
+    ref_engine = make_engine()
+    ref = Session(style(tiny), seed=31)
+    ref_engine.add(ref)
+    expected = run(ref_engine, 6)[ref.id]
+
+    engine = make_engine()
+    busy, paused = Session(style(tiny), seed=30), Session(style(tiny), seed=31)
+    engine.add(busy)
+    engine.add(paused)
+    first = [engine.step()[paused.id] for _ in range(3)]
+    for _ in range(4):
+        assert list(engine.step(only={busy.id})) == [busy.id]
+    assert paused.frames_generated == 3 and busy.frames_generated == 7
+    rest = [engine.step()[paused.id] for _ in range(3)]
+    got = np.concatenate(first + rest)
+    assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 2
+
+
 def test_snapshot_restore_moves_a_session_between_engines(tiny, make_engine):
     source = make_engine()
     s = Session(style(tiny), seed=9)

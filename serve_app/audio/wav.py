@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import soundfile as sf
 
-from ..engine.variants import SAMPLE_RATE
+from ..frames import SAMPLE_RATE
 
 
 def to_wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:

@@ -2,7 +2,6 @@
 
 import magenta_rt  # noqa: F401  (first: it puts the vendored sequence_layers on the path)
 
-
 from .batch import BatchedEngine, CapacityError, SessionSnapshot
 from .loader import LoadedModel, load_model
 from .session import Controls, Session

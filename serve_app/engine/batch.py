@@ -141,30 +141,37 @@ class BatchedEngine:
         self._slots = [self._slots[i] for i in occupied] + [None] * (capacity - len(occupied))
         log.debug("engine capacity -> %d rows for %d sessions", capacity, len(occupied))
 
-    def step(self) -> dict[str, np.ndarray]:
-        """Generates the next frame for every session: {session_id: int16 [1920, 2]}."""
-        if not self._sessions:
+    def step(self, only: set[str] | None = None) -> dict[str, np.ndarray]:
+        """Generates the next frame for every session (or those in `only`):
+        {session_id: int16 [1920, 2]}. Sessions left out keep their state."""
+        rows = [
+            i for i, sid in enumerate(self._slots)
+            if sid is not None and (only is None or sid in only)
+        ]
+        if not rows:
             return {}
-        tokens, temperature, top_k = self._frame_inputs()
+        tokens, temperature, top_k, active = self._frame_inputs(rows)
         audio, self._state = self.model.step(
-            self.model.params, tokens, temperature, top_k, self._state
+            self.model.params, tokens, temperature, top_k, active, self._state
         )
         audio = np.asarray(audio)  # the one host sync per step: the audio itself
         self.steps += 1
-        self.last_batch_size = len(self._sessions)
-        return {sid: audio[i] for i, sid in enumerate(self._slots) if sid is not None}
+        self.last_batch_size = len(rows)
+        return {self._slots[i]: audio[i] for i in rows}
 
-    def _frame_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _frame_inputs(self, rows: list[int]):
         cap = self.capacity
         tokens = np.zeros((cap, 144), np.int32)
         temperature = np.ones(cap, np.float32)
         top_k = np.full(cap, 40, np.int32)
-        for row, sid in enumerate(self._slots):
-            if sid is not None:
-                tokens[row], temperature[row], top_k[row] = self._sessions[sid].next_frame_inputs(
-                    self.style_model
-                )
-        return tokens, temperature, top_k
+        active = np.zeros(cap, bool)
+        for row in rows:
+            session = self._sessions[self._slots[row]]
+            tokens[row], temperature[row], top_k[row] = session.next_frame_inputs(
+                self.style_model
+            )
+            active[row] = True
+        return tokens, temperature, top_k, active
 
     # -- compilation ----------------------------------------------------------
     def warmup(
@@ -187,6 +194,7 @@ class BatchedEngine:
                 tokens,
                 np.ones(capacity, np.float32),
                 np.full(capacity, 40, np.int32),
+                np.ones(capacity, bool),
                 state,
             )
             jax.block_until_ready(audio)

@@ -103,18 +103,27 @@ class StreamingModel:
             # Matching types keeps each bucket at exactly one compiled step.
             return jax.tree.map(lambda a: jax.lax.convert_element_type(a, a.dtype), state)
 
-        def step(params, tokens, temperature, top_k, state):
-            """tokens [B,144] int32 -> (audio [B,1920,2] int16, new state)."""
+        def step(params, tokens, temperature, top_k, active, state):
+            """tokens [B,144] int32 -> (audio [B,1920,2] int16, new state).
+
+            Rows where `active` is False keep their state: a paced session that is
+            not due yet shares the batch without advancing.
+            """
             block = sl.Sequence.from_values(tokens[:, None, :])
             constants = {"temperature": temperature, "top_k": top_k}
-            out, state = sampler.apply(
+            out, new_state = sampler.apply(
                 params, block, state, training=False, constants=constants,
                 method=sampler.step,
             )
-            return out.values, state
+
+            def keep_inactive(new, old):
+                mask = active.reshape(active.shape + (1,) * (new.ndim - 1))
+                return jnp.where(mask, new, old)
+
+            return out.values, jax.tree.map(keep_inactive, new_state, state)
 
         self.init_state = jax.jit(init_state)
-        self.step = jax.jit(step, donate_argnums=(4,))
+        self.step = jax.jit(step, donate_argnums=(5,))
 
     @property
     def frame_samples(self) -> int:

@@ -17,12 +17,13 @@ from magenta_rt.config import ModelSpec
 from magenta_rt.jax import model as upstream_model
 from magenta_rt.jax import spectrostream
 
-SAMPLE_RATE = 48_000
-CHANNELS = 2
-FRAME_SAMPLES = 1920
-FRAMES_PER_SECOND = SAMPLE_RATE // FRAME_SAMPLES  # 25
-STYLE_EMBEDDING_DIM = 768
-
+from ..frames import (  # noqa: F401  (re-exported: the engine's geometry)
+    CHANNELS,
+    FRAME_SAMPLES,
+    FRAMES_PER_SECOND,
+    SAMPLE_RATE,
+    STYLE_EMBEDDING_DIM,
+)
 
 _TINY_SPEC = ModelSpec(
     num_layers=1,

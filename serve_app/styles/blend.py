@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..engine.variants import STYLE_EMBEDDING_DIM
+from ..frames import STYLE_EMBEDDING_DIM
 
 
 @dataclasses.dataclass(frozen=True)

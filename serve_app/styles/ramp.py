@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.variants import FRAMES_PER_SECOND
+from ..frames import FRAMES_PER_SECOND
 
 
 class StyleRamp:

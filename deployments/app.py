@@ -1,0 +1,124 @@
+"""The application builder named by configs/*.yaml (`import_path: deployments.app:build_app`).
+
+One Generator deployment per configured variant, a StyleEmbedder and the Ingress.
+A config that asks for GPUs on a cluster without any runs on CPU and says so
+(nothing hangs waiting for a GPU that will never come).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import ray
+from pydantic import BaseModel, Field, field_validator
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from serve_app.engine.variants import VARIANTS
+
+from .generator import Generator
+from .ingress import Ingress
+from .style_embedder import StyleEmbedder
+
+log = logging.getLogger("mrt_serve.app")
+
+CPU_ENV = {"JAX_PLATFORMS": "cpu"}
+# GPU replicas allocate as they go rather than grabbing 75% of the GPU up front.
+GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda,cpu"}
+
+
+class VariantConfig(BaseModel):
+    name: str
+    variant: str | None = None  # model variant; defaults to `name`
+    repo: str | None = None
+    step: int | None = None
+    compute_dtype: str = "auto"
+    max_sessions: int = Field(16, ge=1)
+    buckets: list[int] | None = None
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_replicas: int | str = 1
+    autoscaling_config: dict | None = None
+    max_ongoing_requests: int = Field(256, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", v):
+            raise ValueError("variant names use letters, digits, '_' and '-' only")
+        return v
+
+    @property
+    def model_variant(self) -> str:
+        return self.variant or self.name
+
+
+class AppConfig(BaseModel):
+    variants: list[VariantConfig]
+    default_variant: str | None = None
+    style_embedder: dict = Field(default_factory=dict)  # {mock: bool, repo: str}
+    ingress: dict = Field(default_factory=dict)  # {num_replicas, max_ongoing_requests}
+    api: dict = Field(default_factory=dict)
+
+
+def _cluster_gpus() -> float:
+    try:
+        return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+    except Exception:  # not connected: assume none rather than wait
+        return 0.0
+
+
+def _generator(v: VariantConfig, gpus_available: float):
+    if v.model_variant not in VARIANTS:
+        raise ValueError(f"variants[{v.name}].variant: unknown model variant {v.model_variant!r}")
+    num_gpus = v.num_gpus
+    if num_gpus and not gpus_available:
+        log.warning(
+            "config asks for %s GPU(s) for Generator_%s but this Ray cluster has no GPU: "
+            "running it on CPU (expect it to be far slower than real time for real models)",
+            num_gpus, v.name,
+        )
+        num_gpus = 0.0
+    env = GPU_ENV if num_gpus else CPU_ENV
+    options = dict(
+        name=f"Generator_{v.name}",
+        ray_actor_options={"num_gpus": num_gpus, "num_cpus": v.num_cpus,
+                           "runtime_env": {"env_vars": env}},
+        max_ongoing_requests=v.max_ongoing_requests,
+        request_router_config=RequestRouterConfig(
+            request_router_class="deployments.routing:SessionAffinityRouter"
+        ),
+        # sessions end when their replica stops: let streams finish on scale-down
+        graceful_shutdown_timeout_s=60,
+    )
+    if v.autoscaling_config:
+        options["autoscaling_config"] = v.autoscaling_config
+    else:
+        options["num_replicas"] = v.num_replicas
+    core_options = {
+        "repo": v.repo, "step": v.step, "max_sessions": v.max_sessions,
+        "compute_dtype": v.compute_dtype,
+        "buckets": tuple(v.buckets) if v.buckets else None,
+    }
+    return Generator.options(**options).bind(v.model_variant, core_options)
+
+
+def build_app(args: dict) -> serve.Application:
+    config = AppConfig(**args)
+    if not config.variants:
+        raise ValueError("variants: list at least one model variant to serve")
+    gpus = _cluster_gpus()
+    generators = {v.name: _generator(v, gpus) for v in config.variants}
+    api = {"default_variant": config.default_variant or config.variants[0].name, **config.api}
+    mock = config.style_embedder.get(
+        "mock", all(v.model_variant == "tiny" for v in config.variants)
+    )
+    styles = StyleEmbedder.options(
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": CPU_ENV}},
+    ).bind(mock, config.style_embedder.get("repo"))
+    ingress_opts = {"max_ongoing_requests": 2000, "num_replicas": 1, **config.ingress}
+    return Ingress.options(
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": CPU_ENV}},
+        **ingress_opts,
+    ).bind(generators, styles, api)

@@ -1,0 +1,54 @@
+"""Generator deployment: one per model variant; a thin shell over GeneratorCore."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from serve_app import logs
+from serve_app.generator import GeneratorCore, JamSpec, JamUpdate
+
+
+@serve.deployment
+class Generator:
+    def __init__(self, variant: str, options: dict) -> None:
+        logs.configure()
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.core = GeneratorCore(variant, replica_tag=replica, **options)
+
+    async def health(self) -> dict:
+        return self.core.health()
+
+    def check_health(self) -> None:
+        # A model that failed to load is reported by /health (no crash loop);
+        # a step loop that died after serving is a broken replica: restart it.
+        if self.core.state == "error" and self.core.engine is not None:
+            raise RuntimeError(self.core.error)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"sessions": float(len(self.core._jams))}
+
+    async def start(self, spec: JamSpec) -> dict:
+        return await self.core.start(spec)
+
+    async def next_chunk(self, *, session_id: str, timeout: float):
+        return await self.core.next_chunk(session_id, timeout)
+
+    async def consume(self, *, session_id: str, chunk_index: int) -> dict:
+        return await self.core.consume(session_id, chunk_index)
+
+    async def update(self, *, session_id: str, update: JamUpdate) -> dict:
+        return await self.core.update(session_id, update)
+
+    async def status(self, *, session_id: str) -> dict:
+        return await self.core.status(session_id)
+
+    async def stop(self, *, session_id: str) -> dict:
+        return await self.core.stop(session_id)
+
+    async def progress(self, *, session_id: str) -> dict:
+        return await self.core.progress(session_id)
+
+    def __del__(self) -> None:
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.shutdown()

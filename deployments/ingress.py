@@ -1,0 +1,85 @@
+"""Ingress deployment: the FastAPI app from serve_app, talking to deployment handles."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+from serve_app import logs
+from serve_app.api.app import create_app
+from serve_app.api.settings import ApiSettings
+from serve_app.errors import ApiError, UnknownSession
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray re-raises remote errors wrapped; clients should see our ApiError."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, ApiError) else exc
+
+
+class HandleGenerator:
+    """GeneratorClient over a Generator deployment handle (session calls are pinned)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    async def _call(self, method: str, **kwargs):
+        try:
+            return await getattr(self.handle, method).remote(**kwargs)
+        except (ActorDiedError, ActorUnavailableError) as e:
+            sid = kwargs.get("session_id")
+            if sid:
+                raise UnknownSession(
+                    f"unknown session {sid}: its generator replica died; start a new session"
+                ) from e
+            raise
+        except Exception as e:
+            unwrapped = _unwrap(e)
+            if unwrapped is e:
+                raise
+            raise unwrapped from None
+
+    async def health(self):
+        return await self._call("health")
+
+    async def start(self, spec):
+        return await self._call("start", spec=spec)
+
+    async def next_chunk(self, session_id, timeout):
+        return await self._call("next_chunk", session_id=session_id, timeout=timeout)
+
+    async def consume(self, session_id, chunk_index):
+        return await self._call("consume", session_id=session_id, chunk_index=chunk_index)
+
+    async def update(self, session_id, update):
+        return await self._call("update", session_id=session_id, update=update)
+
+    async def status(self, session_id):
+        return await self._call("status", session_id=session_id)
+
+    async def stop(self, session_id):
+        return await self._call("stop", session_id=session_id)
+
+    async def progress(self, session_id):
+        return await self._call("progress", session_id=session_id)
+
+
+class HandleStyles:
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    async def embed_texts(self, texts):
+        return await self.handle.embed_texts.remote(texts)
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    def __init__(self, generators: dict, style_embedder, api: dict) -> None:
+        logs.configure()
+        self.generators = {name: HandleGenerator(h) for name, h in generators.items()}
+        self.styles = HandleStyles(style_embedder)
+        self.settings = ApiSettings.from_config(api)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.generators, self.styles, self.settings)

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Engine benchmark: ms/frame and real-time factor per batch size, against upstream.
+
+    scripts/bench_engine.py --variant mrt2_small --batch 1,2,4,8 --json out.json \\
+        [--compare-upstream] [--frames 30] [--compute-dtype auto|float32|bfloat16]
+
+Random weights (speed does not depend on their values). Each row times whole
+engine steps as a server runs them: conditioning for every session, one batched
+jitted step, audio back on the host. `--compare-upstream` times magenta_rt's own
+`MagentaRT2System` streaming step (batch 1) on the same weights in the same run.
+Runs without Ray: it only needs serve_app and JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from serve_app import logs
+from serve_app.engine import BatchedEngine, Session, load_model, weights
+from serve_app.engine.conditioning import DEFAULT_CFG, build_block
+from serve_app.engine.model import StreamingModel, build_sampler
+from serve_app.engine.variants import FRAMES_PER_SECOND
+
+FRAME_MS = 1000 / FRAMES_PER_SECOND
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
+
+
+def time_steps(step, frames: int, warmup: int, desc: str) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in tqdm(range(frames), desc=desc, unit="frame", leave=False):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
+    engine = BatchedEngine(loaded.model, loaded.style, buckets=(batch,))
+    t0 = time.perf_counter()
+    engine.warmup()
+    compile_s = time.perf_counter() - t0
+    style = loaded.style.embed_text("bench")
+    for i in range(batch):
+        engine.add(Session(style, seed=i))
+    times = time_steps(engine.step, frames, warmup, f"batch {batch}")
+    ms = statistics.median(times)
+    return {
+        "batch": batch,
+        "ms_per_frame": round(ms, 3),
+        "ms_per_frame_p90": round(float(np.percentile(times, 90)), 3),
+        "frames_per_second": round(batch * 1000 / ms, 2),
+        "rtf_per_stream": round(FRAME_MS / ms, 3),
+        "realtime_streams": round(batch * FRAME_MS / ms, 2),
+        "compile_seconds": round(compile_s, 1),
+    }
+
+
+def _upstream_system_step(loaded, variant: str, workdir: pathlib.Path):
+    """magenta_rt's MagentaRT2System on our random weights, written as its checkpoint."""
+    from magenta_rt.jax.system import MagentaRT2System
+    from magenta_rt.musiccoca import MockMusicCoCa
+
+    ckpt = workdir / f"{variant}.safetensors"
+    weights.save(loaded.model.params, ckpt)
+    system = MagentaRT2System(size=variant, style_model=MockMusicCoCa(), checkpoint=str(ckpt))
+    block, constants = system._build_conditioning({})
+    state = [system._jit_init_state(system._params, {})]
+
+    def step():
+        out, state[0], _ = system._jit_streaming_step(system._params, block, constants, state[0])
+        jax.block_until_ready(out)
+
+    return step, "magenta_rt.jax.system.MagentaRT2System streaming step (batch 1)"
+
+
+def _upstream_sampler_step(loaded):
+    """For tiny, which MagentaRT2System cannot build (its codec is hard-wired): the
+    library sampler with upstream's decoder, jitted exactly like the system's step."""
+    variant = loaded.variant
+    sampler = build_sampler(
+        variant, compute_dtype=variant.default_compute_dtype(), fast_sampling=False
+    )
+    model = StreamingModel(variant, sampler, loaded.model.params)
+    tokens = build_block(None, np.full(128, -1, np.int32), -1, DEFAULT_CFG)[None, None]
+    import sequence_layers.jax as sl
+
+    block = sl.Sequence.from_values(jnp.asarray(tokens))
+    constants = {"temperature": jnp.array([1.3]), "top_k": jnp.array([40], jnp.int32)}
+    jitted = jax.jit(
+        lambda p, x, c, s: sampler.apply(
+            p, x=x, state=s, constants=c, training=False,
+            rngs={"random": jax.random.PRNGKey(0)}, method=sampler.step_with_emits,
+        ),
+        donate_argnums=(3,),
+    )
+    state = [model.state_at(0)]
+
+    def step():
+        out, state[0], _ = jitted(model.params, block, constants, state[0])
+        jax.block_until_ready(out)
+
+    return step, "magenta_rt sampler step_with_emits, upstream decoder, model dtype (batch 1)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--variant", default="tiny")
+    parser.add_argument("--batch", default="1,2,4,8")
+    parser.add_argument("--frames", type=int, default=30, help="timed frames per batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed frames after compiling")
+    parser.add_argument("--compute-dtype", default="auto")
+    parser.add_argument("--compare-upstream", action="store_true")
+    parser.add_argument("--json", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    logs.configure()
+
+    batches = [int(b) for b in args.batch.split(",")]
+    print(f"loading {args.variant} with random weights on {device_name()} ...", flush=True)
+    loaded = load_model(args.variant, random_weights_seed=0, compute_dtype=args.compute_dtype)
+    dtype = jnp.dtype(loaded.model.sampler.cfg.depthformer.encoder.compute_dtype).name
+    results = [bench_engine(loaded, b, args.frames, args.warmup) for b in batches]
+
+    report = {
+        "variant": args.variant,
+        "device": device_name(),
+        "compute_dtype": dtype,
+        "frames_timed": args.frames,
+        "results": results,
+    }
+    base = next((r for r in results if r["batch"] == 1), None)
+    if base:
+        for r in results:
+            r["fps_vs_batch1"] = round(r["frames_per_second"] / base["frames_per_second"], 2)
+    if args.compare_upstream:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.variant == "tiny":
+                step, kind = _upstream_sampler_step(loaded)
+            else:
+                step, kind = _upstream_system_step(loaded, args.variant, pathlib.Path(tmp))
+            times = time_steps(step, max(5, args.frames // 3), 1, "upstream")
+        report["upstream_kind"] = kind
+        report["upstream_ms_per_frame"] = round(statistics.median(times), 3)
+        if base:
+            report["speedup_vs_upstream"] = round(
+                report["upstream_ms_per_frame"] / base["ms_per_frame"], 2
+            )
+
+    print(f"\n{args.variant} on {report['device']} ({dtype})")
+    print(f"{'batch':>5} {'ms/frame':>9} {'p90':>8} {'frames/s':>9} {'RTF/stream':>10} "
+          f"{'RT streams':>10} {'x batch1':>8} {'compile s':>9}")
+    for r in results:
+        print(f"{r['batch']:>5} {r['ms_per_frame']:>9.2f} {r['ms_per_frame_p90']:>8.2f} "
+              f"{r['frames_per_second']:>9.1f} {r['rtf_per_stream']:>10.2f} "
+              f"{r['realtime_streams']:>10.2f} {r.get('fps_vs_batch1', 0):>8.2f} "
+              f"{r['compile_seconds']:>9.1f}")
+    if "upstream_ms_per_frame" in report:
+        print(f"upstream: {report['upstream_ms_per_frame']:.2f} ms/frame "
+              f"({report['upstream_kind']}); ours at batch 1 is "
+              f"{report.get('speedup_vs_upstream', '?')}x faster")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""The HTTP API (the prototype's routes, serving Magenta RT 2), built around clients.
+
+`create_app` takes the generator clients (one per variant) and the style client;
+it knows nothing of Ray. Requests are validated here (fields named in every
+error), styles are embedded through the style client, and the data path is:
+request -> JamSpec -> generator session -> chunks -> base64 WAV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from fractions import Fraction
+
+from fastapi import Depends, FastAPI, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from ..audio import to_wav_bytes
+from ..audio.resample import check_rate, resample_int16
+from ..engine import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE, Controls
+from ..errors import ApiError, BadRequest, NotReady, Unavailable, UnknownSession
+from ..generator import JamSpec, JamUpdate, StyleSpec, variant_of
+from ..jam import StreamConfig
+from ..styles.prompts import parse_floats, parse_styles
+from ..web import page
+from .clients import GeneratorClient, StyleClient
+from .security import ApiKeyMiddleware, BodyLimitMiddleware
+from .settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ControlFields:
+    """The generation controls shared by /generate_style, /jam/start and /jam/update.
+
+    Every field is optional here so that an update changes only what it names.
+    """
+
+    styles: str | None = None
+    style_weights: str | None = None
+    mean: float | None = None
+    centroid_weights: str | None = None
+    temperature: float | None = None
+    topk: int | None = None
+    guidance_weight: float | None = None
+    cfg_notes: float | None = None
+    cfg_drums: float | None = None
+    drums: str | None = None
+    notes: str | None = None
+
+    @property
+    def touches_style(self) -> bool:
+        return any(v is not None for v in (self.styles, self.style_weights, self.mean,
+                                            self.centroid_weights))
+
+    def control_changes(self) -> dict:
+        changes: dict = {}
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        if self.topk is not None:
+            changes["top_k"] = self.topk
+        if self.drums is not None:
+            changes["drums"] = self.drums
+        cfg = {k: v for k, v in (("musiccoca", self.guidance_weight), ("notes", self.cfg_notes),
+                                 ("drums", self.cfg_drums)) if v is not None}
+        if cfg:
+            changes["cfg"] = cfg
+        return changes
+
+    def controls(self) -> Controls:
+        changes = self.control_changes()
+        controls = Controls(cfg=changes.pop("cfg", {}))
+        for key, value in changes.items():
+            setattr(controls, key, value)
+        controls.validate()
+        return controls
+
+    def parsed_notes(self) -> list[int] | None:
+        if self.notes is None:
+            return None
+        values = parse_floats(self.notes, "notes")
+        if any(v != int(v) for v in values):
+            raise ValueError("notes: MIDI pitches must be whole numbers")
+        return [int(v) for v in values]
+
+
+def control_fields(
+    styles: str | None = Form(None, description='comma-separated, e.g. "acid house, strings"'),
+    style_weights: str | None = Form(None, description='comma-separated, e.g. "1.0, 0.5"'),
+    mean: float | None = Form(None, ge=0, description="weight of the finetune's mean style"),
+    centroid_weights: str | None = Form(None, description="weights of the finetune's centroids"),
+    temperature: float | None = Form(None, ge=0, le=10),
+    topk: int | None = Form(None, ge=1, le=1024),
+    guidance_weight: float | None = Form(None, ge=-1, le=7, description="style CFG scale"),
+    cfg_notes: float | None = Form(None, ge=-1, le=7),
+    cfg_drums: float | None = Form(None, ge=-1, le=7),
+    drums: str | None = Form(None, description="free | on | off"),
+    notes: str | None = Form(None, description="held MIDI pitches, e.g. 60,64,67"),
+) -> ControlFields:
+    return ControlFields(styles, style_weights, mean, centroid_weights, temperature, topk,
+                         guidance_weight, cfg_notes, cfg_drums, drums, notes)
+
+
+ControlsForm = Depends(control_fields)
+
+
+def chunk_b64(chunk, target_rate: int | None = None) -> dict:
+    audio, rate = chunk.audio, SAMPLE_RATE
+    metadata = chunk.metadata()
+    if target_rate and target_rate != SAMPLE_RATE:
+        samples = round(audio.shape[0] * target_rate / SAMPLE_RATE)
+        audio, rate = resample_int16(audio, target_rate, samples), target_rate
+        metadata.update(sample_rate=rate, samples=samples)
+    return {
+        "index": chunk.index,
+        "audio_base64": base64.b64encode(to_wav_bytes(audio, rate)).decode(),
+        "metadata": metadata,
+    }
+
+
+def create_app(
+    generators: Mapping[str, GeneratorClient],
+    styles: StyleClient,
+    settings: ApiSettings | None = None,
+) -> FastAPI:
+    settings = settings or ApiSettings()
+    if settings.default_variant not in generators:
+        raise ValueError(
+            f"default_variant {settings.default_variant!r} is not among {sorted(generators)}"
+        )
+    app = FastAPI(
+        title="mrt-serve",
+        version="0.1.0",
+        description="Magenta RealTime 2 as a service: style jams over HTTP and WebSocket.",
+    )
+    progress: dict[str, dict] = {}
+    sessions: dict[str, str] = {}  # session id -> variant, for /jam/stop_all
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "form"))
+            problems.append(f"{field}: {err['msg']}")
+        return JSONResponse({"error": "; ".join(problems), "detail": exc.errors()},
+                            status_code=422, headers={})
+
+    # -- helpers -------------------------------------------------------------
+    def generator(variant: str | None) -> tuple[str, GeneratorClient]:
+        name = variant or settings.default_variant
+        if name not in generators:
+            raise BadRequest(f"variant: {name!r} is not served here; choose one of "
+                             f"{sorted(generators)}")
+        if settings.template_mode:
+            raise Unavailable("template mode: this deployment does not generate audio "
+                              "(SPACE_MODE=template); duplicate it onto a GPU machine")
+        return name, generators[name]
+
+    def of_session(session_id: str) -> GeneratorClient:
+        client = generators.get(variant_of(session_id))
+        if client is None:
+            raise UnknownSession(f"unknown session {session_id}")
+        return client
+
+    async def style_spec(fields: ControlFields) -> StyleSpec:
+        try:
+            prompts = parse_styles(fields.styles, fields.style_weights,
+                                   max_styles=settings.max_styles)
+            centroid_weights = parse_floats(fields.centroid_weights, "centroid_weights")
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        embeddings = await styles.embed_texts([text for text, _ in prompts]) if prompts else []
+        return StyleSpec(embeddings, [w for _, w in prompts], fields.mean or 0.0,
+                         centroid_weights)
+
+    async def jam_spec(fields: ControlFields, stream: StreamConfig, seed: int | None) -> JamSpec:
+        try:
+            controls, notes = fields.controls(), fields.parsed_notes()
+            stream.validate()
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        return JamSpec(await style_spec(fields), controls, stream, notes, seed)
+
+    def seconds_per_bar(bpm: float, beats_per_bar: int) -> Fraction:
+        if not settings.min_bpm <= bpm <= settings.max_bpm:
+            raise BadRequest(f"bpm: must be within {settings.min_bpm:g}..{settings.max_bpm:g}, "
+                             f"got {bpm:g}")
+        if not 1 <= beats_per_bar <= 32:
+            raise BadRequest(f"beats_per_bar: must be within 1..32, got {beats_per_bar}")
+        return Fraction(beats_per_bar * 60) / Fraction(str(bpm))
+
+    # -- service -------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def landing():
+        return page("index.html")
+
+    @app.get("/ping")
+    async def ping():
+        return {"ok": True, "time": time.time()}
+
+    @app.get("/health")
+    async def health():
+        if settings.template_mode:
+            return {"status": "template", "mode": "template", "variants": {}}
+        reports = await asyncio.gather(*(g.health() for g in generators.values()),
+                                       return_exceptions=True)
+        variants = {}
+        for name, report in zip(generators, reports, strict=True):
+            variants[name] = (report if isinstance(report, dict)
+                              else {"state": "error", "error": str(report)})
+        states = {v["state"] for v in variants.values()}
+        status = ("ready" if states == {"ready"} else
+                  "error" if "error" in states else "initializing")
+        return {"status": status, "mode": "serve", "default_variant": settings.default_variant,
+                "variants": variants}
+
+    # -- fixed-length renders ------------------------------------------------
+    @app.post("/generate_style")
+    async def generate_style(
+        controls: ControlFields = ControlsForm,
+        bpm: float = Form(120.0),
+        bars: int = Form(8, ge=1),
+        beats_per_bar: int = Form(4),
+        target_sample_rate: int | None = Form(None),
+        intro_bars_to_drop: int = Form(0, ge=0),
+        request_id: str | None = Form(None, max_length=200),
+        seed: int | None = Form(None, ge=0, lt=2**32),
+        variant: str | None = Form(None),
+    ):
+        return await render_bars(controls, bpm, bars, beats_per_bar, target_sample_rate,
+                                 intro_bars_to_drop, request_id, seed, variant)
+
+    async def render_bars(fields, bpm, bars, beats_per_bar, target_sample_rate,
+                          intro_bars_to_drop, request_id, seed, variant):
+        spb = seconds_per_bar(bpm, beats_per_bar)
+        if bars + intro_bars_to_drop > settings.max_bars:
+            raise BadRequest(f"bars: at most {settings.max_bars} bars per request "
+                             f"(intro included), got {bars + intro_bars_to_drop}")
+        rate = SAMPLE_RATE
+        if target_sample_rate is not None:
+            try:
+                rate = check_rate(target_sample_rate)
+            except ValueError as e:
+                raise BadRequest(str(e)) from e
+        seconds = (bars + intro_bars_to_drop) * spb
+        if seconds > settings.max_render_seconds:
+            raise BadRequest(f"bars: {float(seconds):.1f} s of audio exceeds the limit of "
+                             f"{settings.max_render_seconds:g} s")
+        frames = -(-(seconds * SAMPLE_RATE) // FRAME_SAMPLES)  # ceil
+        name, client = generator(variant)
+        stream = StreamConfig(chunk_frames=int(frames), pace="asap", max_backlog=1,
+                              total_frames=int(frames))
+        spec = await jam_spec(fields, stream, seed)
+        started = await client.start(spec)
+        sid = started["session_id"]
+        key = request_id or sid
+        progress[key] = {"variant": name, "session_id": sid, "stage": "generating",
+                         "total": int(frames)}
+        try:
+            chunk = await client.next_chunk(sid, settings.max_render_seconds * 10)
+            if chunk is None:
+                raise Unavailable("generation did not finish in time")
+        finally:
+            await client.stop(sid)
+        progress[key].update(stage="encoding", n=int(frames))
+        intro = round(intro_bars_to_drop * spb * SAMPLE_RATE)
+        body = chunk.audio[intro: intro + round(bars * spb * SAMPLE_RATE)]
+        total = round(bars * spb * rate)
+        audio = resample_int16(body, rate, total)
+        c = spec.controls
+        result = {
+            "audio_base64": base64.b64encode(to_wav_bytes(audio, rate)).decode(),
+            "metadata": {
+                "bpm": bpm, "bars": bars, "beats_per_bar": beats_per_bar,
+                "styles": [t for t, _ in parse_styles(fields.styles, fields.style_weights,
+                                                      max_styles=settings.max_styles)],
+                "style_weights": spec.style.weights,
+                "sample_rate": rate, "channels": CHANNELS, "total_samples": total,
+                "seconds_per_bar": float(spb), "guidance_weight": c.cfg["musiccoca"],
+                "temperature": c.temperature, "topk": c.top_k, "variant": name,
+                "seed": started["seed"],
+            },
+            "request_id": request_id,
+        }
+        progress[key].update(stage="done")
+        return result
+
+    @app.get("/progress")
+    async def get_progress(request_id: str = Query(...)):
+        entry = progress.get(request_id)
+        if entry is None:
+            raise UnknownSession(f"request_id: no generation known as {request_id!r}")
+        n, total = entry.get("n"), entry["total"]
+        if entry["stage"] == "generating":
+            live = await generators[entry["variant"]].progress(entry["session_id"])
+            n = live.get("n", n or 0)
+        n = n or 0
+        return {"n": n, "total": total, "percent": round(100 * n / total, 1),
+                "stage": entry["stage"]}
+
+    # -- polling jams ----------------------------------------------------------
+    @app.post("/jam/start")
+    async def jam_start(
+        controls: ControlFields = ControlsForm,
+        bpm: float = Form(120.0),
+        beats_per_bar: int = Form(4),
+        bars_per_chunk: int | None = Form(None, ge=1),
+        chunk_seconds: float | None = Form(None, gt=0),
+        pace: str = Form("asap"),
+        seed: int | None = Form(None, ge=0, lt=2**32),
+        variant: str | None = Form(None),
+        style_ramp_seconds: float = Form(0.0, ge=0),
+    ):
+        del style_ramp_seconds  # a jam's first style has nothing to glide from
+        if chunk_seconds is None:
+            bars = bars_per_chunk or 1
+            chunk_seconds = float(bars * seconds_per_bar(bpm, beats_per_bar))
+        chunk_frames = max(1, round(chunk_seconds * FRAMES_PER_SECOND))
+        name, client = generator(variant)
+        stream = StreamConfig(chunk_frames=chunk_frames, pace=pace,
+                              max_backlog=settings.max_backlog_chunks)
+        started = await client.start(await jam_spec(controls, stream, seed))
+        sessions[started["session_id"]] = name
+        return {**started, "sample_rate": SAMPLE_RATE, "channels": CHANNELS,
+                "crossfade_seconds": 0.0}
+
+    @app.get("/jam/next")
+    async def jam_next(
+        session_id: str = Query(...),
+        timeout: float | None = Query(None, gt=0),
+        target_sample_rate: int | None = Query(None),
+    ):
+        limit = min(timeout or settings.next_timeout_seconds, settings.max_next_timeout_seconds)
+        if target_sample_rate is not None:
+            try:
+                check_rate(target_sample_rate)
+            except ValueError as e:
+                raise BadRequest(str(e)) from e
+        chunk = await of_session(session_id).next_chunk(session_id, limit)
+        if chunk is None:
+            raise NotReady(f"no chunk ready within {limit:g} s; call again")
+        return {"chunk": chunk_b64(chunk, target_sample_rate)}
+
+    @app.post("/jam/consume")
+    async def jam_consume(session_id: str = Form(...), chunk_index: int = Form(...)):
+        return await of_session(session_id).consume(session_id, chunk_index)
+
+    @app.post("/jam/update")
+    async def jam_update(
+        session_id: str = Form(...),
+        controls: ControlFields = ControlsForm,
+        style_ramp_seconds: float = Form(0.0, ge=0),
+    ):
+        client = of_session(session_id)
+        try:
+            changes = controls.control_changes()
+            notes = controls.parsed_notes()
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        update = JamUpdate(
+            style=await style_spec(controls) if controls.touches_style else None,
+            style_ramp_seconds=style_ramp_seconds,
+            controls=changes or None,
+            notes=notes,
+        )
+        return await client.update(session_id, update)
+
+    @app.get("/jam/status")
+    async def jam_status(session_id: str = Query(...)):
+        return await of_session(session_id).status(session_id)
+
+    @app.post("/jam/stop")
+    async def jam_stop(request: Request):
+        session_id = await _session_id_from_body(request)
+        result = await of_session(session_id).stop(session_id)
+        sessions.pop(session_id, None)
+        return result
+
+    @app.post("/jam/stop_all")
+    async def jam_stop_all():
+        stopped = 0
+        for sid in list(sessions):
+            try:
+                await of_session(sid).stop(sid)
+                stopped += 1
+            except UnknownSession:
+                pass
+            sessions.pop(sid, None)
+        return {"stopped": stopped}
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ApiKeyMiddleware, settings=settings)
+    return app
+
+
+async def _session_id_from_body(request: Request) -> str:
+    """The prototype sends JSON `{"session_id": ...}`; forms are accepted too."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("application/json"):
+            data = await request.json()
+        else:
+            data = dict(await request.form())
+    except Exception as e:
+        raise BadRequest(f"body: not valid JSON or form data ({e})") from e
+    session_id = data.get("session_id") if isinstance(data, dict) else None
+    if not isinstance(session_id, str) or not session_id:
+        raise BadRequest("session_id: required (JSON body {\"session_id\": \"...\"})")
+    return session_id
+

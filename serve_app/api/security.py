@@ -1,0 +1,103 @@
+"""Optional API keys and request-size limits, as plain ASGI middleware.
+
+No keys configured means open access (local use). With keys, every HTTP route
+and the WebSocket need one (header `X-API-Key`, `Authorization: Bearer`, or
+`?api_key=` for browsers' WebSockets); `/model/*` writes need an admin key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from urllib.parse import parse_qs
+
+from .settings import ApiSettings
+
+
+def _key_from_scope(scope) -> str | None:
+    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+    if "x-api-key" in headers:
+        return headers["x-api-key"]
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    query = parse_qs(scope.get("query_string", b"").decode())
+    return query.get("api_key", [None])[0]
+
+
+def _matches(key: str | None, allowed: list[str]) -> bool:
+    return key is not None and any(hmac.compare_digest(key, k) for k in allowed)
+
+
+def _is_admin_write(scope) -> bool:
+    return scope["type"] == "http" and scope["method"] != "GET" and scope["path"].startswith(
+        "/model/"
+    )
+
+
+async def _reject(scope, receive, send, status: int, message: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 4401 if status == 401 else 4403,
+                    "reason": message})
+        return
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app, settings: ApiSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send):
+        s = self.settings
+        if scope["type"] not in ("http", "websocket") or not (s.api_keys or s.admin_keys):
+            return await self.app(scope, receive, send)
+        key = _key_from_scope(scope)
+        if _is_admin_write(scope):
+            if not _matches(key, s.admin_keys):
+                return await _reject(scope, receive, send, 403,
+                                     "api key: /model/* changes need an admin key")
+        elif not _matches(key, s.api_keys + s.admin_keys):
+            return await _reject(scope, receive, send, 401,
+                                 "api key: missing or not valid (X-API-Key header)")
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, counted as they stream in (no Content-Length trust)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _reject(scope, receive, send, 413, self._message())
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await _reject(scope, receive, send, 413, self._message())
+
+    def _message(self) -> str:
+        return f"request body: larger than the limit of {self.max_bytes} bytes"
+
+
+class _TooLarge(Exception):
+    pass

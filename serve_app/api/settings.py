@@ -1,0 +1,44 @@
+"""Limits and keys of the HTTP/WebSocket API: defaults, overridden by the config's `api:`
+section, then by the environment (MRT_API_KEYS, MRT_ADMIN_KEYS, SPACE_MODE)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+
+def _env_list(name: str) -> list[str]:
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
+
+
+class ApiSettings(BaseModel):
+    default_variant: str = "tiny"
+    max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    max_styles: int = Field(8, ge=1)
+    max_bars: int = Field(64, ge=1)
+    min_bpm: float = Field(20.0, gt=0)
+    max_bpm: float = Field(300.0, gt=0)
+    max_render_seconds: float = Field(120.0, gt=0)
+    max_backlog_chunks: int = Field(8, ge=1)
+    next_timeout_seconds: float = Field(10.0, gt=0)
+    max_next_timeout_seconds: float = Field(60.0, gt=0)
+    api_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[str] = Field(default_factory=list)
+    space_mode: str = "auto"  # serve | template | auto
+
+    @classmethod
+    def from_config(cls, config: dict | None = None) -> ApiSettings:
+        values = dict(config or {})
+        if keys := _env_list("MRT_API_KEYS"):
+            values["api_keys"] = keys
+        if keys := _env_list("MRT_ADMIN_KEYS"):
+            values["admin_keys"] = keys
+        if mode := os.environ.get("SPACE_MODE"):
+            values["space_mode"] = mode.strip().lower()
+        return cls(**values)
+
+    @property
+    def template_mode(self) -> bool:
+        """`template` only when asked: with no GPU the server runs on CPU instead."""
+        return self.space_mode == "template"

@@ -1,0 +1,50 @@
+"""Errors that reach clients: each carries its HTTP status and a message naming the cause.
+
+They cross Ray boundaries intact (Ray re-raises a remote exception as a subclass
+of its own type), so the ingress maps them to responses without knowing where
+they were raised.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class Forbidden(ApiError):
+    status = 403
+
+
+class UnknownSession(ApiError):
+    status = 404
+
+
+class NotReady(ApiError):
+    """Timed out waiting (HTTP 408, as the prototype's /jam/next)."""
+
+    status = 408
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
+class OverCapacity(ApiError):
+    status = 429
+
+
+class Unavailable(ApiError):
+    status = 503

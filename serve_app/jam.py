@@ -1,0 +1,161 @@
+"""A jam stream: a session's frames gathered into chunks, paced and bounded.
+
+Frames arrive from the engine 40 ms at a time; chunks of `chunk_frames` leave to
+the client. The decoder is causal, so consecutive chunks join without crossfade.
+Memory is bounded by `max_backlog` chunks whatever the client does: when the
+backlog is full, chunks the client already received are dropped first; if none
+were, generation for this session pauses until the client catches up.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+
+from .engine import Session
+from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
+
+PACES = ("realtime", "asap")
+
+
+@dataclasses.dataclass
+class Chunk:
+    index: int
+    audio: np.ndarray  # int16 [frames * 1920, 2]
+    first_frame: int
+    generated_at: float  # unix seconds when its last frame was generated
+
+    def metadata(self) -> dict:
+        return {
+            "index": self.index,
+            "sample_rate": SAMPLE_RATE,
+            "channels": CHANNELS,
+            "samples": int(self.audio.shape[0]),
+            "seconds": self.audio.shape[0] / SAMPLE_RATE,
+            "first_frame": self.first_frame,
+            "generated_at": self.generated_at,
+            "crossfade_seconds": 0.0,
+        }
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    chunk_frames: int = 50
+    pace: str = "asap"
+    max_backlog: int = 8
+    lead_frames: int = 10  # realtime: how far ahead of wall clock the stream may run
+    total_frames: int | None = None  # fixed-length renders stop here
+
+    def validate(self) -> None:
+        if self.pace not in PACES:
+            raise ValueError(f"pace: must be one of {list(PACES)}, got {self.pace!r}")
+        if not 1 <= self.chunk_frames <= 50 * FRAMES_PER_SECOND:
+            raise ValueError("chunk_seconds: must be within 0.04..50 seconds")
+        if self.max_backlog < 1:
+            raise ValueError("max_backlog: must be >= 1")
+
+
+class JamStream:
+    def __init__(self, session: Session, config: StreamConfig, *, clock=time.monotonic):
+        config.validate()
+        self.session = session
+        self.config = config
+        self._clock = clock
+        self.started = clock()
+        self.created_at = time.time()
+        self._frames: list[np.ndarray] = []
+        self.backlog: collections.deque[Chunk] = collections.deque()
+        self.next_chunk_index = 0
+        self.delivered = -1  # highest chunk index handed to the client
+        self.consumed = -1
+        self.dropped_chunks = 0
+        self.behind_frames = 0  # realtime frames that were due but late
+
+    # -- generation side ----------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        total = self.config.total_frames
+        return total is not None and self.session.frames_generated >= total
+
+    def _make_room(self) -> bool:
+        while len(self.backlog) >= self.config.max_backlog:
+            if self.backlog[0].index > self.delivered:
+                return False  # the client has not seen it yet: pause generation
+            self.backlog.popleft()
+            self.dropped_chunks += 1
+        return True
+
+    def due(self, now: float) -> bool:
+        if self.finished or not self._make_room():
+            return False
+        if self.config.pace == "realtime":
+            allowed = (now - self.started) * FRAMES_PER_SECOND + self.config.lead_frames
+            return self.session.frames_generated < allowed
+        return True
+
+    def next_due_at(self) -> float | None:
+        """Monotonic time at which a realtime stream is next due (None: not time-bound)."""
+        if self.config.pace != "realtime" or self.finished:
+            return None
+        frames_ahead = self.session.frames_generated - self.config.lead_frames
+        return self.started + frames_ahead / FRAMES_PER_SECOND
+
+    def push(self, frame: np.ndarray, now: float) -> Chunk | None:
+        """Adds one generated frame; returns the chunk it completed, if any."""
+        if self.config.pace == "realtime":
+            lateness = (now - self.started) * FRAMES_PER_SECOND - self.session.frames_generated
+            self.behind_frames = max(0, int(lateness))
+        self._frames.append(frame)
+        if len(self._frames) < self.config.chunk_frames and not self.finished:
+            return None
+        audio = np.concatenate(self._frames)
+        first = self.session.frames_generated - len(self._frames)
+        self._frames = []
+        chunk = Chunk(self.next_chunk_index, audio, first, time.time())
+        self.next_chunk_index += 1
+        self.backlog.append(chunk)
+        return chunk
+
+    # -- client side --------------------------------------------------------
+    def take_next(self) -> Chunk | None:
+        for chunk in self.backlog:
+            if chunk.index > self.delivered:
+                self.delivered = chunk.index
+                return chunk
+        return None
+
+    def consume(self, index: int) -> None:
+        if index < 0 or index >= self.next_chunk_index:
+            raise ValueError(
+                f"chunk_index: {index} has not been generated yet "
+                f"(next is {self.next_chunk_index})"
+            )
+        self.consumed = max(self.consumed, index)
+        self.delivered = max(self.delivered, index)
+        while self.backlog and self.backlog[0].index <= index:
+            self.backlog.popleft()
+
+    def chunk_of_next_frame(self) -> int:
+        """The index of the chunk that the next generated frame will belong to."""
+        return self.session.frames_generated // self.config.chunk_frames
+
+    def status(self) -> dict:
+        return {
+            "session_id": self.session.id,
+            "pace": self.config.pace,
+            "frames_generated": self.session.frames_generated,
+            "seconds_generated": self.session.frames_generated / FRAMES_PER_SECOND,
+            "chunk_frames": self.config.chunk_frames,
+            "chunks_generated": self.next_chunk_index,
+            "last_delivered": self.delivered,
+            "last_consumed": self.consumed,
+            "backlog": len(self.backlog),
+            "max_backlog": self.config.max_backlog,
+            "dropped_chunks": self.dropped_chunks,
+            "behind_frames": self.behind_frames,
+            "total_frames": self.config.total_frames,
+            "finished": self.finished and not self._frames,
+        }

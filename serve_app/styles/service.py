@@ -1,0 +1,23 @@
+"""The style embedder as a service: batches of prompts in, cached embeddings out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from .embedder import StyleModel
+
+
+class StyleService:
+    def __init__(self, model: StyleModel) -> None:
+        self.model = model
+
+    async def embed_texts(self, texts: list[str]) -> list[np.ndarray]:
+        # MusicCoCa runs TFLite on CPU; keep the event loop free while it does.
+        return await asyncio.to_thread(lambda: [self.model.embed_text(t) for t in texts])
+
+    def stats(self) -> dict:
+        info = self.model.cache_info()
+        return {"mock": self.model.is_mock, "cache_hits": info.hits, "cache_misses": info.misses,
+                "cached": info.currsize}

@@ -1,0 +1,60 @@
+"""A real Ray Serve instance running our application graph on the tiny variant."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config(repo, *, max_sessions: int = 4, buckets=(1, 2, 4), api: dict | None = None):
+    return {
+        "default_variant": "tiny",
+        "variants": [{"name": "tiny", "repo": str(repo), "max_sessions": max_sessions,
+                      "buckets": list(buckets), "num_cpus": 1}],
+        "style_embedder": {"mock": True},
+        "api": {"max_backlog_chunks": 4, **(api or {})},
+    }
+
+
+def wait_ready(base: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(f"{base}/health", timeout=10).json()
+            if last.get("status") == "ready":
+                return last
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"server not ready after {timeout}s: {last}")
+
+
+@contextlib.contextmanager
+def running_serve(config: dict):
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="mrt", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base)
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,62 @@
+"""The offline commands as a user runs them: `mrt-serve generate` and the engine benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import soundfile as sf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(sys.executable).parent
+
+
+def test_generate_writes_a_48k_stereo_wav_and_makes_the_tiny_repo_on_first_use(tmp_path):
+    fresh_repo = tmp_path / "no-tiny-repo-yet"
+    out = tmp_path / "jam.wav"
+    result = subprocess.run(
+        [str(BIN / "mrt-serve"), "generate", "--variant", "tiny", "--styles", "disco funk",
+         "--style-weights", "1.0", "--seconds", "4", "--seed", "7", "--out", str(out)],
+        env={**os.environ, "MRT_TINY_REPO": str(fresh_repo)},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (fresh_repo / "checkpoints/tiny.safetensors").is_file()
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.frames) == (48000, 2, 4 * 48000)
+    assert "generating" in result.stderr  # the progress bar
+    assert f"wrote {out}" in result.stdout
+
+
+def test_generate_rejects_bad_input_naming_the_field(tmp_path):
+    result = subprocess.run(
+        [str(BIN / "mrt-serve"), "generate", "--variant", "tiny", "--styles", "a,b",
+         "--style-weights", "1,x", "--out", str(tmp_path / "x.wav")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "style_weights: 'x' is not a number" in result.stderr
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_bench_engine_prints_a_table_and_writes_json(tmp_path, tiny_repo):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_engine.py"), "--variant", "tiny",
+         "--batch", "1,2", "--frames", "4", "--warmup", "1", "--compare-upstream",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["variant"] == "tiny" and report["device"].startswith("cpu")
+    assert [r["batch"] for r in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["ms_per_frame"] > 0
+        assert row["frames_per_second"] == round(row["batch"] * 1000 / row["ms_per_frame"], 2)
+        assert row["rtf_per_stream"] == round(40 / row["ms_per_frame"], 3)
+    assert report["upstream_ms_per_frame"] > 0 and report["speedup_vs_upstream"] > 0
+    assert "ms/frame" in result.stdout and "upstream" in result.stdout

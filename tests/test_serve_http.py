@@ -1,0 +1,256 @@
+"""The HTTP API through a real Ray Serve deployment graph (tiny variant, CPU).
+
+One Serve instance for the module; the replica-kill test runs last.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from .serve_fixtures import running_serve, tiny_config, wait_ready
+
+
+@pytest.fixture(scope="module")
+def base(tiny_repo):
+    with running_serve(tiny_config(tiny_repo)) as url:
+        yield url
+
+
+@pytest.fixture
+def http(base):
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield client
+
+
+def decode(b64: str) -> tuple[np.ndarray, int]:
+    audio, rate = sf.read(io.BytesIO(base64.b64decode(b64)), dtype="int16")
+    return audio, rate
+
+
+def start(http, **form) -> str:
+    r = http.post("/jam/start", data={"styles": "ambient", **form})
+    assert r.status_code == 200, r.text
+    return r.json()["session_id"]
+
+
+def stop(http, sid: str) -> None:
+    http.post("/jam/stop", json={"session_id": sid})
+
+
+def test_health_ping_landing_docs(http):
+    health = http.get("/health").json()
+    assert health["status"] == "ready" and health["variants"]["tiny"]["state"] == "ready"
+    assert health["variants"]["tiny"]["compiled_buckets"] == [1, 2, 4]
+    assert http.get("/ping").json()["ok"] is True
+    page = http.get("/")
+    assert page.status_code == 200 and "Magenta RealTime 2" in page.text
+    assert "/jam/start" in page.text and "crossfade_seconds" in page.text
+    assert "/generate_style" in http.get("/openapi.json").json()["paths"]
+    assert http.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("bpm", "bars", "beats", "rate"),
+    [(120, 2, 4, None), (93.7, 3, 7, 44100), (87.5, 1, 4, 22050)],
+)
+def test_generate_style_returns_exact_bar_lengths(http, bpm, bars, beats, rate):
+    form = {"styles": "disco funk, strings", "style_weights": "1.0, 0.5", "bpm": bpm,
+            "bars": bars, "beats_per_bar": beats, "request_id": f"req-{bpm}", "seed": 3}
+    if rate:
+        form["target_sample_rate"] = rate
+    r = http.post("/generate_style", data=form)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    meta = body["metadata"]
+    sr = rate or 48000
+    expected = round(bars * beats * 60 / bpm * sr)
+    audio, file_rate = decode(body["audio_base64"])
+    assert file_rate == meta["sample_rate"] == sr
+    assert audio.shape == (expected, 2) and meta["total_samples"] == expected
+    assert meta["styles"] == ["disco funk", "strings"] and meta["style_weights"] == [1.0, 0.5]
+    assert meta["seconds_per_bar"] == pytest.approx(beats * 60 / bpm)
+    assert body["request_id"] == f"req-{bpm}"
+    progress = http.get("/progress", params={"request_id": f"req-{bpm}"}).json()
+    assert progress["stage"] == "done" and progress["percent"] == 100.0
+
+
+def test_intro_bars_are_dropped_from_the_same_render(http):
+    form = {"styles": "funk", "bpm": 120, "bars": 1, "seed": 11}
+    full = decode(http.post("/generate_style", data={**form, "bars": 2}).json()["audio_base64"])[0]
+    tail = decode(http.post("/generate_style",
+                            data={**form, "intro_bars_to_drop": 1}).json()["audio_base64"])[0]
+    assert tail.shape == (96000, 2)
+    np.testing.assert_array_equal(tail, full[96000:])
+
+
+def test_polling_jam_round_trip_with_prototype_shapes(http):
+    r = http.post("/jam/start", data={"styles": "electronic, ambient",
+                                      "style_weights": "1.0, 0.8", "temperature": 1.1,
+                                      "topk": 40, "guidance_weight": 1.1, "bpm": 120,
+                                      "bars_per_chunk": 1, "mean": 0.0,
+                                      "centroid_weights": "0.0, 0.0, 0.0"})
+    assert r.status_code == 200, r.text
+    started = r.json()
+    sid = started["session_id"]
+    assert started["chunk_seconds"] == 2.0 and started["crossfade_seconds"] == 0.0
+    assert started["steering_assets"] == {"mean": True, "centroids": 3}
+
+    chunk = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]
+    audio, rate = decode(chunk["audio_base64"])
+    assert chunk["index"] == 0 and rate == 48000 and audio.shape == (96000, 2)
+    assert chunk["metadata"]["crossfade_seconds"] == 0.0
+
+    assert http.post("/jam/consume", data={"session_id": sid, "chunk_index": 0}).status_code == 200
+    update = http.post("/jam/update", data={"session_id": sid, "styles": "jazz, hiphop",
+                                            "style_weights": "1.0, 0.8", "temperature": 1.2,
+                                            "topk": 64, "mean": 0.2,
+                                            "centroid_weights": "0.1, 0.3, 0.0",
+                                            "style_ramp_seconds": 2})
+    assert update.status_code == 200, update.text
+    assert update.json()["applies_from_chunk"] >= 1
+    status = http.get("/jam/status", params={"session_id": sid}).json()
+    assert status["temperature"] == 1.2 and status["topk"] == 64
+    assert status["last_consumed"] == 0
+    second = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]
+    assert second["index"] == 1
+
+    assert http.post("/jam/stop", json={"session_id": sid}).json()["stopped"] is True
+    gone = http.get("/jam/status", params={"session_id": sid})
+    assert gone.status_code == 404 and "unknown session" in gone.json()["error"]
+
+
+def test_two_jams_share_one_batched_step(http):
+    a = start(http, chunk_seconds=0.2, pace="realtime")
+    b = start(http, chunk_seconds=0.2, pace="realtime")
+    try:
+        for sid in (a, b):
+            http.get("/jam/next", params={"session_id": sid})
+        statuses = [http.get("/jam/status", params={"session_id": s}).json() for s in (a, b)]
+        assert all(s["last_step_batch_size"] == 2 for s in statuses), statuses
+        assert all(s["sessions_on_replica"] == 2 for s in statuses)
+        assert "2" in http.get("/health").json()["variants"]["tiny"]["batch_sizes"]
+    finally:
+        stop(http, a)
+        stop(http, b)
+
+
+def test_a_client_that_never_consumes_holds_bounded_memory(http):
+    sid = start(http, chunk_seconds=0.08)  # asap, 4-chunk backlog (test config)
+    try:
+        time.sleep(3)
+        first = http.get("/jam/status", params={"session_id": sid}).json()
+        time.sleep(1)
+        later = http.get("/jam/status", params={"session_id": sid}).json()
+        assert first["backlog"] == later["backlog"] == 4 == later["max_backlog"]
+        assert later["frames_generated"] == first["frames_generated"] == 8  # paused
+        # Reading chunks without consuming lets old ones go, still within the bound.
+        for expected in range(6):
+            chunk = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]
+            assert chunk["index"] == expected
+        final = http.get("/jam/status", params={"session_id": sid}).json()
+        assert final["backlog"] <= 4 and final["dropped_chunks"] >= 2
+    finally:
+        stop(http, sid)
+
+
+@pytest.mark.parametrize(
+    ("route", "form", "status", "message"),
+    [
+        ("/jam/start", {"temperature": "hot"}, 422, "temperature:"),
+        ("/jam/start", {"topk": 0}, 422, "topk:"),
+        ("/jam/start", {"styles": ",".join("abcdefghij")}, 400, "styles: at most 8"),
+        ("/jam/start", {"styles": "a", "style_weights": "1, 2"}, 400, "style_weights: got 2"),
+        ("/jam/start", {"styles": "a", "style_weights": "-1"}, 400, "style_weights: weights"),
+        ("/jam/start", {"variant": "mrt2_huge"}, 400, "variant: 'mrt2_huge' is not served"),
+        ("/jam/start", {"pace": "warp"}, 400, "pace: must be one of"),
+        ("/jam/start", {"drums": "loud"}, 400, "drums: must be one of"),
+        ("/jam/start", {"notes": "60, 200"}, 400, "notes: MIDI pitches must be 0..127"),
+        ("/jam/start", {"centroid_weights": "1,1,1,1"}, 400, "centroid_weights: got 4"),
+        ("/generate_style", {"bpm": 5}, 400, "bpm: must be within"),
+        ("/generate_style", {"bars": 500}, 400, "bars: at most"),
+        ("/generate_style", {"target_sample_rate": 1000}, 400, "target_sample_rate:"),
+        ("/generate_style", {"beats_per_bar": 0}, 400, "beats_per_bar:"),
+        ("/jam/consume", {"session_id": "nope.tiny@x", "chunk_index": 0}, 404, "unknown session"),
+        ("/jam/update", {"session_id": "nope.tiny@x", "topk": 5}, 404, "unknown session"),
+        ("/jam/stop", {}, 400, "session_id: required"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_field(http, route, form, status, message):
+    r = http.post(route, data=form)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_bad_input_leaves_a_running_jam_untouched(http):
+    sid = start(http, chunk_seconds=0.2)
+    try:
+        first = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]["index"]
+        for form in ({"session_id": sid, "topk": 5000}, {"session_id": sid, "notes": "x"},
+                     {"session_id": sid, "styles": "a", "style_weights": "1,2"}):
+            assert http.post("/jam/update", data=form).status_code in (400, 422)
+        assert http.post("/jam/consume", data={"session_id": sid,
+                                               "chunk_index": 999}).status_code == 400
+        assert http.get("/jam/next", params={"session_id": "bogus"}).status_code == 404
+        status = http.get("/jam/status", params={"session_id": sid}).json()
+        assert status["topk"] == 40 and status["temperature"] == 1.3
+        nxt = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]["index"]
+        assert nxt == first + 1
+    finally:
+        stop(http, sid)
+
+
+def test_next_times_out_with_408_and_unknown_session_is_404(http):
+    sid = start(http, chunk_seconds=10, pace="realtime")
+    try:
+        http.get("/jam/next", params={"session_id": sid})  # chunk 0 comes with the lead
+        r = http.get("/jam/next", params={"session_id": sid, "timeout": 0.5})
+        assert r.status_code == 408 and "no chunk ready within 0.5 s" in r.json()["error"]
+    finally:
+        stop(http, sid)
+    assert http.get("/jam/next", params={"session_id": sid}).status_code == 404
+
+
+def test_over_capacity_is_429_and_stop_all_frees_the_replica(http):
+    sids = [start(http, chunk_seconds=1, pace="realtime") for _ in range(4)]
+    r = http.post("/jam/start", data={"styles": "one too many"})
+    assert r.status_code == 429 and "full (4 sessions per replica)" in r.json()["error"]
+    assert http.post("/jam/stop_all").json()["stopped"] == 4
+    for sid in sids:
+        assert http.get("/jam/status", params={"session_id": sid}).status_code == 404
+    assert http.get("/health").json()["variants"]["tiny"]["sessions"] == 0
+
+
+def test_oversized_request_body_is_413(http):
+    r = http.post("/jam/start", data={"styles": "x" * (26 * 1024 * 1024)})
+    assert r.status_code == 413 and "request body" in r.json()["error"]
+
+
+def test_killed_generator_replica_gives_a_clear_error_then_recovers(http, base):
+    import ray
+
+    sid = start(http, chunk_seconds=0.2)
+    http.get("/jam/next", params={"session_id": sid})
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "Generator_tiny" in a["name"]]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+    deadline = time.monotonic() + 240
+    while True:
+        r = http.get("/jam/next", params={"session_id": sid, "timeout": 1})
+        if r.status_code == 404 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.status_code == 404, r.text
+    assert "unknown session" in r.json()["error"]
+    assert "start a new session" in r.json()["error"]
+    wait_ready(base)
+    fresh = start(http, chunk_seconds=0.2)
+    assert http.get("/jam/next", params={"session_id": fresh}).json()["chunk"]["index"] == 0
+    stop(http, fresh)
