@@ -16,7 +16,7 @@ class Generator:
         self.core = GeneratorCore(variant, replica_tag=replica, **options)
 
     async def health(self) -> dict:
-        return self.core.health()
+        return await self.core.health()
 
     def check_health(self) -> None:
         # A model that failed to load is reported by /health (no crash loop);
@@ -25,7 +25,7 @@ class Generator:
             raise RuntimeError(self.core.error)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"sessions": float(len(self.core._jams))}
+        return {"sessions": float(self.core.session_count)}
 
     async def start(self, spec: JamSpec) -> dict:
         return await self.core.start(spec)

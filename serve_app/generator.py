@@ -348,7 +348,11 @@ class GeneratorCore:
                 return {}
             return {"n": jam.session.frames_generated, "total": jam.config.total_frames}
 
-    def health(self) -> dict:
+    @property
+    def session_count(self) -> int:
+        return len(self._jams)
+
+    async def health(self) -> dict:
         with self._lock:
             return {
                 "variant": self.variant,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -92,16 +93,20 @@ class JamStream:
         if self.finished or not self._make_room():
             return False
         if self.config.pace == "realtime":
-            allowed = (now - self.started) * FRAMES_PER_SECOND + self.config.lead_frames
-            return self.session.frames_generated < allowed
+            return self.session.frames_generated < self._frames_allowed(now)
         return True
 
+    def _frames_allowed(self, now: float) -> int:
+        """Realtime: frames whose time has come (whole frames; 1e-6 absorbs float error)."""
+        elapsed_frames = math.floor((now - self.started) * FRAMES_PER_SECOND + 1e-6)
+        return elapsed_frames + self.config.lead_frames
+
     def next_due_at(self) -> float | None:
-        """Monotonic time at which a realtime stream is next due (None: not time-bound)."""
+        """Monotonic time at which a realtime stream's next frame is due (None: not paced)."""
         if self.config.pace != "realtime" or self.finished:
             return None
-        frames_ahead = self.session.frames_generated - self.config.lead_frames
-        return self.started + frames_ahead / FRAMES_PER_SECOND
+        next_frame = self.session.frames_generated + 1 - self.config.lead_frames
+        return self.started + next_frame / FRAMES_PER_SECOND
 
     def push(self, frame: np.ndarray, now: float) -> Chunk | None:
         """Adds one generated frame; returns the chunk it completed, if any."""

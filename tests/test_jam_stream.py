@@ -1,0 +1,93 @@
+"""Chunking, pacing and backlog bounds of a jam stream, with a controlled clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve_app.engine import Session
+from serve_app.jam import JamStream, StreamConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def frame(value: int) -> np.ndarray:
+    return np.full((1920, 2), value, np.int16)
+
+
+def generate(jam: JamStream, clock: Clock, n: int) -> list:
+    chunks = []
+    for _ in range(n):
+        assert jam.due(clock())
+        jam.session.frames_generated += 1  # what next_frame_inputs does per step
+        chunk = jam.push(frame(jam.session.frames_generated), clock())
+        if chunk:
+            chunks.append(chunk)
+    return chunks
+
+
+def test_frames_become_gapless_chunks_in_order():
+    clock = Clock()
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=3), clock=clock)
+    chunks = generate(jam, clock, 7)
+    assert [c.index for c in chunks] == [0, 1]
+    assert [c.first_frame for c in chunks] == [0, 3]
+    assert chunks[1].audio.shape == (3 * 1920, 2)
+    np.testing.assert_array_equal(chunks[1].audio[::1920, 0], [4, 5, 6])
+    assert chunks[0].metadata()["crossfade_seconds"] == 0.0
+
+
+def test_realtime_runs_at_most_lead_frames_ahead_of_the_wall_clock():
+    clock = Clock()
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=5, pace="realtime",
+                                                lead_frames=4), clock=clock)
+    generate(jam, clock, 4)
+    assert not jam.due(clock())
+    assert jam.next_due_at() == pytest.approx(100.04)  # one frame past the lead
+    clock.t += 0.04
+    assert jam.due(clock())
+    generate(jam, clock, 1)
+    assert not jam.due(clock())
+    clock.t += 1.0  # a second later, 25 more frames are due
+    generate(jam, clock, 25)
+    assert not jam.due(clock())
+
+
+def test_full_backlog_pauses_until_the_client_reads():
+    clock = Clock()
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=1, max_backlog=2), clock=clock)
+    generate(jam, clock, 2)
+    assert not jam.due(clock())  # two unread chunks: pause
+    assert jam.take_next().index == 0
+    assert jam.due(clock())  # chunk 0 was read: it may be dropped to make room
+    generate(jam, clock, 1)
+    assert [c.index for c in jam.backlog] == [1, 2] and jam.dropped_chunks == 1
+    jam.consume(2)
+    assert not jam.backlog and jam.status()["last_consumed"] == 2
+
+
+def test_consume_of_a_future_chunk_is_rejected():
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=1))
+    with pytest.raises(ValueError, match="chunk_index: 3 has not been generated yet"):
+        jam.consume(3)
+
+
+def test_fixed_length_stream_finishes_with_its_last_partial_chunk():
+    clock = Clock()
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=4, total_frames=6), clock=clock)
+    chunks = generate(jam, clock, 6)
+    assert [c.audio.shape[0] for c in chunks] == [4 * 1920, 2 * 1920]
+    assert jam.finished and not jam.due(clock()) and jam.status()["finished"]
+
+
+@pytest.mark.parametrize("bad", [dict(pace="warp"), dict(chunk_frames=0),
+                                 dict(max_backlog=0)])
+def test_bad_stream_settings_name_the_field(bad):
+    with pytest.raises(ValueError, match="pace|chunk_seconds|max_backlog"):
+        JamStream(Session(None), StreamConfig(**bad))
