@@ -6,7 +6,7 @@ VENV="$ROOT/.venv"
 
 pick_python() {
     for py in python3.12 python3.11 python3; do
-        if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= (3, 12)))'; then
+        if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= (3, 12)))' 2>/dev/null; then
             echo "$py"; return 0
         fi
     done

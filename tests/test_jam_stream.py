@@ -86,8 +86,11 @@ def test_fixed_length_stream_finishes_with_its_last_partial_chunk():
     assert jam.finished and not jam.due(clock()) and jam.status()["finished"]
 
 
-@pytest.mark.parametrize("bad", [dict(pace="warp"), dict(chunk_frames=0),
-                                 dict(max_backlog=0)])
-def test_bad_stream_settings_name_the_field(bad):
-    with pytest.raises(ValueError, match="pace|chunk_seconds|max_backlog"):
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [(dict(pace="warp"), "pace:"), (dict(chunk_frames=0), "chunk_seconds:"),
+     (dict(max_backlog=0), "max_backlog:")],
+)
+def test_bad_stream_settings_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
         JamStream(Session(None), StreamConfig(**bad))

@@ -1,0 +1,65 @@
+"""Builder, configs and autoscaling policy of the Ray Serve graph (no cluster needed)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+from deployments.app import AppConfig, build_app
+from deployments.autoscaling import SessionsPolicy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def context(sessions: list[float], current: int, lo: int = 1, hi: int = 8):
+    return AutoscalingContext(
+        deployment_id=None, deployment_name="Generator_x", app_name="mrt",
+        current_num_replicas=current, target_num_replicas=current, running_replicas=[],
+        total_num_requests=0.0, total_queued_requests=0.0,
+        aggregated_metrics={"sessions": {f"r{i}": n for i, n in enumerate(sessions)}},
+        raw_metrics={}, capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi,
+        policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=0.0, config=None,
+    )
+
+
+def test_sessions_policy_targets_sessions_per_replica_and_keeps_busy_replicas():
+    policy = SessionsPolicy(target_sessions_per_replica=10)
+    assert policy(context([10, 10], 2))[0] == 2
+    assert policy(context([15, 14], 2))[0] == 3  # 29 sessions -> 3 replicas
+    assert policy(context([1, 1, 1], 3))[0] == 3  # each replica holds a session
+    assert policy(context([0, 0, 0], 3))[0] == 1  # idle: back to the minimum
+    assert policy(context([200], 1))[0] == 8  # capped at max
+    with pytest.raises(ValueError, match="target_sessions_per_replica"):
+        SessionsPolicy(0)
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "tiny.yaml"])
+def test_configs_build_the_graph(name):
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    app = config["applications"][0]
+    assert app["import_path"] == "deployments.app:build_app"
+    args = AppConfig(**app["args"])
+    for variant in args.variants:
+        if variant.autoscaling_config:
+            AutoscalingConfig(**variant.autoscaling_config)  # valid for Serve
+    assert build_app(app["args"]) is not None
+
+
+def test_gpu_config_without_gpus_runs_on_cpu_and_says_so(caplog):
+    config = {"variants": [{"name": "tiny", "num_gpus": 1}]}
+    with caplog.at_level("WARNING", logger="mrt_serve.app"):
+        build_app(config)
+    assert "has no GPU: running it on CPU" in caplog.text
+
+
+def test_bad_configs_name_the_problem():
+    with pytest.raises(ValueError, match="variants: list at least one"):
+        build_app({"variants": []})
+    with pytest.raises(ValueError, match="unknown model variant 'mrt3'"):
+        build_app({"variants": [{"name": "x", "variant": "mrt3"}]})
+    with pytest.raises(ValueError, match="letters, digits"):
+        build_app({"variants": [{"name": "a.b"}]})
