@@ -62,28 +62,38 @@ class AppConfig(BaseModel):
     api: dict = Field(default_factory=dict)
 
 
-def _cluster_gpus() -> float:
+SIDE_CPUS = 1.0  # Ingress and StyleEmbedder, 0.5 each
+
+
+def _cluster_resources() -> dict:
     try:
-        return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
-    except Exception:  # not connected: assume none rather than wait
-        return 0.0
+        return ray.cluster_resources() if ray.is_initialized() else {}
+    except Exception:  # not connected: assume nothing rather than wait
+        return {}
 
 
-def _generator(v: VariantConfig, gpus_available: float):
+def generator_options(v: VariantConfig, resources: dict, n_generators: int) -> dict:
+    """Serve options of one variant's Generator deployment on a cluster with `resources`."""
     if v.model_variant not in VARIANTS:
         raise ValueError(f"variants[{v.name}].variant: unknown model variant {v.model_variant!r}")
-    num_gpus = v.num_gpus
-    if num_gpus and not gpus_available:
+    num_gpus, num_cpus = v.num_gpus, v.num_cpus
+    if num_gpus and not resources.get("GPU"):
+        # CPU requests in a GPU config are sized for a GPU host; scale them to what this
+        # cluster has so that every replica can be placed instead of waiting forever.
+        cpus = resources.get("CPU")
+        if cpus:
+            num_cpus = min(num_cpus, max(0.1, (cpus - SIDE_CPUS) / n_generators))
         log.warning(
             "config asks for %s GPU(s) for Generator_%s but this Ray cluster has no GPU: "
-            "running it on CPU (expect it to be far slower than real time for real models)",
-            num_gpus, v.name,
+            "running it on CPU with %.2g CPU(s) (expect it to be far slower than real time "
+            "for real models)",
+            num_gpus, v.name, num_cpus,
         )
         num_gpus = 0.0
     env = GPU_ENV if num_gpus else CPU_ENV
     options = dict(
         name=f"Generator_{v.name}",
-        ray_actor_options={"num_gpus": num_gpus, "num_cpus": v.num_cpus,
+        ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus,
                            "runtime_env": {"env_vars": env}},
         max_ongoing_requests=v.max_ongoing_requests,
         request_router_config=RequestRouterConfig(
@@ -96,6 +106,11 @@ def _generator(v: VariantConfig, gpus_available: float):
         options["autoscaling_config"] = v.autoscaling_config
     else:
         options["num_replicas"] = v.num_replicas
+    return options
+
+
+def _generator(v: VariantConfig, resources: dict, n_generators: int):
+    options = generator_options(v, resources, n_generators)
     core_options = {
         "repo": v.repo, "step": v.step, "max_sessions": v.max_sessions,
         "compute_dtype": v.compute_dtype,
@@ -108,8 +123,10 @@ def build_app(args: dict) -> serve.Application:
     config = AppConfig(**args)
     if not config.variants:
         raise ValueError("variants: list at least one model variant to serve")
-    gpus = _cluster_gpus()
-    generators = {v.name: _generator(v, gpus) for v in config.variants}
+    resources = _cluster_resources()
+    generators = {
+        v.name: _generator(v, resources, len(config.variants)) for v in config.variants
+    }
     api = {"default_variant": config.default_variant or config.variants[0].name, **config.api}
     mock = config.style_embedder.get(
         "mock", all(v.model_variant == "tiny" for v in config.variants)

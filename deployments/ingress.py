@@ -68,8 +68,17 @@ class HandleStyles:
     def __init__(self, handle) -> None:
         self.handle = handle
 
+    async def health(self):
+        return await self.handle.health.remote()
+
     async def embed_texts(self, texts):
-        return await self.handle.embed_texts.remote(texts)
+        try:
+            return await self.handle.embed_texts.remote(texts)
+        except Exception as e:
+            unwrapped = _unwrap(e)
+            if unwrapped is e:
+                raise
+            raise unwrapped from None
 
 
 @serve.deployment

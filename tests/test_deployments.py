@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from deployments.app import AppConfig, build_app
+from deployments.app import AppConfig, VariantConfig, build_app, generator_options
 from deployments.autoscaling import SessionsPolicy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,11 +49,16 @@ def test_configs_build_the_graph(name):
     assert build_app(app["args"]) is not None
 
 
-def test_gpu_config_without_gpus_runs_on_cpu_and_says_so(caplog):
-    config = {"variants": [{"name": "tiny", "num_gpus": 1}]}
+def test_gpu_config_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
+    config = VariantConfig(name="tiny", num_gpus=1, num_cpus=4)
     with caplog.at_level("WARNING", logger="mrt_serve.app"):
-        build_app(config)
-    assert "has no GPU: running it on CPU" in caplog.text
+        cpu = generator_options(config, {"CPU": 2.0}, n_generators=2)["ray_actor_options"]
+    assert "has no GPU: running it on CPU with 0.5 CPU(s)" in caplog.text
+    assert cpu["num_gpus"] == 0 and cpu["num_cpus"] == 0.5
+    assert cpu["runtime_env"]["env_vars"]["JAX_PLATFORMS"] == "cpu"
+    gpu = generator_options(config, {"CPU": 16.0, "GPU": 1.0}, 1)["ray_actor_options"]
+    assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 4
+    assert gpu["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
 def test_bad_configs_name_the_problem():

@@ -212,17 +212,17 @@ def create_app(
     async def health():
         if settings.template_mode:
             return {"status": "template", "mode": "template", "variants": {}}
-        reports = await asyncio.gather(*(g.health() for g in generators.values()),
+        reports = await asyncio.gather(styles.health(),
+                                       *(g.health() for g in generators.values()),
                                        return_exceptions=True)
-        variants = {}
-        for name, report in zip(generators, reports, strict=True):
-            variants[name] = (report if isinstance(report, dict)
-                              else {"state": "error", "error": str(report)})
-        states = {v["state"] for v in variants.values()}
+        parts = [report if isinstance(report, dict) else {"state": "error", "error": str(report)}
+                 for report in reports]
+        style_health, variants = parts[0], dict(zip(generators, parts[1:], strict=True))
+        states = {v["state"] for v in parts}
         status = ("ready" if states == {"ready"} else
                   "error" if "error" in states else "initializing")
         return {"status": status, "mode": "serve", "default_variant": settings.default_variant,
-                "variants": variants}
+                "variants": variants, "styles": style_health}
 
     # -- fixed-length renders ------------------------------------------------
     @app.post("/generate_style")

@@ -17,6 +17,9 @@ class StyleService:
         # MusicCoCa runs TFLite on CPU; keep the event loop free while it does.
         return await asyncio.to_thread(lambda: [self.model.embed_text(t) for t in texts])
 
+    async def health(self) -> dict:
+        return {"state": "ready", "error": None, **self.stats()}
+
     def stats(self) -> dict:
         info = self.model.cache_info()
         return {"mock": self.model.is_mock, "cache_hits": info.hits, "cache_misses": info.misses,
