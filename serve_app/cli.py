@@ -1,4 +1,4 @@
-"""`mrt-serve` command line: offline rendering now; serving lives in scripts/serve."""
+"""`mrt-serve` command line: offline rendering and a WebSocket jam client."""
 
 from __future__ import annotations
 
@@ -47,6 +47,39 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jam(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from .audio import write_wav
+    from .client import JamError, run
+
+    params = {"styles": args.styles, "style_weights": args.style_weights,
+              "temperature": args.temperature, "topk": args.topk,
+              "guidance_weight": args.guidance, "chunk_seconds": args.chunk_seconds,
+              "pace": args.pace, "seed": args.seed, "variant": args.variant}
+    params = {k: v for k, v in params.items() if v is not None}
+    update = None
+    if args.update_at is not None:
+        update = {"styles": args.update_styles, "style_ramp_seconds": args.update_ramp}
+        update = {k: v for k, v in update.items() if v is not None}
+    headers = {"X-API-Key": args.api_key} if args.api_key else None
+    with tqdm(total=args.seconds, desc="jamming", unit="s",
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s") as bar:
+        try:
+            rec = run(args.url, params, args.seconds, update_at=args.update_at, update=update,
+                      on_audio=lambda s: bar.update(min(s, bar.total - bar.n)),
+                      headers=headers)
+        except (JamError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    write_wav(args.out, rec.audio)
+    print(json.dumps(rec.summary()))
+    print(f"wrote {args.out} ({rec.audio.shape[0] / 48000:.2f} s, 48 kHz stereo)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrt-serve", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default)")
@@ -71,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--drums", default="free", choices=["free", "on", "off"])
     gen.add_argument("--out", type=pathlib.Path, required=True)
     gen.set_defaults(func=_generate)
+
+    jam = sub.add_parser("jam", help="record a real-time jam from a running server")
+    jam.add_argument("--url", default="ws://127.0.0.1:8000")
+    jam.add_argument("--styles", default="")
+    jam.add_argument("--style-weights", default=None)
+    jam.add_argument("--seconds", type=float, default=20.0)
+    jam.add_argument("--chunk-seconds", type=float, default=None)
+    jam.add_argument("--pace", choices=["realtime", "asap"], default=None)
+    jam.add_argument("--temperature", type=float, default=None)
+    jam.add_argument("--topk", type=int, default=None)
+    jam.add_argument("--guidance", type=float, default=None)
+    jam.add_argument("--seed", type=int, default=None)
+    jam.add_argument("--variant", default=None)
+    jam.add_argument("--update-at", type=float, default=None,
+                     help="seconds of received audio after which to send the update")
+    jam.add_argument("--update-styles", default=None)
+    jam.add_argument("--update-ramp", type=float, default=None)
+    jam.add_argument("--api-key", default=None)
+    jam.add_argument("--out", type=pathlib.Path, required=True)
+    jam.set_defaults(func=_jam)
     return parser
 
 

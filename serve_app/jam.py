@@ -47,8 +47,14 @@ class StreamConfig:
     chunk_frames: int = 50
     pace: str = "asap"
     max_backlog: int = 8
-    lead_frames: int = 10  # realtime: how far ahead of wall clock the stream may run
+    lead_margin_frames: int = 5  # realtime: margin beyond one chunk ahead of wall clock
     total_frames: int | None = None  # fixed-length renders stop here
+
+    @property
+    def lead_frames(self) -> int:
+        """Realtime streams run one chunk plus a margin ahead of wall clock, so the first
+        chunk comes as fast as the model can make it and later ones never arrive late."""
+        return self.chunk_frames + self.lead_margin_frames
 
     def validate(self) -> None:
         if self.pace not in PACES:

@@ -40,3 +40,12 @@ def make_engine(tiny):
         return BatchedEngine(tiny.model, tiny.style, buckets=buckets, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def serve_base(tiny_repo):
+    """One real Ray Serve instance of our graph (tiny, CPU) for every API test module."""
+    from .serve_fixtures import running_serve, tiny_config
+
+    with running_serve(tiny_config(tiny_repo)) as url:
+        yield url

@@ -45,8 +45,9 @@ def test_frames_become_gapless_chunks_in_order():
 
 def test_realtime_runs_at_most_lead_frames_ahead_of_the_wall_clock():
     clock = Clock()
-    jam = JamStream(Session(None), StreamConfig(chunk_frames=5, pace="realtime",
-                                                lead_frames=4), clock=clock)
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=3, pace="realtime",
+                                                lead_margin_frames=1, max_backlog=100),
+                    clock=clock)
     generate(jam, clock, 4)
     assert not jam.due(clock())
     assert jam.next_due_at() == pytest.approx(100.04)  # one frame past the lead

@@ -1,6 +1,7 @@
 """The HTTP API through a real Ray Serve deployment graph (tiny variant, CPU).
 
-One Serve instance for the module; the replica-kill test runs last.
+The Serve instance is shared (conftest); the replica-kill test runs last in this
+module and waits for the replacement replica to be ready before it returns.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .serve_fixtures import running_serve, tiny_config, wait_ready
+from .serve_fixtures import wait_ready
 
 
-@pytest.fixture(scope="module")
-def base(tiny_repo):
-    with running_serve(tiny_config(tiny_repo)) as url:
-        yield url
+@pytest.fixture
+def base(serve_base):
+    return serve_base
 
 
 @pytest.fixture

@@ -10,84 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
 from fractions import Fraction
 
-from fastapi import Depends, FastAPI, Form, Query, Request
+from fastapi import Depends, FastAPI, Form, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..audio import to_wav_bytes
 from ..audio.resample import check_rate, resample_int16
-from ..engine import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE, Controls
+from ..engine import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 from ..errors import ApiError, BadRequest, NotReady, Unavailable, UnknownSession
-from ..generator import JamSpec, JamUpdate, StyleSpec, variant_of
+from ..generator import variant_of
 from ..jam import StreamConfig
-from ..styles.prompts import parse_floats, parse_styles
+from ..styles.prompts import parse_styles
 from ..web import page
 from .clients import GeneratorClient, StyleClient
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
+from .service import ControlFields, JamService
 from .settings import ApiSettings
+from .ws import JamSocket
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ControlFields:
-    """The generation controls shared by /generate_style, /jam/start and /jam/update.
-
-    Every field is optional here so that an update changes only what it names.
-    """
-
-    styles: str | None = None
-    style_weights: str | None = None
-    mean: float | None = None
-    centroid_weights: str | None = None
-    temperature: float | None = None
-    topk: int | None = None
-    guidance_weight: float | None = None
-    cfg_notes: float | None = None
-    cfg_drums: float | None = None
-    drums: str | None = None
-    notes: str | None = None
-
-    @property
-    def touches_style(self) -> bool:
-        return any(v is not None for v in (self.styles, self.style_weights, self.mean,
-                                            self.centroid_weights))
-
-    def control_changes(self) -> dict:
-        changes: dict = {}
-        if self.temperature is not None:
-            changes["temperature"] = self.temperature
-        if self.topk is not None:
-            changes["top_k"] = self.topk
-        if self.drums is not None:
-            changes["drums"] = self.drums
-        cfg = {k: v for k, v in (("musiccoca", self.guidance_weight), ("notes", self.cfg_notes),
-                                 ("drums", self.cfg_drums)) if v is not None}
-        if cfg:
-            changes["cfg"] = cfg
-        return changes
-
-    def controls(self) -> Controls:
-        changes = self.control_changes()
-        controls = Controls(cfg=changes.pop("cfg", {}))
-        for key, value in changes.items():
-            setattr(controls, key, value)
-        controls.validate()
-        return controls
-
-    def parsed_notes(self) -> list[int] | None:
-        if self.notes is None:
-            return None
-        values = parse_floats(self.notes, "notes")
-        if any(v != int(v) for v in values):
-            raise ValueError("notes: MIDI pitches must be whole numbers")
-        return [int(v) for v in values]
 
 
 def control_fields(
@@ -130,17 +76,13 @@ def create_app(
     settings: ApiSettings | None = None,
 ) -> FastAPI:
     settings = settings or ApiSettings()
-    if settings.default_variant not in generators:
-        raise ValueError(
-            f"default_variant {settings.default_variant!r} is not among {sorted(generators)}"
-        )
+    service = JamService(generators, styles, settings)
     app = FastAPI(
         title="mrt-serve",
         version="0.1.0",
         description="Magenta RealTime 2 as a service: style jams over HTTP and WebSocket.",
     )
     progress: dict[str, dict] = {}
-    sessions: dict[str, str] = {}  # session id -> variant, for /jam/stop_all
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
@@ -154,42 +96,6 @@ def create_app(
             problems.append(f"{field}: {err['msg']}")
         return JSONResponse({"error": "; ".join(problems), "detail": exc.errors()},
                             status_code=422, headers={})
-
-    # -- helpers -------------------------------------------------------------
-    def generator(variant: str | None) -> tuple[str, GeneratorClient]:
-        name = variant or settings.default_variant
-        if name not in generators:
-            raise BadRequest(f"variant: {name!r} is not served here; choose one of "
-                             f"{sorted(generators)}")
-        if settings.template_mode:
-            raise Unavailable("template mode: this deployment does not generate audio "
-                              "(SPACE_MODE=template); duplicate it onto a GPU machine")
-        return name, generators[name]
-
-    def of_session(session_id: str) -> GeneratorClient:
-        client = generators.get(variant_of(session_id))
-        if client is None:
-            raise UnknownSession(f"unknown session {session_id}")
-        return client
-
-    async def style_spec(fields: ControlFields) -> StyleSpec:
-        try:
-            prompts = parse_styles(fields.styles, fields.style_weights,
-                                   max_styles=settings.max_styles)
-            centroid_weights = parse_floats(fields.centroid_weights, "centroid_weights")
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
-        embeddings = await styles.embed_texts([text for text, _ in prompts]) if prompts else []
-        return StyleSpec(embeddings, [w for _, w in prompts], fields.mean or 0.0,
-                         centroid_weights)
-
-    async def jam_spec(fields: ControlFields, stream: StreamConfig, seed: int | None) -> JamSpec:
-        try:
-            controls, notes = fields.controls(), fields.parsed_notes()
-            stream.validate()
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
-        return JamSpec(await style_spec(fields), controls, stream, notes, seed)
 
     def seconds_per_bar(bpm: float, beats_per_bar: int) -> Fraction:
         if not settings.min_bpm <= bpm <= settings.max_bpm:
@@ -257,12 +163,11 @@ def create_app(
             raise BadRequest(f"bars: {float(seconds):.1f} s of audio exceeds the limit of "
                              f"{settings.max_render_seconds:g} s")
         frames = -(-(seconds * SAMPLE_RATE) // FRAME_SAMPLES)  # ceil
-        name, client = generator(variant)
         stream = StreamConfig(chunk_frames=int(frames), pace="asap", max_backlog=1,
                               total_frames=int(frames))
-        spec = await jam_spec(fields, stream, seed)
-        started = await client.start(spec)
+        started, spec = await service.start(fields, stream, seed, variant, track=False)
         sid = started["session_id"]
+        name, client = variant_of(sid), service.of_session(sid)
         key = request_id or sid
         progress[key] = {"variant": name, "session_id": sid, "stage": "generating",
                          "total": int(frames)}
@@ -326,11 +231,9 @@ def create_app(
             bars = bars_per_chunk or 1
             chunk_seconds = float(bars * seconds_per_bar(bpm, beats_per_bar))
         chunk_frames = max(1, round(chunk_seconds * FRAMES_PER_SECOND))
-        name, client = generator(variant)
         stream = StreamConfig(chunk_frames=chunk_frames, pace=pace,
                               max_backlog=settings.max_backlog_chunks)
-        started = await client.start(await jam_spec(controls, stream, seed))
-        sessions[started["session_id"]] = name
+        started, _ = await service.start(controls, stream, seed, variant)
         return {**started, "sample_rate": SAMPLE_RATE, "channels": CHANNELS,
                 "crossfade_seconds": 0.0}
 
@@ -346,14 +249,14 @@ def create_app(
                 check_rate(target_sample_rate)
             except ValueError as e:
                 raise BadRequest(str(e)) from e
-        chunk = await of_session(session_id).next_chunk(session_id, limit)
+        chunk = await service.of_session(session_id).next_chunk(session_id, limit)
         if chunk is None:
             raise NotReady(f"no chunk ready within {limit:g} s; call again")
         return {"chunk": chunk_b64(chunk, target_sample_rate)}
 
     @app.post("/jam/consume")
     async def jam_consume(session_id: str = Form(...), chunk_index: int = Form(...)):
-        return await of_session(session_id).consume(session_id, chunk_index)
+        return await service.of_session(session_id).consume(session_id, chunk_index)
 
     @app.post("/jam/update")
     async def jam_update(
@@ -361,42 +264,27 @@ def create_app(
         controls: ControlFields = ControlsForm,
         style_ramp_seconds: float = Form(0.0, ge=0),
     ):
-        client = of_session(session_id)
-        try:
-            changes = controls.control_changes()
-            notes = controls.parsed_notes()
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
-        update = JamUpdate(
-            style=await style_spec(controls) if controls.touches_style else None,
-            style_ramp_seconds=style_ramp_seconds,
-            controls=changes or None,
-            notes=notes,
-        )
-        return await client.update(session_id, update)
+        return await service.update(session_id, controls, style_ramp_seconds)
 
     @app.get("/jam/status")
     async def jam_status(session_id: str = Query(...)):
-        return await of_session(session_id).status(session_id)
+        return await service.of_session(session_id).status(session_id)
 
     @app.post("/jam/stop")
     async def jam_stop(request: Request):
-        session_id = await _session_id_from_body(request)
-        result = await of_session(session_id).stop(session_id)
-        sessions.pop(session_id, None)
-        return result
+        return await service.stop(await _session_id_from_body(request))
 
     @app.post("/jam/stop_all")
     async def jam_stop_all():
-        stopped = 0
-        for sid in list(sessions):
-            try:
-                await of_session(sid).stop(sid)
-                stopped += 1
-            except UnknownSession:
-                pass
-            sessions.pop(sid, None)
-        return {"stopped": stopped}
+        return {"stopped": await service.stop_all()}
+
+    @app.websocket("/ws/jam")
+    async def ws_jam(ws: WebSocket):
+        await JamSocket(ws, service).run()
+
+    @app.get("/tester", response_class=HTMLResponse, include_in_schema=False)
+    async def tester():
+        return page("tester.html")
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(ApiKeyMiddleware, settings=settings)

@@ -1,0 +1,164 @@
+"""What HTTP routes and the WebSocket share: validated controls -> generator sessions."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from ..engine import Controls
+from ..errors import BadRequest, Unavailable, UnknownSession
+from ..generator import JamSpec, JamUpdate, StyleSpec, variant_of
+from ..jam import StreamConfig
+from ..styles.prompts import parse_floats, parse_styles
+from .clients import GeneratorClient, StyleClient
+from .settings import ApiSettings
+
+
+@dataclasses.dataclass
+class ControlFields:
+    """The generation controls shared by /generate_style, /jam/*, and /ws/jam messages,
+    in the prototype's string forms. Every field is optional so that an update changes
+    only what it names."""
+
+    styles: str | None = None
+    style_weights: str | None = None
+    mean: float | None = None
+    centroid_weights: str | None = None
+    temperature: float | None = None
+    topk: int | None = None
+    guidance_weight: float | None = None
+    cfg_notes: float | None = None
+    cfg_drums: float | None = None
+    drums: str | None = None
+    notes: str | None = None
+
+    @property
+    def touches_style(self) -> bool:
+        return any(v is not None for v in (self.styles, self.style_weights, self.mean,
+                                            self.centroid_weights))
+
+    def control_changes(self) -> dict:
+        changes: dict = {}
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        if self.topk is not None:
+            changes["top_k"] = self.topk
+        if self.drums is not None:
+            changes["drums"] = self.drums
+        cfg = {k: v for k, v in (("musiccoca", self.guidance_weight), ("notes", self.cfg_notes),
+                                 ("drums", self.cfg_drums)) if v is not None}
+        if cfg:
+            changes["cfg"] = cfg
+        return changes
+
+    def controls(self) -> Controls:
+        changes = self.control_changes()
+        controls = Controls(cfg=changes.pop("cfg", {}))
+        for key, value in changes.items():
+            setattr(controls, key, value)
+        controls.validate()
+        return controls
+
+    def parsed_notes(self) -> list[int] | None:
+        if self.notes is None:
+            return None
+        values = parse_floats(self.notes, "notes")
+        if any(v != int(v) for v in values):
+            raise ValueError("notes: MIDI pitches must be whole numbers")
+        return [int(v) for v in values]
+
+
+class JamService:
+    def __init__(
+        self,
+        generators: Mapping[str, GeneratorClient],
+        styles: StyleClient,
+        settings: ApiSettings,
+    ) -> None:
+        if settings.default_variant not in generators:
+            raise ValueError(
+                f"default_variant {settings.default_variant!r} is not among {sorted(generators)}"
+            )
+        self.generators = dict(generators)
+        self.styles = styles
+        self.settings = settings
+        self.sessions: dict[str, str] = {}  # started here: id -> variant (/jam/stop_all)
+
+    def generator(self, variant: str | None) -> tuple[str, GeneratorClient]:
+        name = variant or self.settings.default_variant
+        if name not in self.generators:
+            raise BadRequest(f"variant: {name!r} is not served here; choose one of "
+                             f"{sorted(self.generators)}")
+        if self.settings.template_mode:
+            raise Unavailable("template mode: this deployment does not generate audio "
+                              "(SPACE_MODE=template); duplicate it onto a GPU machine")
+        return name, self.generators[name]
+
+    def of_session(self, session_id: str) -> GeneratorClient:
+        client = self.generators.get(variant_of(session_id))
+        if client is None:
+            raise UnknownSession(f"unknown session {session_id}")
+        return client
+
+    async def style_spec(self, fields: ControlFields) -> StyleSpec:
+        try:
+            prompts = parse_styles(fields.styles, fields.style_weights,
+                                   max_styles=self.settings.max_styles)
+            centroid_weights = parse_floats(fields.centroid_weights, "centroid_weights")
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        texts = [text for text, _ in prompts]
+        embeddings = await self.styles.embed_texts(texts) if texts else []
+        return StyleSpec(embeddings, [w for _, w in prompts], fields.mean or 0.0,
+                         centroid_weights)
+
+    async def jam_spec(self, fields: ControlFields, stream: StreamConfig,
+                       seed: int | None) -> JamSpec:
+        try:
+            controls, notes = fields.controls(), fields.parsed_notes()
+            stream.validate()
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        return JamSpec(await self.style_spec(fields), controls, stream, notes, seed)
+
+    async def start(self, fields: ControlFields, stream: StreamConfig, seed: int | None,
+                    variant: str | None, *, track: bool = True) -> tuple[dict, JamSpec]:
+        name, client = self.generator(variant)
+        spec = await self.jam_spec(fields, stream, seed)
+        started = await client.start(spec)
+        if track:
+            self.sessions[started["session_id"]] = name
+        return started, spec
+
+    async def update(self, session_id: str, fields: ControlFields,
+                     style_ramp_seconds: float = 0.0) -> dict:
+        client = self.of_session(session_id)
+        try:
+            changes = fields.control_changes()
+            notes = fields.parsed_notes()
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        if style_ramp_seconds < 0:
+            raise BadRequest("style_ramp_seconds: must be >= 0")
+        update = JamUpdate(
+            style=await self.style_spec(fields) if fields.touches_style else None,
+            style_ramp_seconds=style_ramp_seconds,
+            controls=changes or None,
+            notes=notes,
+        )
+        return await client.update(session_id, update)
+
+    async def stop(self, session_id: str) -> dict:
+        result = await self.of_session(session_id).stop(session_id)
+        self.sessions.pop(session_id, None)
+        return result
+
+    async def stop_all(self) -> int:
+        stopped = 0
+        for sid in list(self.sessions):
+            try:
+                await self.stop(sid)
+                stopped += 1
+            except UnknownSession:
+                self.sessions.pop(sid, None)
+        return stopped

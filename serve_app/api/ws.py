@@ -1,0 +1,258 @@
+"""`/ws/jam`: real-time jamming over one WebSocket (the prototype's `rt` protocol).
+
+Client -> server JSON: `start` {mode, binary_audio, audio_format, params}, `update`
+(any start params, flat or under `params`), `stop`, `ping`, `status`.
+Server -> client: `started`, `chunk` (base64 audio in JSON) or a binary frame followed
+by `chunk_meta`, `status`, `stopped`, `pong`, `error`. A bad message gets an `error`
+and the session goes on; a disconnect stops the session at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from typing import Literal
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..audio import to_wav_bytes
+from ..engine import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
+from ..errors import ApiError, BadRequest
+from ..jam import Chunk, StreamConfig
+from .service import ControlFields, JamService
+
+log = logging.getLogger(__name__)
+
+AUDIO_FORMATS = ("wav", "pcm16")
+NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant")
+BAR_MODE_FIELDS = ("loop_audio_b64", "bpm", "beats_per_bar", "bars_per_chunk", "loop_weight",
+                   "target_sr", "loudness_mode", "headroom_db")
+
+
+class WsParams(BaseModel):
+    """Start/update parameters; list or comma-string forms are both accepted."""
+
+    model_config = ConfigDict(extra="allow")
+
+    styles: str | list[str] | None = None
+    style_weights: str | list[float] | None = None
+    temperature: float | None = Field(None, ge=0, le=10)
+    topk: int | None = Field(None, ge=1, le=1024)
+    guidance_weight: float | None = Field(None, ge=-1, le=7)
+    cfg_notes: float | None = Field(None, ge=-1, le=7)
+    cfg_drums: float | None = Field(None, ge=-1, le=7)
+    mean: float | None = Field(None, ge=0)
+    centroid_weights: str | list[float] | None = None
+    notes: str | list[int] | None = None
+    drums: bool | Literal["free", "on", "off"] | None = None
+    style_ramp_seconds: float = Field(0.0, ge=0)
+    pace: Literal["realtime", "asap"] | None = None
+    chunk_seconds: float | None = Field(None, ge=0.04, le=10.0)
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    variant: str | None = None
+
+    def control_fields(self) -> ControlFields:
+        def joined(value):
+            if isinstance(value, list):
+                return ", ".join(str(v) for v in value)
+            return value
+
+        drums = self.drums
+        if isinstance(drums, bool):
+            drums = "on" if drums else "off"
+        return ControlFields(
+            styles=joined(self.styles), style_weights=joined(self.style_weights),
+            mean=self.mean, centroid_weights=joined(self.centroid_weights),
+            temperature=self.temperature, topk=self.topk,
+            guidance_weight=self.guidance_weight, cfg_notes=self.cfg_notes,
+            cfg_drums=self.cfg_drums, drums=drums, notes=joined(self.notes),
+        )
+
+    @property
+    def unknown(self) -> list[str]:
+        return sorted(k for k in (self.model_extra or {}) if k not in BAR_MODE_FIELDS)
+
+
+def parse_params(raw) -> WsParams:
+    if not isinstance(raw, dict):
+        raise BadRequest("params: must be a JSON object")
+    try:
+        return WsParams(**raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise BadRequest(f"{field}: {first['msg']}") from None
+
+
+class JamSocket:
+    """One client connection; at most one session at a time."""
+
+    def __init__(self, ws: WebSocket, service: JamService) -> None:
+        self.ws = ws
+        self.service = service
+        self.session_id: str | None = None
+        self.binary = False
+        self.audio_format = "wav"
+        self._send_lock = asyncio.Lock()
+        self._pump: asyncio.Task | None = None
+
+    async def send_json(self, message: dict) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(json.dumps(message))
+
+    async def error(self, message: str) -> None:
+        await self.send_json({"type": "error", "error": message})
+
+    # -- messages ------------------------------------------------------------
+    async def handle(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "ping":
+            await self.send_json({"type": "pong", "time": time.time()})
+        elif kind == "start":
+            await self.start(message)
+        elif kind == "update":
+            await self.update(message)
+        elif kind == "status":
+            await self.send_json({"type": "status", **await self._status()})
+        elif kind == "stop":
+            await self.stop()
+        elif kind in ("consume", "reseed", "reseed_splice"):
+            raise BadRequest(f"type: {kind!r} belongs to bar mode, which needs loop support "
+                             "that this server does not offer yet")
+        else:
+            raise BadRequest(f"type: unknown message type {kind!r}; expected start, update, "
+                             "stop, ping or status")
+
+    async def start(self, message: dict) -> None:
+        if self.session_id:
+            raise BadRequest("start: a session is already running on this socket; send stop")
+        mode = message.get("mode", "rt")
+        if mode != "rt":
+            raise BadRequest(f"mode: {mode!r} is not available yet (bar mode needs loop "
+                             "support); use 'rt'")
+        audio_format = message.get("audio_format", "wav")
+        if audio_format not in AUDIO_FORMATS:
+            raise BadRequest(f"audio_format: must be one of {list(AUDIO_FORMATS)}")
+        params = parse_params(message.get("params", {}))
+        chunk_seconds = params.chunk_seconds or 2.0
+        stream = StreamConfig(
+            chunk_frames=max(1, round(chunk_seconds * FRAMES_PER_SECOND)),
+            pace=params.pace or "realtime",
+            max_backlog=self.service.settings.max_backlog_chunks,
+        )
+        started, _ = await self.service.start(params.control_fields(), stream, params.seed,
+                                                 params.variant, track=False)
+        self.session_id = started["session_id"]
+        self.binary = bool(message.get("binary_audio", False))
+        self.audio_format = audio_format
+        await self.send_json({
+            "type": "started", "mode": "rt", **started,
+            "sample_rate": SAMPLE_RATE, "channels": CHANNELS,
+            "chunk_seconds": stream.chunk_frames / FRAMES_PER_SECOND,
+            "crossfade_seconds": 0.0, "pace": stream.pace,
+            "binary_audio": self.binary, "audio_format": self.audio_format,
+            "ignored_params": params.unknown,
+        })
+        self._pump = asyncio.create_task(self._stream(self.session_id))
+
+    async def update(self, message: dict) -> None:
+        if not self.session_id:
+            raise BadRequest("update: no session is running; send start first")
+        raw = message.get("params", {k: v for k, v in message.items() if k != "type"})
+        params = parse_params(raw)
+        fixed = [k for k in NOT_UPDATABLE if raw.get(k) is not None]
+        if fixed:
+            raise BadRequest(f"{fixed[0]}: cannot change during a session; stop and start again")
+        applied = await self.service.update(self.session_id, params.control_fields(),
+                                            params.style_ramp_seconds)
+        await self.send_json({
+            "type": "status", "event": "updated",
+            "update_applies_from_chunk": applied["applies_from_chunk"],
+            "update_applies_from_frame": applied["applies_from_frame"],
+        })
+
+    async def stop(self) -> None:
+        if not self.session_id:
+            raise BadRequest("stop: no session is running")
+        result = await self._end_session()
+        await self.send_json({"type": "stopped", **result})
+
+    async def _status(self) -> dict:
+        if not self.session_id:
+            return {"session_id": None, "running": False}
+        return await self.service.of_session(self.session_id).status(self.session_id)
+
+    # -- audio out -----------------------------------------------------------
+    async def _stream(self, session_id: str) -> None:
+        client = self.service.of_session(session_id)
+        try:
+            while self.session_id == session_id:
+                chunk = await client.next_chunk(session_id, 5.0)
+                if chunk is not None:
+                    await self._send_chunk(chunk)
+        except ApiError as e:
+            if self.session_id == session_id:
+                self.session_id = None
+                await self.error(e.message)
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the socket closed under us; the receive loop cleans up
+
+    async def _send_chunk(self, chunk: Chunk) -> None:
+        if self.audio_format == "pcm16":
+            payload = chunk.audio.astype("<i2").tobytes()
+        else:
+            payload = to_wav_bytes(chunk.audio)
+        metadata = {**chunk.metadata(), "audio_format": self.audio_format,
+                    "sent_at": time.time()}
+        async with self._send_lock:
+            if self.binary:
+                await self.ws.send_bytes(payload)
+                await self.ws.send_text(json.dumps(
+                    {"type": "chunk_meta", "index": chunk.index, "metadata": metadata}))
+            else:
+                await self.ws.send_text(json.dumps({
+                    "type": "chunk", "index": chunk.index,
+                    "audio_base64": base64.b64encode(payload).decode(), "metadata": metadata,
+                }))
+
+    async def _end_session(self) -> dict:
+        session_id, self.session_id = self.session_id, None
+        if self._pump:
+            self._pump.cancel()
+            self._pump = None
+        if session_id is None:
+            return {}
+        try:
+            return await self.service.of_session(session_id).stop(session_id)
+        except ApiError:
+            return {"session_id": session_id, "stopped": True}
+
+    # -- connection ----------------------------------------------------------
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if text is None:
+                    await self.error("message: send JSON text messages, not binary")
+                    continue
+                try:
+                    payload = json.loads(text)
+                    if not isinstance(payload, dict):
+                        raise BadRequest("message: must be a JSON object with a 'type'")
+                    await self.handle(payload)
+                except json.JSONDecodeError as e:
+                    await self.error(f"message: not valid JSON ({e.msg})")
+                except ApiError as e:
+                    await self.error(e.message)
+        except WebSocketDisconnect:
+            return
+        finally:
+            await self._end_session()

@@ -1,0 +1,219 @@
+"""`/ws/jam` protocol conformance through real Ray Serve with a real WebSocket client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import soundfile as sf
+from websockets.sync.client import connect
+
+BIN = pathlib.Path(sys.executable).parent
+
+# The prototype's documented messages, verbatim (SPEC §3 and its landing page).
+PROTOTYPE_START = {
+    "type": "start", "mode": "rt", "binary_audio": False,
+    "params": {"styles": "electronic, ambient", "style_weights": "1.0, 0.8",
+               "temperature": 1.1, "topk": 40, "guidance_weight": 1.1, "pace": "realtime",
+               "style_ramp_seconds": 8.0, "mean": 0.0, "centroid_weights": "0.0, 0.0, 0.0"},
+}
+PROTOTYPE_UPDATE = {
+    "type": "update", "styles": "jazz, hiphop", "style_weights": "1.0, 0.8",
+    "temperature": 1.2, "topk": 64, "guidance_weight": 1.0, "mean": 0.2,
+    "centroid_weights": "0.1, 0.3, 0.0",
+}
+
+
+@pytest.fixture
+def ws_url(serve_base):
+    return serve_base.replace("http://", "ws://") + "/ws/jam"
+
+
+def recv_json(ws, kind: str | None = None, timeout: float = 60) -> dict:
+    """The next JSON message (skipping binary frames and, if `kind`, other types)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if isinstance(message, bytes):
+            continue
+        data = json.loads(message)
+        if kind is None or data["type"] == kind or data["type"] == "error":
+            return data
+
+
+def recv_binary_chunk(ws) -> tuple[bytes, dict]:
+    payload = ws.recv(timeout=60)
+    while not isinstance(payload, bytes):
+        payload = ws.recv(timeout=60)
+    meta = json.loads(ws.recv(timeout=60))
+    assert meta["type"] == "chunk_meta"
+    return payload, meta
+
+
+def test_prototype_start_update_stop_in_json_mode(ws_url):
+    with connect(ws_url) as ws:
+        ws.send(json.dumps(PROTOTYPE_START))
+        started = recv_json(ws)
+        assert started["type"] == "started" and started["mode"] == "rt"
+        for key in ("session_id", "variant", "sample_rate", "channels", "chunk_seconds",
+                    "crossfade_seconds", "steering_assets"):
+            assert key in started
+        assert (started["sample_rate"], started["channels"]) == (48000, 2)
+        assert started["chunk_seconds"] == 2.0 and started["crossfade_seconds"] == 0.0
+        assert started["steering_assets"] == {"mean": True, "centroids": 3}
+
+        chunk = recv_json(ws, "chunk")
+        audio, rate = sf.read(io.BytesIO(base64.b64decode(chunk["audio_base64"])), dtype="int16")
+        assert chunk["index"] == 0 and rate == 48000 and audio.shape == (96000, 2)
+        meta = chunk["metadata"]
+        assert meta["samples"] == 96000 and meta["crossfade_seconds"] == 0.0
+        assert meta["generated_at"] <= meta["sent_at"] <= time.time()
+
+        ws.send(json.dumps(PROTOTYPE_UPDATE))
+        status = recv_json(ws, "status")
+        assert status["event"] == "updated" and status["update_applies_from_chunk"] >= 1
+        target = status["update_applies_from_chunk"]
+        while (chunk := recv_json(ws, "chunk"))["index"] < target:
+            pass
+        assert chunk["index"] == target
+
+        ws.send(json.dumps({"type": "status"}))
+        now = recv_json(ws, "status")
+        assert now["temperature"] == 1.2 and now["topk"] == 64 and now["cfg"]["musiccoca"] == 1.0
+
+        ws.send(json.dumps({"type": "ping"}))
+        assert recv_json(ws, "pong")["time"] > 0
+        ws.send(json.dumps({"type": "stop"}))
+        stopped = recv_json(ws, "stopped")
+        assert stopped["session_id"] == started["session_id"]
+
+
+def test_binary_wav_frames_are_followed_by_chunk_meta(ws_url):
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "binary_audio": True,
+                            "params": {"styles": "techno", "chunk_seconds": 0.5}}))
+        started = recv_json(ws)
+        assert started["chunk_seconds"] == 0.48  # rounded to whole 40 ms frames
+        payload, meta = recv_binary_chunk(ws)
+        audio, rate = sf.read(io.BytesIO(payload), dtype="int16")
+        assert audio.shape == (23040, 2) and rate == 48000
+        assert meta["index"] == 0 and meta["metadata"]["audio_format"] == "wav"
+
+
+def test_pcm16_one_frame_chunks_arrive_in_order_without_gaps(ws_url):
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
+                            "params": {"styles": "ambient", "chunk_seconds": 0.04,
+                                       "notes": [60, 64], "drums": "on", "cfg_notes": 2.0,
+                                       "cfg_drums": 3.0, "seed": 5}}))
+        started = recv_json(ws)
+        assert started["chunk_seconds"] == 0.04 and started["seed"] == 5
+        for expected in range(30):
+            payload, meta = recv_binary_chunk(ws)
+            assert len(payload) == 1920 * 2 * 2  # raw little-endian int16, interleaved
+            assert meta["index"] == expected
+            assert meta["metadata"]["first_frame"] == expected
+
+
+def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "params": {"styles": "funk",
+                                                        "chunk_seconds": 0.2}}))
+        assert recv_json(ws)["type"] == "started"
+        bad = [
+            ("this is not json", "message: not valid JSON"),
+            (json.dumps([1, 2]), "message: must be a JSON object"),
+            (json.dumps({"type": "dance"}), "type: unknown message type 'dance'"),
+            (json.dumps({"type": "update", "topk": 0}), "topk:"),
+            (json.dumps({"type": "update", "temperature": "hot"}), "temperature:"),
+            (json.dumps({"type": "update", "notes": [300]}), "notes: MIDI pitches"),
+            (json.dumps({"type": "update", "chunk_seconds": 1}), "chunk_seconds: cannot change"),
+            (json.dumps({"type": "update", "styles": "a", "style_weights": "1,2"}),
+             "style_weights: got 2"),
+            (json.dumps({"type": "start", "params": {}}), "start: a session is already running"),
+            (json.dumps({"type": "consume", "chunk_index": 0}), "bar mode"),
+        ]
+        for text, message in bad:
+            ws.send(text)
+            error = recv_json(ws, "error")
+            assert error["type"] == "error" and message in error["error"], (text, error)
+        ws.send(b"\x00\x01")
+        assert "send JSON text" in recv_json(ws, "error")["error"]
+        ws.send(json.dumps({"type": "status"}))
+        status = recv_json(ws, "status")
+        assert status["topk"] == 40 and status["temperature"] == 1.3  # untouched
+        first = recv_json(ws, "chunk")["index"]
+        assert recv_json(ws, "chunk")["index"] == first + 1  # still streaming
+
+
+def test_start_errors_name_the_field(ws_url):
+    with connect(ws_url) as ws:
+        for message, expected in [
+            ({"type": "start", "mode": "bar"}, "mode: 'bar' is not available yet"),
+            ({"type": "start", "audio_format": "mp3"}, "audio_format: must be one of"),
+            ({"type": "start", "params": {"chunk_seconds": 0.01}}, "chunk_seconds:"),
+            ({"type": "start", "params": {"pace": "warp"}}, "pace:"),
+            ({"type": "start", "params": {"variant": "nope"}}, "variant: 'nope'"),
+            ({"type": "update", "topk": 5}, "update: no session is running"),
+            ({"type": "stop"}, "stop: no session is running"),
+        ]:
+            ws.send(json.dumps(message))
+            assert expected in recv_json(ws, "error")["error"]
+
+
+def sessions_on_generator(serve_base) -> int:
+    return httpx.get(f"{serve_base}/health", timeout=30).json()["variants"]["tiny"]["sessions"]
+
+
+def test_disconnect_frees_the_session_at_once(ws_url, serve_base):
+    assert sessions_on_generator(serve_base) == 0
+    ws = connect(ws_url)
+    ws.send(json.dumps({"type": "start", "params": {"styles": "x", "chunk_seconds": 0.2}}))
+    assert recv_json(ws)["type"] == "started"
+    assert sessions_on_generator(serve_base) == 1
+    ws.close()
+    deadline = time.monotonic() + 10
+    while sessions_on_generator(serve_base) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sessions_on_generator(serve_base) == 0
+
+
+def test_two_sockets_share_one_batched_step(ws_url):
+    with connect(ws_url) as a, connect(ws_url) as b:
+        for ws in (a, b):
+            ws.send(json.dumps({"type": "start", "params": {"styles": "x",
+                                                            "chunk_seconds": 0.2}}))
+            assert recv_json(ws)["type"] == "started"
+        for ws in (a, b):  # past the first chunk + lead, which each generates as it starts
+            while recv_json(ws, "chunk")["index"] < 6:
+                pass
+        for ws in (a, b):
+            ws.send(json.dumps({"type": "status"}))
+            status = recv_json(ws, "status")
+            assert status["last_step_batch_size"] == 2 and status["sessions_on_replica"] == 2
+
+
+def test_jam_cli_records_a_wav_with_a_scripted_style_change(serve_base, tmp_path):
+    out = tmp_path / "jam.wav"
+    result = subprocess.run(
+        [str(BIN / "mrt-serve"), "jam", "--url", serve_base.replace("http", "ws"),
+         "--styles", "ambient, techno", "--seconds", "3", "--chunk-seconds", "0.4",
+         "--update-at", "1", "--update-styles", "jazz", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[0])
+    assert summary["seconds"] == 3.0 and summary["chunks"] == 8
+    assert summary["update_applies_from_chunk"] >= 2
+    assert summary["update_to_effect_ms"] > 0 and summary["time_to_first_chunk_ms"] > 0
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.frames) == (48000, 2, 3 * 48000)
+    assert "jamming" in result.stderr  # the progress bar
