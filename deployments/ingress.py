@@ -11,10 +11,21 @@ from serve_app.api.settings import ApiSettings
 from serve_app.errors import ApiError, UnknownSession
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """Ray re-raises remote errors wrapped; clients should see our ApiError."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, ApiError) else exc
+async def _remote(handle, method: str, **kwargs):
+    """Calls a deployment method; a remote ApiError reaches the caller as itself.
+
+    Ray re-raises remote exceptions wrapped; the API maps only our own errors to
+    responses, so unwrap those and let anything else propagate unchanged.
+    """
+    try:
+        return await getattr(handle, method).remote(**kwargs)
+    except ApiError:
+        raise
+    except Exception as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, ApiError):
+            raise cause from None
+        raise
 
 
 class HandleGenerator:
@@ -25,7 +36,7 @@ class HandleGenerator:
 
     async def _call(self, method: str, **kwargs):
         try:
-            return await getattr(self.handle, method).remote(**kwargs)
+            return await _remote(self.handle, method, **kwargs)
         except (ActorDiedError, ActorUnavailableError) as e:
             sid = kwargs.get("session_id")
             if sid:
@@ -33,11 +44,6 @@ class HandleGenerator:
                     f"unknown session {sid}: its generator replica died; start a new session"
                 ) from e
             raise
-        except Exception as e:
-            unwrapped = _unwrap(e)
-            if unwrapped is e:
-                raise
-            raise unwrapped from None
 
     async def health(self):
         return await self._call("health")
@@ -69,16 +75,10 @@ class HandleStyles:
         self.handle = handle
 
     async def health(self):
-        return await self.handle.health.remote()
+        return await _remote(self.handle, "health")
 
     async def embed_texts(self, texts):
-        try:
-            return await self.handle.embed_texts.remote(texts)
-        except Exception as e:
-            unwrapped = _unwrap(e)
-            if unwrapped is e:
-                raise
-            raise unwrapped from None
+        return await _remote(self.handle, "embed_texts", texts=texts)
 
 
 @serve.deployment
