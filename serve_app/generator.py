@@ -21,7 +21,7 @@ import numpy as np
 
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
 from .engine.batch import DEFAULT_BUCKETS
-from .engine.variants import FRAMES_PER_SECOND
+from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import BadRequest, OverCapacity, Unavailable, UnknownSession
 from .jam import Chunk, JamStream, StreamConfig
 from .styles import blend
@@ -35,6 +35,7 @@ SESSION_SEPARATOR = "@"
 class StyleSpec:
     """Embedded prompts with weights plus finetune steering weights."""
 
+    names: list[str] = dataclasses.field(default_factory=list)  # the prompts, for metadata
     embeddings: list[np.ndarray] = dataclasses.field(default_factory=list)
     weights: list[float] = dataclasses.field(default_factory=list)
     mean: float = 0.0
@@ -62,7 +63,6 @@ class JamUpdate:
     style_ramp_seconds: float = 0.0
     controls: dict | None = None
     notes: list[int] | None = None
-    clear_notes: bool = False
 
 
 def make_session_id(variant: str, replica: str) -> str:
@@ -94,7 +94,7 @@ class GeneratorCore:
         self.variant = variant
         self.replica_tag = replica_tag
         self.max_sessions = max_sessions
-        self.buckets = tuple(b for b in (buckets or DEFAULT_BUCKETS)) or (1,)
+        self.buckets = tuple(buckets or DEFAULT_BUCKETS)
         self.state = "initializing"
         self.error: str | None = None
         self.warmed: list[int] = []
@@ -251,7 +251,6 @@ class GeneratorCore:
                     f"generator {self.variant} is full ({self.max_sessions} sessions per "
                     "replica); retry shortly or stop another session"
                 ) from e
-            jam.last_batch_size = 0
             self._jams[session_id] = jam
             self._events[session_id] = asyncio.Event()
         self._wake.set()
@@ -260,6 +259,9 @@ class GeneratorCore:
             "variant": self.variant,
             "seed": seed,
             "chunk_seconds": spec.stream.chunk_frames / FRAMES_PER_SECOND,
+            "sample_rate": SAMPLE_RATE,
+            "channels": CHANNELS,
+            "crossfade_seconds": 0.0,  # the decoder is causal: chunks join seamlessly
             "steering_assets": self.loaded.steering.describe(),
         }
 
@@ -306,8 +308,8 @@ class GeneratorCore:
                     embedding = self._style_embedding(update.style)
                     if embedding is not None:
                         session.set_style(embedding, update.style_ramp_seconds)
-                if update.notes is not None or update.clear_notes:
-                    session.notes.set(None if update.clear_notes else update.notes)
+                if update.notes is not None:
+                    session.notes.set(update.notes)
             except ValueError as e:
                 raise BadRequest(str(e)) from e
             return {

@@ -42,6 +42,11 @@ class Chunk:
         }
 
 
+def frames_for(seconds: float) -> int:
+    """Chunk length in whole 40 ms frames (at least one)."""
+    return max(1, round(seconds * FRAMES_PER_SECOND))
+
+
 @dataclasses.dataclass
 class StreamConfig:
     chunk_frames: int = 50
@@ -80,6 +85,7 @@ class JamStream:
         self.consumed = -1
         self.dropped_chunks = 0
         self.behind_frames = 0  # realtime frames that were due but late
+        self.last_batch_size = 0  # sessions in the last step that advanced this one
 
     # -- generation side ----------------------------------------------------
     @property

@@ -21,11 +21,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..audio import to_wav_bytes
 from ..audio.resample import check_rate, resample_int16
-from ..engine import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
+from ..engine import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE
 from ..errors import ApiError, BadRequest, NotReady, Unavailable, UnknownSession
 from ..generator import variant_of
-from ..jam import StreamConfig
-from ..styles.prompts import parse_styles
+from ..jam import StreamConfig, frames_for
 from ..web import page
 from .clients import GeneratorClient, StyleClient
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
@@ -143,11 +142,6 @@ def create_app(
         seed: int | None = Form(None, ge=0, lt=2**32),
         variant: str | None = Form(None),
     ):
-        return await render_bars(controls, bpm, bars, beats_per_bar, target_sample_rate,
-                                 intro_bars_to_drop, request_id, seed, variant)
-
-    async def render_bars(fields, bpm, bars, beats_per_bar, target_sample_rate,
-                          intro_bars_to_drop, request_id, seed, variant):
         spb = seconds_per_bar(bpm, beats_per_bar)
         if bars + intro_bars_to_drop > settings.max_bars:
             raise BadRequest(f"bars: at most {settings.max_bars} bars per request "
@@ -165,7 +159,7 @@ def create_app(
         frames = -(-(seconds * SAMPLE_RATE) // FRAME_SAMPLES)  # ceil
         stream = StreamConfig(chunk_frames=int(frames), pace="asap", max_backlog=1,
                               total_frames=int(frames))
-        started, spec = await service.start(fields, stream, seed, variant, track=False)
+        started, spec = await service.start(controls, stream, seed, variant, track=False)
         sid = started["session_id"]
         name, client = variant_of(sid), service.of_session(sid)
         key = request_id or sid
@@ -187,9 +181,7 @@ def create_app(
             "audio_base64": base64.b64encode(to_wav_bytes(audio, rate)).decode(),
             "metadata": {
                 "bpm": bpm, "bars": bars, "beats_per_bar": beats_per_bar,
-                "styles": [t for t, _ in parse_styles(fields.styles, fields.style_weights,
-                                                      max_styles=settings.max_styles)],
-                "style_weights": spec.style.weights,
+                "styles": spec.style.names, "style_weights": spec.style.weights,
                 "sample_rate": rate, "channels": CHANNELS, "total_samples": total,
                 "seconds_per_bar": float(spb), "guidance_weight": c.cfg["musiccoca"],
                 "temperature": c.temperature, "topk": c.top_k, "variant": name,
@@ -230,12 +222,10 @@ def create_app(
         if chunk_seconds is None:
             bars = bars_per_chunk or 1
             chunk_seconds = float(bars * seconds_per_bar(bpm, beats_per_bar))
-        chunk_frames = max(1, round(chunk_seconds * FRAMES_PER_SECOND))
-        stream = StreamConfig(chunk_frames=chunk_frames, pace=pace,
+        stream = StreamConfig(chunk_frames=frames_for(chunk_seconds), pace=pace,
                               max_backlog=settings.max_backlog_chunks)
         started, _ = await service.start(controls, stream, seed, variant)
-        return {**started, "sample_rate": SAMPLE_RATE, "channels": CHANNELS,
-                "crossfade_seconds": 0.0}
+        return started
 
     @app.get("/jam/next")
     async def jam_next(

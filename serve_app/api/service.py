@@ -109,7 +109,7 @@ class JamService:
             raise BadRequest(str(e)) from e
         texts = [text for text, _ in prompts]
         embeddings = await self.styles.embed_texts(texts) if texts else []
-        return StyleSpec(embeddings, [w for _, w in prompts], fields.mean or 0.0,
+        return StyleSpec(texts, embeddings, [w for _, w in prompts], fields.mean or 0.0,
                          centroid_weights)
 
     async def jam_spec(self, fields: ControlFields, stream: StreamConfig,

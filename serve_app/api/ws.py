@@ -20,9 +20,8 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
-from ..engine import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from ..errors import ApiError, BadRequest
-from ..jam import Chunk, StreamConfig
+from ..jam import Chunk, StreamConfig, frames_for
 from .service import ControlFields, JamService
 
 log = logging.getLogger(__name__)
@@ -138,9 +137,8 @@ class JamSocket:
         if audio_format not in AUDIO_FORMATS:
             raise BadRequest(f"audio_format: must be one of {list(AUDIO_FORMATS)}")
         params = parse_params(message.get("params", {}))
-        chunk_seconds = params.chunk_seconds or 2.0
         stream = StreamConfig(
-            chunk_frames=max(1, round(chunk_seconds * FRAMES_PER_SECOND)),
+            chunk_frames=frames_for(params.chunk_seconds or 2.0),
             pace=params.pace or "realtime",
             max_backlog=self.service.settings.max_backlog_chunks,
         )
@@ -150,10 +148,7 @@ class JamSocket:
         self.binary = bool(message.get("binary_audio", False))
         self.audio_format = audio_format
         await self.send_json({
-            "type": "started", "mode": "rt", **started,
-            "sample_rate": SAMPLE_RATE, "channels": CHANNELS,
-            "chunk_seconds": stream.chunk_frames / FRAMES_PER_SECOND,
-            "crossfade_seconds": 0.0, "pace": stream.pace,
+            "type": "started", "mode": "rt", **started, "pace": stream.pace,
             "binary_audio": self.binary, "audio_format": self.audio_format,
             "ignored_params": params.unknown,
         })

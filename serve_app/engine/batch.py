@@ -69,8 +69,6 @@ class BatchedEngine:
         self._slots: list[str | None] = []
         self._sessions: dict[str, Session] = {}
         self._state: State | None = None
-        self.steps = 0
-        self.last_batch_size = 0
 
     # -- sessions -------------------------------------------------------------
     @property
@@ -155,8 +153,6 @@ class BatchedEngine:
             self.model.params, tokens, temperature, top_k, active, self._state
         )
         audio = np.asarray(audio)  # the one host sync per step: the audio itself
-        self.steps += 1
-        self.last_batch_size = len(rows)
         return {self._slots[i]: audio[i] for i in rows}
 
     def _frame_inputs(self, rows: list[int]):
