@@ -21,7 +21,7 @@ def tiny_config(repo, *, max_sessions: int = 4, buckets=(1, 2, 4), api: dict | N
         "variants": [{"name": "tiny", "repo": str(repo), "max_sessions": max_sessions,
                       "buckets": list(buckets), "num_cpus": 1}],
         "style_embedder": {"mock": True},
-        "api": {"max_backlog_chunks": 4, **(api or {})},
+        "api": {"max_backlog_chunks": 4, "ws_max_lead_seconds": 4.0, **(api or {})},
     }
 
 

@@ -201,6 +201,46 @@ def test_two_sockets_share_one_batched_step(ws_url):
             assert status["last_step_batch_size"] == 2 and status["sessions_on_replica"] == 2
 
 
+def test_asap_with_an_ack_window_holds_back_until_the_client_acks(ws_url):
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "params": {
+            "styles": "x", "pace": "asap", "chunk_seconds": 0.2, "window_chunks": 2}}))
+        assert recv_json(ws)["window_chunks"] == 2
+        assert [recv_json(ws, "chunk")["index"] for _ in range(2)] == [0, 1]
+        with pytest.raises(TimeoutError):  # the window is full: nothing more is sent
+            recv_json(ws, "chunk", timeout=1.5)
+        ws.send(json.dumps({"type": "status"}))
+        status = recv_json(ws, "status")
+        assert status["last_sent"] == 1 and status["flow_waits"] >= 1
+        # generation paused too: at most the generator's backlog (4) beyond what was sent
+        assert status["chunks_generated"] <= 2 + 4
+        ws.send(json.dumps({"type": "ack", "index": 9}))
+        assert "index: chunk 9 has not been sent" in recv_json(ws, "error")["error"]
+        ws.send(json.dumps({"type": "ack", "index": 1}))
+        assert [recv_json(ws, "chunk")["index"] for _ in range(2)] == [2, 3]
+
+
+def test_asap_without_acks_never_runs_further_ahead_than_the_lead_cap(ws_url):
+    """A client that reads nothing: the server stops at ws_max_lead_seconds (4 s here)
+    ahead of the wall clock, instead of filling the proxy with audio."""
+    with connect(ws_url) as ws:
+        t0 = time.monotonic()
+        ws.send(json.dumps({"type": "start", "params": {
+            "styles": "x", "pace": "asap", "chunk_seconds": 0.4}}))
+        time.sleep(3.0)  # tiny makes ~6 s of audio per second: unbounded, this sends ~18 s
+        ws.send(json.dumps({"type": "status"}))
+        received = 0.0
+        while True:
+            message = recv_json(ws)
+            if message["type"] == "status":
+                break
+            if message["type"] == "chunk":
+                received += message["metadata"]["seconds"]
+        elapsed = time.monotonic() - t0
+        assert 0 < received <= elapsed + 4.0 + 0.4
+        assert message["chunks_generated"] <= message["last_sent"] + 1 + 4
+
+
 def test_jam_cli_records_a_wav_with_a_scripted_style_change(serve_base, tmp_path):
     out = tmp_path / "jam.wav"
     result = subprocess.run(

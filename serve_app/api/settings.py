@@ -21,6 +21,10 @@ class ApiSettings(BaseModel):
     max_bpm: float = Field(300.0, gt=0)
     max_render_seconds: float = Field(120.0, gt=0)
     max_backlog_chunks: int = Field(8, ge=1)
+    # WebSocket flow control: an `asap` stream never runs further ahead of the wall clock
+    # than this, and a client that acks chunks never has more than its window unacked.
+    ws_max_lead_seconds: float = Field(30.0, gt=0)
+    ws_default_window_chunks: int = Field(4, ge=1)
     next_timeout_seconds: float = Field(10.0, gt=0)
     max_next_timeout_seconds: float = Field(60.0, gt=0)
     api_keys: list[str] = Field(default_factory=list)

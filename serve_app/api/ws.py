@@ -1,7 +1,8 @@
 """`/ws/jam`: real-time jamming over one WebSocket (the prototype's `rt` protocol).
 
 Client -> server JSON: `start` {mode, binary_audio, audio_format, params}, `update`
-(any start params, flat or under `params`), `stop`, `ping`, `status`.
+(any start params, flat or under `params`), `stop`, `ping`, `status`, `ack` {index}
+(optional flow control, see `flow.py`).
 Server -> client: `started`, `chunk` (base64 audio in JSON) or a binary frame followed
 by `chunk_meta`, `status`, `stopped`, `pong`, `error`. A bad message gets an `error`
 and the session goes on; a disconnect stops the session at once.
@@ -21,13 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
 from ..errors import ApiError, BadRequest
+from ..frames import SAMPLE_RATE
 from ..jam import Chunk, StreamConfig, frames_for
+from .flow import FlowControl
 from .service import ControlFields, JamService
 
 log = logging.getLogger(__name__)
 
 AUDIO_FORMATS = ("wav", "pcm16")
-NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant")
+NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant", "window_chunks")
 BAR_MODE_FIELDS = ("loop_audio_b64", "bpm", "beats_per_bar", "bars_per_chunk", "loop_weight",
                    "target_sr", "loudness_mode", "headroom_db")
 
@@ -53,6 +56,7 @@ class WsParams(BaseModel):
     chunk_seconds: float | None = Field(None, ge=0.04, le=10.0)
     seed: int | None = Field(None, ge=0, lt=2**32)
     variant: str | None = None
+    window_chunks: int | None = Field(None, ge=1, le=64)
 
     def control_fields(self) -> ControlFields:
         def joined(value):
@@ -98,6 +102,7 @@ class JamSocket:
         self.audio_format = "wav"
         self._send_lock = asyncio.Lock()
         self._pump: asyncio.Task | None = None
+        self.flow: FlowControl | None = None
 
     async def send_json(self, message: dict) -> None:
         async with self._send_lock:
@@ -119,12 +124,14 @@ class JamSocket:
             await self.send_json({"type": "status", **await self._status()})
         elif kind == "stop":
             await self.stop()
+        elif kind == "ack":
+            self.ack(message)
         elif kind in ("consume", "reseed", "reseed_splice"):
             raise BadRequest(f"type: {kind!r} belongs to bar mode, which needs loop support "
                              "that this server does not offer yet")
         else:
             raise BadRequest(f"type: unknown message type {kind!r}; expected start, update, "
-                             "stop, ping or status")
+                             "stop, ping, status or ack")
 
     async def start(self, message: dict) -> None:
         if self.session_id:
@@ -147,10 +154,14 @@ class JamSocket:
         self.session_id = started["session_id"]
         self.binary = bool(message.get("binary_audio", False))
         self.audio_format = audio_format
+        settings = self.service.settings
+        self.flow = FlowControl(window=params.window_chunks,
+                                default_window=settings.ws_default_window_chunks,
+                                max_lead_seconds=settings.ws_max_lead_seconds)
         await self.send_json({
             "type": "started", "mode": "rt", **started, "pace": stream.pace,
             "binary_audio": self.binary, "audio_format": self.audio_format,
-            "ignored_params": params.unknown,
+            "ignored_params": params.unknown, **self.flow.status(),
         })
         self._pump = asyncio.create_task(self._stream(self.session_id))
 
@@ -170,6 +181,17 @@ class JamSocket:
             "update_applies_from_frame": applied["applies_from_frame"],
         })
 
+    def ack(self, message: dict) -> None:
+        if not self.session_id or self.flow is None:
+            raise BadRequest("ack: no session is running")
+        index = message.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise BadRequest("index: ack needs the integer index of a received chunk")
+        try:
+            self.flow.ack(index)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
     async def stop(self) -> None:
         if not self.session_id:
             raise BadRequest("stop: no session is running")
@@ -179,16 +201,20 @@ class JamSocket:
     async def _status(self) -> dict:
         if not self.session_id:
             return {"session_id": None, "running": False}
-        return await self.service.of_session(self.session_id).status(self.session_id)
+        status = await self.service.of_session(self.session_id).status(self.session_id)
+        return {**status, **(self.flow.status() if self.flow else {})}
 
     # -- audio out -----------------------------------------------------------
     async def _stream(self, session_id: str) -> None:
         client = self.service.of_session(session_id)
+        flow = self.flow
         try:
             while self.session_id == session_id:
+                await flow.wait_for_room()
                 chunk = await client.next_chunk(session_id, 5.0)
                 if chunk is not None:
                     await self._send_chunk(chunk)
+                    flow.sent(chunk.index, chunk.audio.shape[0] / SAMPLE_RATE)
         except ApiError as e:
             if self.session_id == session_id:
                 self.session_id = None
