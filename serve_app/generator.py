@@ -19,8 +19,13 @@ import uuid
 
 import numpy as np
 
+from .audio.barclock import BarClock
+from .audio.bars import BarChunker
+from .audio.context import tiled_context
+from .audio.loudness import LoudnessMatcher
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
 from .engine.batch import DEFAULT_BUCKETS
+from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import BadRequest, OverCapacity, Unavailable, UnknownSession
 from .jam import Chunk, JamStream, StreamConfig
@@ -29,6 +34,8 @@ from .styles import blend
 log = logging.getLogger(__name__)
 
 SESSION_SEPARATOR = "@"
+FRAME_SAMPLES_PER_BAR_PROBE = 96000  # 2 s of silence: compiles the encoder at boot
+RECENT_AUDIO_SECONDS = 10.0
 
 
 @dataclasses.dataclass
@@ -47,12 +54,33 @@ class StyleSpec:
 
 
 @dataclasses.dataclass
+class BarSpec:
+    """Bar mode: chunks of whole bars on an exact grid, at a target rate, loudness
+    matched to the loop (when there is one)."""
+
+    clock: BarClock
+    bars_per_chunk: int = 1
+    rate: int = SAMPLE_RATE
+    loudness_mode: str = "auto"
+    headroom_db: float = 1.0
+
+    def chunker(self, loop: np.ndarray | None) -> BarChunker:
+        matcher = None
+        if loop is not None and self.loudness_mode != "none":
+            matcher = LoudnessMatcher(loop, self.loudness_mode, self.headroom_db, SAMPLE_RATE)
+        return BarChunker(self.clock, self.bars_per_chunk, self.rate, matcher)
+
+
+@dataclasses.dataclass
 class JamSpec:
     style: StyleSpec
     controls: Controls = dataclasses.field(default_factory=Controls)
     stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
     notes: list[int] | None = None
     seed: int | None = None
+    loop: np.ndarray | None = None  # float32 [n, 2] at 48 kHz: context to continue
+    bar: BarSpec | None = None
+    tempo_guidance_bpm: float | None = None  # experimental drum pulses on the beat
 
 
 @dataclasses.dataclass
@@ -109,6 +137,9 @@ class GeneratorCore:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.steps = 0
         self.step_seconds = 0.0
+        self._encoder = None
+        self._encoder_error = "not loaded yet"
+        self.prefill_frames = 0
         self._thread = threading.Thread(
             target=self._boot_and_run,
             args=(repo, step, compute_dtype, loaded),
@@ -133,6 +164,7 @@ class GeneratorCore:
                 max_sessions=self.max_sessions,
             )
             engine.warmup(progress=self._warmed)
+            self._warm_encoder()
             self.engine = engine
             self.state = "ready"
             log.info("generator %s: ready (buckets %s)", self.variant, buckets)
@@ -141,6 +173,27 @@ class GeneratorCore:
             self.state, self.error = "error", f"{type(e).__name__}: {e}"
             return
         self._run()
+
+    def _warm_encoder(self) -> None:
+        """Loads and compiles the loop encoder (fixed input length: one compile). A repo
+        without the encoder still serves style jams; loop requests then say why not."""
+        try:
+            self._encoder = self.loaded.audio_encoder()
+            self._loop_codes(np.zeros((FRAME_SAMPLES_PER_BAR_PROBE, CHANNELS), np.float32),
+                             BarClock(120.0))
+            log.info("generator %s: loop encoder ready", self.variant)
+        except Exception as e:
+            self._encoder = None
+            self._encoder_error = f"{type(e).__name__}: {e}"
+            log.warning("generator %s: no loop encoder (%s)", self.variant, e)
+
+    def _loop_codes(self, loop: np.ndarray, clock: BarClock) -> np.ndarray:
+        """A loop's context codes [context_frames, 12], ending on a bar line."""
+        if self._encoder is None:
+            raise Unavailable(f"loop_audio: generator {self.variant} cannot encode audio "
+                              f"({self._encoder_error})")
+        frames = self.loaded.variant.context_frames
+        return self._encoder.encode(tiled_context(loop, clock, frames))[-frames:]
 
     def _warmed(self, bucket: int) -> None:
         self.warmed.append(bucket)
@@ -190,8 +243,17 @@ class GeneratorCore:
             for sid, frame in frames.items():
                 jam = self._jams[sid]
                 jam.last_batch_size = len(frames)
-                if jam.push(frame, now) is not None:
+                if frame.forced:
+                    self.prefill_frames += 1
+                    if not jam.session.prefill_pending:
+                        jam.prefill_done(now)
+                    continue
+                if jam.push(frame.audio, now) is not None:
                     completed.append(sid)
+                    if jam.pending_context is not None:
+                        jam.session.prefill(jam.pending_context)
+                        jam.pending_context = None
+
         for sid in completed:
             self._notify(sid)
 
@@ -239,10 +301,17 @@ class GeneratorCore:
             session = Session(
                 self._style_embedding(spec.style), seed=seed, controls=spec.controls,
                 notes=spec.notes, session_id=session_id,
+                context_frames=self.loaded.variant.context_frames,
             )
-            jam = JamStream(session, spec.stream)
+            if spec.tempo_guidance_bpm is not None:
+                session.pulse = BeatPulse(spec.tempo_guidance_bpm)
+            chunker = spec.bar.chunker(spec.loop) if spec.bar is not None else None
+            jam = JamStream(session, spec.stream, chunker=chunker)
         except ValueError as e:
             raise BadRequest(str(e)) from e
+        if spec.loop is not None:
+            clock = spec.bar.clock if spec.bar is not None else BarClock(120.0)
+            session.prefill(await asyncio.to_thread(self._loop_codes, spec.loop, clock))
         with self._lock:
             try:
                 self.engine.add(session)
@@ -263,6 +332,7 @@ class GeneratorCore:
             "channels": CHANNELS,
             "crossfade_seconds": 0.0,  # the decoder is causal: chunks join seamlessly
             "steering_assets": self.loaded.steering.describe(),
+            "prefill_frames": session.prefill_pending,
         }
 
     async def next_chunk(self, session_id: str, timeout: float = 10.0) -> Chunk | None:
@@ -318,6 +388,42 @@ class GeneratorCore:
                 "applies_from_chunk": jam.chunk_of_next_frame(),
             }
 
+    async def reseed(self, session_id: str, loop: np.ndarray | None,
+                     anchor_bars: float | None = None) -> dict:
+        """Replaces the session's context at its next chunk boundary with a new loop
+        (`reseed`), or with the new loop followed by the last `anchor_bars` bars of
+        what it has been playing (`reseed_splice`: the model keeps its thread while
+        the new material steers). Prefilling `context_frames` frames overwrites the
+        whole attention window, so no state reset is needed."""
+        with self._lock:
+            jam = self._jam(session_id)
+            clock = jam.chunker.clock if jam.chunker is not None else BarClock(120.0)
+            anchor = np.zeros((0, 12), np.int32)
+            if anchor_bars:
+                frames = round(anchor_bars * clock.seconds_per_bar * FRAMES_PER_SECOND)
+                anchor = jam.session.recent_context(
+                    min(frames, self.loaded.variant.context_frames - 1))
+        if loop is None:
+            raise BadRequest("loop_audio: reseed needs new audio")
+        codes = await asyncio.to_thread(self._loop_codes, loop, clock)
+        if anchor.shape[0]:
+            codes = np.concatenate([codes[anchor.shape[0]:], anchor])
+        with self._lock:
+            jam = self._jam(session_id)
+            if jam.at_chunk_boundary:
+                jam.session.prefill(codes)
+            else:
+                jam.pending_context = codes
+            applies = jam.next_chunk_index + (0 if jam.at_chunk_boundary else 1)
+        self._wake.set()
+        return {"session_id": session_id, "applies_from_chunk": applies,
+                "context_frames": int(codes.shape[0]), "anchor_frames": int(anchor.shape[0])}
+
+    async def recent_audio(self, session_id: str, seconds: float = RECENT_AUDIO_SECONDS):
+        """The last `seconds` of audio generated for the session (int16 [n, 2], 48 kHz)."""
+        with self._lock:
+            return self._jam(session_id).recent_audio(seconds)
+
     async def status(self, session_id: str) -> dict:
         with self._lock:
             jam = self._jam(session_id)
@@ -331,6 +437,8 @@ class GeneratorCore:
                 "cfg": dict(c.cfg),
                 "drums": c.drums,
                 "last_step_batch_size": jam.last_batch_size,
+                "prefill_pending_frames": jam.session.prefill_pending,
+                "frames_forced": jam.session.frames_forced,
                 "sessions_on_replica": len(self._jams),
             }
 
@@ -355,7 +463,9 @@ class GeneratorCore:
             jam = self._jams.get(session_id)
             if jam is None:
                 return {}
-            return {"n": jam.session.frames_generated, "total": jam.config.total_frames}
+            return {"n": jam.session.frames_generated, "total": jam.config.total_frames,
+                    "prefill_done": jam.session.frames_forced,
+                    "prefill_pending": jam.session.prefill_pending}
 
     @property
     def session_count(self) -> int:
@@ -374,4 +484,6 @@ class GeneratorCore:
                 "steps": self.steps,
                 "mean_step_ms": 1000 * self.step_seconds / self.steps if self.steps else None,
                 "batch_sizes": dict(self.batch_sizes),
+                "loop_encoder": self._encoder is not None,
+                "prefill_frames": self.prefill_frames,
             }

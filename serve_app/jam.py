@@ -5,6 +5,10 @@ the client. The decoder is causal, so consecutive chunks join without crossfade.
 Memory is bounded by `max_backlog` chunks whatever the client does: when the
 backlog is full, chunks the client already received are dropped first; if none
 were, generation for this session pauses until the client catches up.
+
+In bar mode a `BarChunker` cuts the frames into chunks of whole bars instead. A
+session still prefilling a loop is always due (forced frames make no audio for the
+client), and a realtime clock starts once the first prefill is done.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import time
 
 import numpy as np
 
+from .audio.bars import BarChunker
 from .engine import Session
-from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
+from .engine.variants import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 
 PACES = ("realtime", "asap")
 
@@ -28,17 +33,20 @@ class Chunk:
     audio: np.ndarray  # int16 [frames * 1920, 2]
     first_frame: int
     generated_at: float  # unix seconds when its last frame was generated
+    rate: int = SAMPLE_RATE
+    extra: dict = dataclasses.field(default_factory=dict)  # bar mode: bars, loudness
 
     def metadata(self) -> dict:
         return {
             "index": self.index,
-            "sample_rate": SAMPLE_RATE,
+            "sample_rate": self.rate,
             "channels": CHANNELS,
             "samples": int(self.audio.shape[0]),
-            "seconds": self.audio.shape[0] / SAMPLE_RATE,
+            "seconds": self.audio.shape[0] / self.rate,
             "first_frame": self.first_frame,
             "generated_at": self.generated_at,
             "crossfade_seconds": 0.0,
+            **self.extra,
         }
 
 
@@ -71,10 +79,15 @@ class StreamConfig:
 
 
 class JamStream:
-    def __init__(self, session: Session, config: StreamConfig, *, clock=time.monotonic):
+    def __init__(self, session: Session, config: StreamConfig, *, clock=time.monotonic,
+                 chunker: BarChunker | None = None, recent_seconds: float = 10.0):
         config.validate()
         self.session = session
         self.config = config
+        self.chunker = chunker
+        self.pending_context: np.ndarray | None = None  # reseed codes for the next chunk
+        self._recent: collections.deque[np.ndarray] = collections.deque(
+            maxlen=max(1, round(recent_seconds * FRAMES_PER_SECOND)))
         self._clock = clock
         self.started = clock()
         self.created_at = time.time()
@@ -102,6 +115,8 @@ class JamStream:
         return True
 
     def due(self, now: float) -> bool:
+        if self.session.prefill_pending:
+            return True
         if self.finished or not self._make_room():
             return False
         if self.config.pace == "realtime":
@@ -113,8 +128,15 @@ class JamStream:
         elapsed_frames = math.floor((now - self.started) * FRAMES_PER_SECOND + 1e-6)
         return elapsed_frames + self.config.lead_frames
 
+    def prefill_done(self, now: float) -> None:
+        """A loop is in the state. Before the first audio, the realtime clock starts now."""
+        if self.session.frames_generated == 0:
+            self.started = now
+
     def next_due_at(self) -> float | None:
         """Monotonic time at which a realtime stream's next frame is due (None: not paced)."""
+        if self.session.prefill_pending:
+            return 0.0
         if self.config.pace != "realtime" or self.finished:
             return None
         next_frame = self.session.frames_generated + 1 - self.config.lead_frames
@@ -125,6 +147,9 @@ class JamStream:
         if self.config.pace == "realtime":
             lateness = (now - self.started) * FRAMES_PER_SECOND - self.session.frames_generated
             self.behind_frames = max(0, int(lateness))
+        self._recent.append(frame)
+        if self.chunker is not None:
+            return self._push_bars(frame)
         self._frames.append(frame)
         if len(self._frames) < self.config.chunk_frames and not self.finished:
             return None
@@ -135,6 +160,34 @@ class JamStream:
         self.next_chunk_index += 1
         self.backlog.append(chunk)
         return chunk
+
+    def _push_bars(self, frame: np.ndarray) -> Chunk | None:
+        chunk = None
+        for bars in self.chunker.feed(frame):
+            first = bars.first_bar * self.chunker.clock.seconds_per_bar * FRAMES_PER_SECOND
+            extra = {"bar_mode": True, "first_bar": bars.first_bar, "bars": bars.bars,
+                     "bpm": self.chunker.clock.bpm,
+                     "beats_per_bar": self.chunker.clock.beats_per_bar}
+            if bars.loudness is not None:
+                extra["loudness"] = bars.loudness
+            chunk = Chunk(self.next_chunk_index, bars.audio, int(first), time.time(),
+                          bars.rate, extra)
+            self.next_chunk_index += 1
+            self.backlog.append(chunk)
+        return chunk
+
+    @property
+    def at_chunk_boundary(self) -> bool:
+        """No audio of the next chunk has been generated yet."""
+        if self.chunker is not None:
+            return self.session.frames_generated == 0
+        return not self._frames
+
+    def recent_audio(self, seconds: float) -> np.ndarray:
+        frames = list(self._recent)[-max(1, round(seconds * FRAMES_PER_SECOND)):]
+        if not frames:
+            return np.zeros((0, CHANNELS), np.int16)
+        return np.concatenate(frames)
 
     # -- client side --------------------------------------------------------
     def take_next(self) -> Chunk | None:
@@ -157,6 +210,8 @@ class JamStream:
 
     def chunk_of_next_frame(self) -> int:
         """The index of the chunk that the next generated frame will belong to."""
+        if self.chunker is not None:
+            return self.chunker.chunk_of_sample(self.session.frames_generated * FRAME_SAMPLES)
         return self.session.frames_generated // self.config.chunk_frames
 
     def status(self) -> dict:

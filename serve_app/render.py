@@ -61,7 +61,7 @@ def render(
     engine.add(session)
     chunks = []
     for i in range(frames):
-        chunks.append(engine.step()[session.id])
+        chunks.append(engine.step()[session.id].audio)
         if on_frame:
             on_frame(i + 1)
     return np.concatenate(chunks, axis=0)

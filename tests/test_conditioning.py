@@ -89,12 +89,14 @@ def test_session_frames_carry_notes_drums_and_sampling_controls(tiny):
         controls=Controls(temperature=0.9, top_k=17, drums="off", cfg={"notes": 2.0}),
         notes=[48],
     )
-    block, temperature, top_k = session.next_frame_inputs(tiny.style)
+    inputs = session.next_frame_inputs(tiny.style)
+    block, (temperature, top_k) = inputs.block, inputs.sampling
+    assert inputs.forced is None
     assert block[12 + 48] == 2 + OFFSET and block[140] == 0 + OFFSET
     assert block[142] == 15 + OFFSET
     assert (temperature, top_k) == (0.9, 17)
     np.testing.assert_array_equal(
         block[:12], tiny.style.tokenize(tiny.style.embed_text("funk")) + OFFSET
     )
-    block, _, _ = session.next_frame_inputs(tiny.style)
+    block = session.next_frame_inputs(tiny.style).block
     assert block[12 + 48] == 1 + OFFSET

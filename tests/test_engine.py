@@ -12,8 +12,8 @@ from serve_app.engine.variants import CHANNELS, FRAME_SAMPLES
 def run(engine, frames: int) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {}
     for _ in range(frames):
-        for sid, audio in engine.step().items():
-            out.setdefault(sid, []).append(audio)
+        for sid, frame in engine.step().items():
+            out.setdefault(sid, []).append(frame.audio)
     return {sid: np.concatenate(chunks) for sid, chunks in out.items()}
 
 
@@ -39,7 +39,7 @@ def test_each_step_is_one_40ms_stereo_frame(tiny, make_engine):
     engine = make_engine()
     s = Session(style(tiny), seed=1)
     engine.add(s)
-    frame = engine.step()[s.id]
+    frame = engine.step()[s.id].audio
     assert frame.shape == (FRAME_SAMPLES, CHANNELS) == (1920, 2)
     assert frame.dtype == np.int16
     audio = run(engine, 24)[s.id]
@@ -84,7 +84,7 @@ def test_style_change_applies_to_the_very_next_frame(tiny, make_engine):
     np.testing.assert_array_equal(before[a.id], before[b.id])
     b.set_style(style(tiny, "baroque harpsichord"))
     next_frame = engine.step()
-    assert not np.array_equal(next_frame[a.id], next_frame[b.id])
+    assert not np.array_equal(next_frame[a.id].audio, next_frame[b.id].audio)
     assert b.frames_generated == a.frames_generated == 7
 
 
@@ -150,11 +150,11 @@ def test_a_session_left_out_of_a_step_keeps_its_state(tiny, make_engine):
     busy, paused = Session(style(tiny), seed=30), Session(style(tiny), seed=31)
     engine.add(busy)
     engine.add(paused)
-    first = [engine.step()[paused.id] for _ in range(3)]
+    first = [engine.step()[paused.id].audio for _ in range(3)]
     for _ in range(4):
         assert list(engine.step(only={busy.id})) == [busy.id]
     assert paused.frames_generated == 3 and busy.frames_generated == 7
-    rest = [engine.step()[paused.id] for _ in range(3)]
+    rest = [engine.step()[paused.id].audio for _ in range(3)]
     assert_same_stream(np.concatenate(first + rest), expected)
 
 
@@ -197,3 +197,50 @@ def test_bad_controls_are_rejected_and_leave_the_session_unchanged(tiny):
     s.update_controls(top_k=10, cfg={"drums": 2.0})
     assert s.controls.top_k == 10 and s.controls.cfg["drums"] == 2.0
     assert s.controls.cfg["musiccoca"] == 3.0
+
+
+def test_forcing_a_stream_with_its_own_codes_reproduces_it(tiny, make_engine):
+    """Teacher forcing puts exactly the state sampling would have: a session forced with
+    another's first frames (same seed) then continues with that session's audio."""
+    engine = make_engine()
+    a, b = Session(style(tiny), seed=12), Session(style(tiny), seed=12)
+    engine.add(a)
+    frames_a = [engine.step()[a.id] for _ in range(9)]
+    engine.add(b)
+    b.prefill(np.stack([f.codes for f in frames_a[:5]]))
+    forced = [engine.step(only={b.id})[b.id] for _ in range(5)]
+    assert all(f.forced for f in forced) and not any(f.forced for f in frames_a)
+    for got, want in zip(forced, frames_a[:5], strict=True):
+        np.testing.assert_array_equal(got.codes, want.codes)
+        assert_same_stream(got.audio, want.audio)  # the loop decoded through the codec
+    assert (b.frames_forced, b.frames_generated, b.prefill_pending) == (5, 0, 0)
+    after = [engine.step(only={b.id})[b.id] for _ in range(4)]
+    assert not any(f.forced for f in after)
+    for got, want in zip(after, frames_a[5:], strict=True):
+        np.testing.assert_array_equal(got.codes, want.codes)
+
+
+def test_prefill_changes_what_follows_and_is_deterministic(tiny, make_engine):
+    loop = np.random.default_rng(0).integers(0, 1024, (20, 12))
+
+    def continuation(prefill: bool) -> np.ndarray:
+        engine = make_engine()
+        s = Session(style(tiny), seed=5)
+        if prefill:
+            s.prefill(loop)
+        engine.add(s)
+        frames = [engine.step()[s.id] for _ in range(20 * prefill + 10)]
+        return np.concatenate([f.audio for f in frames if not f.forced])
+
+    plain, looped, again = continuation(False), continuation(True), continuation(True)
+    assert plain.shape == looped.shape == (10 * 1920, 2)
+    assert not np.array_equal(plain, looped)
+    np.testing.assert_array_equal(looped, again)
+
+
+def test_prefill_rejects_codes_of_the_wrong_shape_or_range(tiny):
+    s = Session(style(tiny))
+    with pytest.raises(ValueError, match=r"codes: expected \[frames, 12\]"):
+        s.prefill(np.zeros((4, 8), np.int32))
+    with pytest.raises(ValueError, match=r"codes: must be within 0\.\.1023"):
+        s.prefill(np.full((4, 12), 1024))

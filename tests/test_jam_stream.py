@@ -25,7 +25,7 @@ def generate(jam: JamStream, clock: Clock, n: int) -> list:
     chunks = []
     for _ in range(n):
         assert jam.due(clock())
-        jam.session.frames_generated += 1  # what next_frame_inputs does per step
+        jam.session.frames_generated += 1  # what the engine's record() does per step
         chunk = jam.push(frame(jam.session.frames_generated), clock())
         if chunk:
             chunks.append(chunk)

@@ -47,8 +47,11 @@ def test_fast_sampler_emits_upstreams_tokens(tiny, batch):
     top_k = rng.integers(1, 400, batch).astype(np.int32)
     ours = _gather_rows(fast.state_at(3), np.zeros(batch, np.int32))
     theirs = _gather_rows(fast.state_at(3), np.zeros(batch, np.int32))
-    active = np.ones(batch, bool)
+    active, force = np.ones(batch, bool), np.zeros(batch, bool)
+    forced = np.zeros((batch, 12), np.int32)
     for _ in range(6):
-        _, ours = fast.step(fast.params, tokens, temperature, top_k, active, ours)
-        _, theirs = upstream.step(upstream.params, tokens, temperature, top_k, active, theirs)
+        _, _, ours = fast.step(fast.params, tokens, temperature, top_k, active, forced, force,
+                               ours)
+        _, _, theirs = upstream.step(upstream.params, tokens, temperature, top_k, active,
+                                     forced, force, theirs)
         np.testing.assert_array_equal(_tokens(ours), _tokens(theirs))

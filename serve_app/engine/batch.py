@@ -20,7 +20,7 @@ import numpy as np
 
 from ..styles import StyleModel
 from .model import State, StreamingModel
-from .session import Session
+from .session import CODE_LEVELS, Session
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,16 @@ def _gather_rows(state: State, rows: jax.Array) -> State:
 @jax.jit
 def _put_row(state: State, row_state: State, row: jax.Array) -> State:
     return jax.tree.map(lambda a, r: a.at[row].set(r[0]), state, row_state)
+
+
+@dataclasses.dataclass
+class Frame:
+    """One session's output of one step: 40 ms of audio and the codes behind it.
+    A `forced` frame replayed a loop into the state; its audio is the loop's decode."""
+
+    audio: np.ndarray  # int16 [1920, 2]
+    codes: np.ndarray  # int32 [12]
+    forced: bool
 
 
 @dataclasses.dataclass
@@ -139,21 +149,27 @@ class BatchedEngine:
         self._slots = [self._slots[i] for i in occupied] + [None] * (capacity - len(occupied))
         log.debug("engine capacity -> %d rows for %d sessions", capacity, len(occupied))
 
-    def step(self, only: set[str] | None = None) -> dict[str, np.ndarray]:
-        """Generates the next frame for every session (or those in `only`):
-        {session_id: int16 [1920, 2]}. Sessions left out keep their state."""
+    def step(self, only: set[str] | None = None) -> dict[str, Frame]:
+        """Generates the next frame for every session (or those in `only`).
+        Sessions left out keep their state; prefilling sessions take a forced frame."""
         rows = [
             i for i, sid in enumerate(self._slots)
             if sid is not None and (only is None or sid in only)
         ]
         if not rows:
             return {}
-        tokens, temperature, top_k, active = self._frame_inputs(rows)
-        audio, self._state = self.model.step(
-            self.model.params, tokens, temperature, top_k, active, self._state
+        tokens, temperature, top_k, active, forced, force = self._frame_inputs(rows)
+        audio, codes, self._state = self.model.step(
+            self.model.params, tokens, temperature, top_k, active, forced, force, self._state
         )
-        audio = np.asarray(audio)  # the one host sync per step: the audio itself
-        return {self._slots[i]: audio[i] for i in rows}
+        # the one host sync per step: the audio itself (and 48 bytes of codes per row)
+        audio, codes = jax.device_get((audio, codes))
+        frames = {}
+        for i in rows:
+            session = self._sessions[self._slots[i]]
+            session.record(codes[i], forced=bool(force[i]))
+            frames[session.id] = Frame(audio[i], codes[i], bool(force[i]))
+        return frames
 
     def _frame_inputs(self, rows: list[int]):
         cap = self.capacity
@@ -161,13 +177,16 @@ class BatchedEngine:
         temperature = np.ones(cap, np.float32)
         top_k = np.full(cap, 40, np.int32)
         active = np.zeros(cap, bool)
+        forced = np.zeros((cap, CODE_LEVELS), np.int32)
+        force = np.zeros(cap, bool)
         for row in rows:
             session = self._sessions[self._slots[row]]
-            tokens[row], temperature[row], top_k[row] = session.next_frame_inputs(
-                self.style_model
-            )
+            inputs = session.next_frame_inputs(self.style_model)
+            tokens[row], temperature[row], top_k[row] = inputs.block, *inputs.sampling
+            if inputs.forced is not None:
+                forced[row], force[row] = inputs.forced, True
             active[row] = True
-        return tokens, temperature, top_k, active
+        return tokens, temperature, top_k, active, forced, force
 
     # -- compilation ----------------------------------------------------------
     def warmup(
@@ -185,12 +204,14 @@ class BatchedEngine:
             _gather_rows(state, np.zeros(len(jax.tree.leaves(previous)[0]), np.int32))
             state = _put_row(state, fresh, np.int32(0))
             tokens = np.zeros((capacity, 144), np.int32)
-            audio, state = self.model.step(
+            audio, _, state = self.model.step(
                 self.model.params,
                 tokens,
                 np.ones(capacity, np.float32),
                 np.full(capacity, 40, np.int32),
                 np.ones(capacity, bool),
+                np.zeros((capacity, CODE_LEVELS), np.int32),
+                np.zeros(capacity, bool),
                 state,
             )
             jax.block_until_ready(audio)

@@ -2,8 +2,15 @@
 
 One `StreamingModel` holds the Flax module and its parameters. Its functions are
 pure and batch-size agnostic: `init_state` makes one session's state (batch 1, its
-own seed), `step` advances a batch of states by one frame and returns only int16
-audio, never the per-layer emits upstream's system returns.
+own seed), `step` advances a batch of states by one frame and returns int16 audio
+and the frame's codes, never the per-layer emits upstream's system returns.
+
+Teacher forcing (jamming on a loop): upstream's JAX sampler has no forced tokens,
+so `step` takes per-row forced codes. A forced row runs the temporal transformer on
+its previous frame as usual (that is what fills its attention caches), then takes
+the given codes instead of its samples as "the frame just generated", and decodes
+them, so the codec's streaming state follows the loop too. This is the MLX
+backend's `forced_tokens`, built from the same layers.
 """
 
 from __future__ import annotations
@@ -41,6 +48,27 @@ def build_sampler(
     return upstream_system.MagentaRT2Sampler.Config(
         depthformer=depthformer_config, spectrostream=variant.codec_config()
     ).make()
+
+
+def _with_values(seq, values):
+    return type(seq)(values, seq.mask)
+
+
+def _step_forcing(sampler, block, state, constants, forced_unique, force):
+    """The sampler's serial step with the depthformer's output overridden on forced rows."""
+    depthformer, *rest = sampler.layers
+    codes, df_state = depthformer.step(block, state[0], training=False, constants=constants)
+    row = force[:, None, None]
+    values = jnp.where(row, forced_unique[:, None, :].astype(codes.values.dtype), codes.values)
+    codes = _with_values(codes, values)
+    encoder_state, previous_output, (rng, previous_frame, temporal, count), delay = df_state
+    df_state = (encoder_state, _with_values(previous_output, values),
+                (rng, _with_values(previous_frame, values), temporal, count), delay)
+    new_state, x = [df_state], codes
+    for layer, layer_state in zip(rest, state[1:], strict=True):
+        x, layer_state = layer.step(x, layer_state, training=False, constants=constants)
+        new_state.append(layer_state)
+    return x, values[:, 0, :], tuple(new_state)
 
 
 def _input_spec() -> sl.ChannelSpec:
@@ -103,27 +131,35 @@ class StreamingModel:
             # Matching types keeps each bucket at exactly one compiled step.
             return jax.tree.map(lambda a: jax.lax.convert_element_type(a, a.dtype), state)
 
-        def step(params, tokens, temperature, top_k, active, state):
-            """tokens [B,144] int32 -> (audio [B,1920,2] int16, new state).
+        reserved = sampler.cfg.depthformer.decoder.num_reserved_tokens
+        codebook = sampler.cfg.depthformer.decoder.codebook_size
+        offsets = reserved + codebook * jnp.arange(
+            sampler.cfg.depthformer.decoder.num_codebooks, dtype=jnp.int32)
+
+        def step(params, tokens, temperature, top_k, active, forced, force, state):
+            """tokens [B,144] int32 -> (audio [B,1920,2] int16, codes [B,12], new state).
 
             Rows where `active` is False keep their state: a paced session that is
-            not due yet shares the batch without advancing.
+            not due yet shares the batch without advancing. Rows where `force` is
+            True take `forced` (SpectroStream codes [B,12], 0..1023) as their frame.
+            Returned codes are in the same SpectroStream form.
             """
             block = sl.Sequence.from_values(tokens[:, None, :])
             constants = {"temperature": temperature, "top_k": top_k}
-            out, new_state = sampler.apply(
-                params, block, state, training=False, constants=constants,
-                method=sampler.step,
+            out, unique, new_state = sampler.apply(
+                params, block, state, constants, forced + offsets, force,
+                method=_step_forcing,
             )
+            codes = (unique - reserved) % codebook
 
             def keep_inactive(new, old):
                 mask = active.reshape(active.shape + (1,) * (new.ndim - 1))
                 return jnp.where(mask, new, old)
 
-            return out.values, jax.tree.map(keep_inactive, new_state, state)
+            return out.values, codes, jax.tree.map(keep_inactive, new_state, state)
 
         self.init_state = jax.jit(init_state)
-        self.step = jax.jit(step, donate_argnums=(5,))
+        self.step = jax.jit(step, donate_argnums=(7,))
 
     @property
     def frame_samples(self) -> int:

@@ -1,21 +1,54 @@
 """A streaming session: one listener's controls, turned into conditioning frame by frame.
 
 The session owns everything that is per-listener and host-side (style ramp, held
-notes, sampling settings, seed, frame counter). Its model state lives in the
-engine's batch; `BatchedEngine.snapshot`/`restore` move both together.
+notes, sampling settings, seed, frame counter, loop codes waiting to be forced into
+its state, the codes of its recent context). Its model state lives in the engine's
+batch; `BatchedEngine.snapshot`/`restore` move both together.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import uuid
+from fractions import Fraction
 
 import numpy as np
 
+from ..frames import FRAME_SAMPLES, SAMPLE_RATE
 from ..styles import StyleModel, StyleRamp
 from .conditioning import DEFAULT_CFG, DRUMS, NoteTracker, build_block
 
 MAX_TOP_K = 1024  # one RVQ level's codebook
+CODE_LEVELS = 12  # RVQ levels per frame
+DEFAULT_CONTEXT_FRAMES = 500  # the models' design receptive field, 20 s
+
+
+@dataclasses.dataclass
+class FrameInputs:
+    block: np.ndarray  # int32 [144] conditioning
+    sampling: tuple[float, int]  # temperature, top_k
+    forced: np.ndarray | None = None  # int32 [12] codes to take instead of sampling
+
+
+class BeatPulse:
+    """Experimental tempo guidance: the drums token says "drums" on frames where a beat
+    starts and is left free between, nudging the model towards the requested tempo.
+    Beat onsets are exact (rational samples), so the grid never drifts."""
+
+    def __init__(self, bpm: float) -> None:
+        if not 20 <= bpm <= 400:
+            raise ValueError(f"tempo_guidance_bpm: must be within 20..400, got {bpm}")
+        self.bpm = bpm
+        self._beat_samples = Fraction(60 * SAMPLE_RATE) / Fraction(str(bpm))
+        self.frame = 0
+
+    def next_frame(self) -> bool:
+        start, end = self.frame * FRAME_SAMPLES, (self.frame + 1) * FRAME_SAMPLES
+        self.frame += 1
+        # a beat at k * beat_samples lies in [start, end)
+        first_beat = -(-start // self._beat_samples)  # ceil
+        return first_beat * self._beat_samples < end
 
 
 @dataclasses.dataclass
@@ -56,6 +89,7 @@ class Session:
         controls: Controls | None = None,
         notes=None,
         session_id: str | None = None,
+        context_frames: int = DEFAULT_CONTEXT_FRAMES,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex
         if not 0 <= seed < 2**32:
@@ -68,7 +102,38 @@ class Session:
         self._ramp = None if style is None else StyleRamp(style)
         self._tokens_for: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
-        self.frames_generated = 0
+        self.frames_generated = 0  # sampled frames (the audio a listener hears)
+        self.frames_forced = 0
+        self._prefill: collections.deque[np.ndarray] = collections.deque()
+        self.context = collections.deque(maxlen=context_frames)  # codes, forced or sampled
+        self.pulse: BeatPulse | None = None
+
+    # -- loop context ---------------------------------------------------------
+    def prefill(self, codes: np.ndarray) -> None:
+        """Queues loop codes [k, 12] to force into the state, replacing any still queued."""
+        codes = np.asarray(codes, np.int32)
+        if codes.ndim != 2 or codes.shape[1] != CODE_LEVELS:
+            raise ValueError(f"codes: expected [frames, {CODE_LEVELS}], got {codes.shape}")
+        if codes.min(initial=0) < 0 or codes.max(initial=0) >= MAX_TOP_K:
+            raise ValueError(f"codes: must be within 0..{MAX_TOP_K - 1}")
+        self._prefill = collections.deque(codes)
+
+    @property
+    def prefill_pending(self) -> int:
+        return len(self._prefill)
+
+    def recent_context(self, frames: int) -> np.ndarray:
+        """The last `frames` codes of this session's context (forced and sampled)."""
+        recent = list(self.context)[-frames:] if frames > 0 else []
+        return np.asarray(recent, np.int32).reshape(-1, CODE_LEVELS)
+
+    def record(self, codes: np.ndarray, *, forced: bool) -> None:
+        """Called by the engine after each step with the frame's codes."""
+        self.context.append(np.asarray(codes, np.int32))
+        if forced:
+            self.frames_forced += 1
+        else:
+            self.frames_generated += 1
 
     def set_style(self, embedding: np.ndarray, ramp_seconds: float = 0.0) -> None:
         if ramp_seconds < 0:
@@ -94,11 +159,15 @@ class Session:
             self._tokens_for = embedding
         return self._tokens
 
-    def next_frame_inputs(self, style_model: StyleModel) -> tuple[np.ndarray, float, int]:
-        """(conditioning block [144], temperature, top_k) for the next frame."""
+    def next_frame_inputs(self, style_model: StyleModel) -> FrameInputs:
+        """Conditioning, sampling controls and (while prefilling) forced codes for the
+        next frame."""
         c = self.controls
+        drums = c.drums
+        if self.pulse is not None and drums == "free" and not self._prefill:
+            drums = "on" if self.pulse.next_frame() else "free"
         block = build_block(
-            self._style_tokens(style_model), self.notes.next_frame(), DRUMS[c.drums], c.cfg
+            self._style_tokens(style_model), self.notes.next_frame(), DRUMS[drums], c.cfg
         )
-        self.frames_generated += 1
-        return block, c.temperature, c.top_k
+        forced = self._prefill.popleft() if self._prefill else None
+        return FrameInputs(block, (c.temperature, c.top_k), forced)

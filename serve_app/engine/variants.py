@@ -84,6 +84,17 @@ class Variant:
     def rvq_levels(self) -> int:
         return self.model_class.spectrostream.rvq_truncation_level
 
+    @property
+    def context_frames(self) -> int:
+        """Frames of past audio the temporal transformer can still see: each of its N
+        layers attends W frames back, so about N*W, capped at the 20 s (500 frames) the
+        models were designed for (upstream's MLX export sets W = 500 // N). Prefill
+        beyond this only costs time."""
+        model = self.model_class
+        reach = (model.decoder_temporal_size.num_layers
+                 * model.decoder_temporal_self_attention_max_past_horizon)
+        return min(20 * FRAMES_PER_SECOND, reach)
+
     def codec_config(self) -> spectrostream.SpectroStream.Config:
         return self.codec(self.rvq_levels)
 
