@@ -48,6 +48,12 @@ class Generator:
     async def progress(self, *, session_id: str) -> dict:
         return await self.core.progress(session_id)
 
+    async def reseed(self, *, session_id: str, loop, anchor_bars: float | None = None) -> dict:
+        return await self.core.reseed(session_id, loop, anchor_bars)
+
+    async def recent_audio(self, *, session_id: str, seconds: float):
+        return await self.core.recent_audio(session_id, seconds)
+
     def __del__(self) -> None:
         core = getattr(self, "core", None)
         if core is not None:

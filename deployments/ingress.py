@@ -69,6 +69,13 @@ class HandleGenerator:
     async def progress(self, session_id):
         return await self._call("progress", session_id=session_id)
 
+    async def reseed(self, session_id, loop, anchor_bars=None):
+        return await self._call("reseed", session_id=session_id, loop=loop,
+                                anchor_bars=anchor_bars)
+
+    async def recent_audio(self, session_id, seconds):
+        return await self._call("recent_audio", session_id=session_id, seconds=seconds)
+
 
 class HandleStyles:
     def __init__(self, handle) -> None:
@@ -79,6 +86,10 @@ class HandleStyles:
 
     async def embed_texts(self, texts):
         return await _remote(self.handle, "embed_texts", texts=texts)
+
+    async def embed_audio(self, samples, sample_rate):
+        return await _remote(self.handle, "embed_audio", samples=samples,
+                             sample_rate=sample_rate)
 
 
 @serve.deployment

@@ -43,3 +43,8 @@ class StyleEmbedder:
         if self.service is None:
             raise Unavailable(f"styles: {self.error}")
         return await self.service.embed_texts(texts)
+
+    async def embed_audio(self, samples, sample_rate: int):
+        if self.service is None:
+            raise Unavailable(f"styles: {self.error}")
+        return await self.service.embed_audio(samples, sample_rate)

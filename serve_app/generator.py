@@ -67,7 +67,7 @@ class BarSpec:
     def chunker(self, loop: np.ndarray | None) -> BarChunker:
         matcher = None
         if loop is not None and self.loudness_mode != "none":
-            matcher = LoudnessMatcher(loop, self.loudness_mode, self.headroom_db, SAMPLE_RATE)
+            matcher = LoudnessMatcher(loop, self.loudness_mode, self.headroom_db, self.rate)
         return BarChunker(self.clock, self.bars_per_chunk, self.rate, matcher)
 
 

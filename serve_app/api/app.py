@@ -13,15 +13,18 @@ import base64
 import logging
 import time
 from collections.abc import Mapping
-from fractions import Fraction
 
-from fastapi import Depends, FastAPI, Form, Query, Request, WebSocket
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..audio import to_wav_bytes
-from ..audio.resample import check_rate, resample_int16
-from ..engine import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE
+from ..audio.barclock import BarClock
+from ..audio.bars import to_int16
+from ..audio.loudness import LoudnessMatcher, fade_edges
+from ..audio.resample import check_rate, resample, resample_int16
+from ..engine import CHANNELS, SAMPLE_RATE
 from ..errors import ApiError, BadRequest, NotReady, Unavailable, UnknownSession
 from ..generator import variant_of
 from ..jam import StreamConfig, frames_for
@@ -56,9 +59,12 @@ ControlsForm = Depends(control_fields)
 
 
 def chunk_b64(chunk, target_rate: int | None = None) -> dict:
-    audio, rate = chunk.audio, SAMPLE_RATE
+    audio, rate = chunk.audio, chunk.rate
     metadata = chunk.metadata()
-    if target_rate and target_rate != SAMPLE_RATE:
+    if target_rate and target_rate != rate:
+        if rate != SAMPLE_RATE:
+            raise BadRequest(f"target_sample_rate: this bar-mode jam streams at {rate} Hz "
+                             "(its target_sample_rate); ask for that or none")
         samples = round(audio.shape[0] * target_rate / SAMPLE_RATE)
         audio, rate = resample_int16(audio, target_rate, samples), target_rate
         metadata.update(sample_rate=rate, samples=samples)
@@ -96,14 +102,6 @@ def create_app(
         return JSONResponse({"error": "; ".join(problems), "detail": exc.errors()},
                             status_code=422, headers={})
 
-    def seconds_per_bar(bpm: float, beats_per_bar: int) -> Fraction:
-        if not settings.min_bpm <= bpm <= settings.max_bpm:
-            raise BadRequest(f"bpm: must be within {settings.min_bpm:g}..{settings.max_bpm:g}, "
-                             f"got {bpm:g}")
-        if not 1 <= beats_per_bar <= 32:
-            raise BadRequest(f"beats_per_bar: must be within 1..32, got {beats_per_bar}")
-        return Fraction(beats_per_bar * 60) / Fraction(str(bpm))
-
     # -- service -------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def landing():
@@ -130,6 +128,100 @@ def create_app(
                 "variants": variants, "styles": style_health}
 
     # -- fixed-length renders ------------------------------------------------
+    async def render_bars(
+        controls: ControlFields, clock: BarClock, *, bars: int, intro_bars: int, rate: int,
+        request_id: str | None, seed: int | None, variant: str | None,
+        loop: np.ndarray | None = None, loop_weight: float = 1.0,
+        loudness_mode: str = "none", headroom_db: float = 1.0, tempo_guidance: bool = False,
+    ) -> dict:
+        """`bars` bars (after `intro_bars` dropped) at `rate`: exactly
+        round(bars * seconds_per_bar * rate) samples, continuing `loop` when given."""
+        if bars + intro_bars > settings.max_bars:
+            raise BadRequest(f"bars: at most {settings.max_bars} bars per request "
+                             f"(intro included), got {bars + intro_bars}")
+        seconds = (bars + intro_bars) * clock.seconds_per_bar
+        if seconds > settings.max_render_seconds:
+            raise BadRequest(f"bars: {float(seconds):.1f} s of audio exceeds the limit of "
+                             f"{settings.max_render_seconds:g} s")
+        matcher = None
+        if loop is not None:
+            try:
+                matcher = LoudnessMatcher(loop, loudness_mode, headroom_db, rate)
+            except ValueError as e:
+                raise BadRequest(str(e)) from e
+        frames = clock.frames_to_cover(bars + intro_bars)
+        stream = StreamConfig(chunk_frames=frames, pace="asap", max_backlog=1,
+                              total_frames=frames)
+        started, spec = await service.start(
+            controls, stream, seed, variant, track=False, loop=loop, loop_weight=loop_weight,
+            tempo_guidance_bpm=clock.bpm if tempo_guidance else None)
+        sid = started["session_id"]
+        name, client = variant_of(sid), service.of_session(sid)
+        key = request_id or sid
+        progress[key] = {"variant": name, "session_id": sid, "stage": "generating",
+                         "total": frames}
+        try:
+            chunk = await client.next_chunk(sid, settings.max_render_seconds * 10)
+            if chunk is None:
+                raise Unavailable("generation did not finish in time")
+        finally:
+            await client.stop(sid)
+        progress[key].update(stage="finishing", n=frames, total=frames)
+        start = clock.boundary(intro_bars)
+        body = resample(chunk.audio[start:start + clock.samples(bars)], rate,
+                        clock.samples(bars, rate))
+        loudness = {"mode": "none"}
+        if matcher is not None:
+            body, loudness = matcher.apply(body, [clock.boundary(b, rate) for b in range(bars)])
+        audio = to_int16(fade_edges(body, rate=rate))
+        c = spec.controls
+        progress[key].update(stage="done")
+        return {
+            "audio_base64": base64.b64encode(to_wav_bytes(audio, rate)).decode(),
+            "metadata": {
+                "bpm": clock.bpm, "bars": bars, "beats_per_bar": clock.beats_per_bar,
+                "styles": spec.style.names, "style_weights": spec.style.weights,
+                "loop_weight": loop_weight if loop is not None else None,
+                "loudness": loudness, "sample_rate": rate, "channels": CHANNELS,
+                "total_samples": int(audio.shape[0]),
+                "seconds_per_bar": float(clock.seconds_per_bar),
+                "loop_duration_seconds": None if loop is None else loop.shape[0] / SAMPLE_RATE,
+                "context_frames": started.get("prefill_frames"),
+                "intro_bars_dropped": intro_bars,
+                "guidance_weight": c.cfg["musiccoca"], "temperature": c.temperature,
+                "topk": c.top_k, "variant": name, "seed": started["seed"],
+                "tempo_guidance": tempo_guidance,
+            },
+            "request_id": request_id,
+        }
+
+    @app.post("/generate")
+    async def generate(
+        loop_audio: UploadFile = File(..., description="the loop to continue (WAV/FLAC/OGG/MP3)"),
+        controls: ControlFields = ControlsForm,
+        bpm: float = Form(...),
+        bars: int = Form(8, ge=1),
+        beats_per_bar: int = Form(4),
+        loop_weight: float = Form(1.0, ge=0, le=10),
+        loudness_mode: str = Form("auto"),
+        loudness_headroom_db: float = Form(1.0, ge=0, le=24),
+        target_sample_rate: int | None = Form(None),
+        intro_bars_to_drop: int = Form(0, ge=0),
+        request_id: str | None = Form(None, max_length=200),
+        seed: int | None = Form(None, ge=0, lt=2**32),
+        variant: str | None = Form(None),
+        tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
+    ):
+        clock, rate = service.bar_clock(bpm, beats_per_bar), service.output_rate(target_sample_rate)
+        if request_id:
+            progress[request_id] = {"stage": "decoding", "total": 0}
+        loop = await service.decode_loop(await loop_audio.read())
+        return await render_bars(
+            controls, clock, bars=bars, intro_bars=intro_bars_to_drop, rate=rate,
+            request_id=request_id, seed=seed, variant=variant, loop=loop,
+            loop_weight=loop_weight, loudness_mode=loudness_mode,
+            headroom_db=loudness_headroom_db, tempo_guidance=tempo_guidance)
+
     @app.post("/generate_style")
     async def generate_style(
         controls: ControlFields = ControlsForm,
@@ -141,90 +233,70 @@ def create_app(
         request_id: str | None = Form(None, max_length=200),
         seed: int | None = Form(None, ge=0, lt=2**32),
         variant: str | None = Form(None),
+        tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
     ):
-        spb = seconds_per_bar(bpm, beats_per_bar)
-        if bars + intro_bars_to_drop > settings.max_bars:
-            raise BadRequest(f"bars: at most {settings.max_bars} bars per request "
-                             f"(intro included), got {bars + intro_bars_to_drop}")
-        rate = SAMPLE_RATE
-        if target_sample_rate is not None:
-            try:
-                rate = check_rate(target_sample_rate)
-            except ValueError as e:
-                raise BadRequest(str(e)) from e
-        seconds = (bars + intro_bars_to_drop) * spb
-        if seconds > settings.max_render_seconds:
-            raise BadRequest(f"bars: {float(seconds):.1f} s of audio exceeds the limit of "
-                             f"{settings.max_render_seconds:g} s")
-        frames = -(-(seconds * SAMPLE_RATE) // FRAME_SAMPLES)  # ceil
-        stream = StreamConfig(chunk_frames=int(frames), pace="asap", max_backlog=1,
-                              total_frames=int(frames))
-        started, spec = await service.start(controls, stream, seed, variant, track=False)
-        sid = started["session_id"]
-        name, client = variant_of(sid), service.of_session(sid)
-        key = request_id or sid
-        progress[key] = {"variant": name, "session_id": sid, "stage": "generating",
-                         "total": int(frames)}
-        try:
-            chunk = await client.next_chunk(sid, settings.max_render_seconds * 10)
-            if chunk is None:
-                raise Unavailable("generation did not finish in time")
-        finally:
-            await client.stop(sid)
-        progress[key].update(stage="encoding", n=int(frames))
-        intro = round(intro_bars_to_drop * spb * SAMPLE_RATE)
-        body = chunk.audio[intro: intro + round(bars * spb * SAMPLE_RATE)]
-        total = round(bars * spb * rate)
-        audio = resample_int16(body, rate, total)
-        c = spec.controls
-        result = {
-            "audio_base64": base64.b64encode(to_wav_bytes(audio, rate)).decode(),
-            "metadata": {
-                "bpm": bpm, "bars": bars, "beats_per_bar": beats_per_bar,
-                "styles": spec.style.names, "style_weights": spec.style.weights,
-                "sample_rate": rate, "channels": CHANNELS, "total_samples": total,
-                "seconds_per_bar": float(spb), "guidance_weight": c.cfg["musiccoca"],
-                "temperature": c.temperature, "topk": c.top_k, "variant": name,
-                "seed": started["seed"],
-            },
-            "request_id": request_id,
-        }
-        progress[key].update(stage="done")
-        return result
+        clock, rate = service.bar_clock(bpm, beats_per_bar), service.output_rate(target_sample_rate)
+        return await render_bars(
+            controls, clock, bars=bars, intro_bars=intro_bars_to_drop, rate=rate,
+            request_id=request_id, seed=seed, variant=variant, tempo_guidance=tempo_guidance)
 
     @app.get("/progress")
     async def get_progress(request_id: str = Query(...)):
         entry = progress.get(request_id)
         if entry is None:
             raise UnknownSession(f"request_id: no generation known as {request_id!r}")
-        n, total = entry.get("n"), entry["total"]
-        if entry["stage"] == "generating":
-            live = await generators[entry["variant"]].progress(entry["session_id"])
-            n = live.get("n", n or 0)
-        n = n or 0
-        return {"n": n, "total": total, "percent": round(100 * n / total, 1),
-                "stage": entry["stage"]}
+        stage, n, total = entry["stage"], entry.get("n", 0), entry["total"]
+        if stage == "generating":
+            try:
+                live = await generators[entry["variant"]].progress(entry["session_id"])
+            except ApiError:
+                live = {}
+            if live.get("prefill_pending"):
+                stage, n = "prefill", live["prefill_done"]
+                total = live["prefill_done"] + live["prefill_pending"]
+            else:
+                n = live.get("n", n)
+        percent = round(100 * n / total, 1) if total else 0.0
+        return {"n": n, "total": total, "percent": percent, "stage": stage}
 
     # -- polling jams ----------------------------------------------------------
     @app.post("/jam/start")
     async def jam_start(
         controls: ControlFields = ControlsForm,
+        loop_audio: UploadFile | None = File(None, description="a loop: starts a bar-mode jam"),
         bpm: float = Form(120.0),
         beats_per_bar: int = Form(4),
-        bars_per_chunk: int | None = Form(None, ge=1),
+        bars_per_chunk: int | None = Form(None, ge=1, le=64),
         chunk_seconds: float | None = Form(None, gt=0),
         pace: str = Form("asap"),
         seed: int | None = Form(None, ge=0, lt=2**32),
         variant: str | None = Form(None),
         style_ramp_seconds: float = Form(0.0, ge=0),
+        loop_weight: float = Form(1.0, ge=0, le=10),
+        loudness_mode: str = Form("auto"),
+        loudness_headroom_db: float = Form(1.0, ge=0, le=24),
+        target_sample_rate: int | None = Form(None),
+        tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
     ):
+        """A loop or `bars_per_chunk` makes a bar-mode jam (chunks of whole bars on an exact
+        grid); `chunk_seconds` alone makes a frame-mode jam."""
         del style_ramp_seconds  # a jam's first style has nothing to glide from
-        if chunk_seconds is None:
-            bars = bars_per_chunk or 1
-            chunk_seconds = float(bars * seconds_per_bar(bpm, beats_per_bar))
+        clock = service.bar_clock(bpm, beats_per_bar)
+        loop = await service.decode_loop(await loop_audio.read() if loop_audio else None)
+        bar = None
+        if chunk_seconds is None or loop is not None:
+            bar = service.bar_spec(clock, bars_per_chunk or 1, target_sample_rate, loudness_mode,
+                           loudness_headroom_db)
+            chunk_seconds = float(bar.bars_per_chunk * clock.seconds_per_bar)
         stream = StreamConfig(chunk_frames=frames_for(chunk_seconds), pace=pace,
                               max_backlog=settings.max_backlog_chunks)
-        started, _ = await service.start(controls, stream, seed, variant)
+        started, _ = await service.start(
+            controls, stream, seed, variant, loop=loop, loop_weight=loop_weight, bar=bar,
+            tempo_guidance_bpm=clock.bpm if tempo_guidance else None)
+        if bar is not None:
+            started.update(mode="bar", chunk_seconds=chunk_seconds,
+                           bars_per_chunk=bar.bars_per_chunk, bpm=clock.bpm,
+                           beats_per_bar=clock.beats_per_bar, sample_rate=bar.rate)
         return started
 
     @app.get("/jam/next")
@@ -253,8 +325,25 @@ def create_app(
         session_id: str = Form(...),
         controls: ControlFields = ControlsForm,
         style_ramp_seconds: float = Form(0.0, ge=0),
+        use_current_mix_as_style: bool = Form(False),
     ):
-        return await service.update(session_id, controls, style_ramp_seconds)
+        return await service.update(session_id, controls, style_ramp_seconds,
+                                    use_current_mix_as_style=use_current_mix_as_style)
+
+    @app.post("/jam/reseed")
+    async def jam_reseed(session_id: str = Form(...), loop_audio: UploadFile = File(...)):
+        """A new loop: the session's context restarts from it at the next chunk."""
+        return await service.reseed(session_id, await loop_audio.read())
+
+    @app.post("/jam/reseed_splice")
+    async def jam_reseed_splice(
+        session_id: str = Form(...),
+        loop_audio: UploadFile = File(...),
+        anchor_bars: float = Form(1.0, gt=0, le=16),
+    ):
+        """New audio spliced in, keeping the last `anchor_bars` bars of what the session
+        has been playing at the end of its context, so it carries on from there."""
+        return await service.reseed(session_id, await loop_audio.read(), anchor_bars)
 
     @app.get("/jam/status")
     async def jam_status(session_id: str = Query(...)):

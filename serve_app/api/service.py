@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Mapping
 
+import numpy as np
+
+from ..audio.barclock import BarClock
+from ..audio.decode import decode_audio
+from ..audio.loudness import MODES as LOUDNESS_MODES
+from ..audio.resample import check_rate
 from ..engine import Controls
 from ..errors import BadRequest, Unavailable, UnknownSession
-from ..generator import JamSpec, JamUpdate, StyleSpec, variant_of
+from ..frames import SAMPLE_RATE
+from ..generator import BarSpec, JamSpec, JamUpdate, StyleSpec, variant_of
 from ..jam import StreamConfig
 from ..styles.prompts import parse_floats, parse_styles
 from .clients import GeneratorClient, StyleClient
@@ -112,6 +120,55 @@ class JamService:
         return StyleSpec(texts, embeddings, [w for _, w in prompts], fields.mean or 0.0,
                          centroid_weights)
 
+    # -- loops ----------------------------------------------------------------
+    def bar_clock(self, bpm: float, beats_per_bar: int) -> BarClock:
+        s = self.settings
+        if not s.min_bpm <= bpm <= s.max_bpm:
+            raise BadRequest(f"bpm: must be within {s.min_bpm:g}..{s.max_bpm:g}, got {bpm:g}")
+        try:
+            return BarClock(bpm, beats_per_bar)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+
+    def output_rate(self, target_rate: int | None) -> int:
+        if target_rate is None:
+            return SAMPLE_RATE
+        try:
+            return check_rate(target_rate)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+
+    def bar_spec(self, clock: BarClock, bars_per_chunk: int, target_rate: int | None,
+                 loudness_mode: str, headroom_db: float) -> BarSpec:
+        if loudness_mode not in LOUDNESS_MODES:
+            raise BadRequest(f"loudness_mode: must be one of {list(LOUDNESS_MODES)}, "
+                             f"got {loudness_mode!r}")
+        if not 1 <= bars_per_chunk <= 64:
+            raise BadRequest(f"bars_per_chunk: must be within 1..64, got {bars_per_chunk}")
+        return BarSpec(clock, bars_per_chunk, self.output_rate(target_rate), loudness_mode,
+                       headroom_db)
+
+    async def decode_loop(self, data: bytes | None, field: str = "loop_audio"):
+        """Uploaded bytes -> float32 [n, 2] at 48 kHz (None stays None)."""
+        if data is None:
+            return None
+        try:
+            return await asyncio.to_thread(decode_audio, data, field=field,
+                                           max_seconds=self.settings.max_loop_seconds)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+
+    async def with_audio_style(self, style: StyleSpec, audio: np.ndarray | None,
+                               weight: float, name: str) -> StyleSpec:
+        """Adds an audio clip's own MusicCoCa embedding to a style blend."""
+        if audio is None or weight <= 0:
+            return style
+        embedding = await self.styles.embed_audio(audio, SAMPLE_RATE)
+        return dataclasses.replace(style, names=[*style.names, name],
+                                   embeddings=[*style.embeddings, embedding],
+                                   weights=[*style.weights, weight])
+
+    # -- sessions -------------------------------------------------------------
     async def jam_spec(self, fields: ControlFields, stream: StreamConfig,
                        seed: int | None) -> JamSpec:
         try:
@@ -122,16 +179,23 @@ class JamService:
         return JamSpec(await self.style_spec(fields), controls, stream, notes, seed)
 
     async def start(self, fields: ControlFields, stream: StreamConfig, seed: int | None,
-                    variant: str | None, *, track: bool = True) -> tuple[dict, JamSpec]:
+                    variant: str | None, *, track: bool = True, loop: np.ndarray | None = None,
+                    loop_weight: float = 1.0, bar: BarSpec | None = None,
+                    tempo_guidance_bpm: float | None = None) -> tuple[dict, JamSpec]:
         name, client = self.generator(variant)
+        if not 0 <= loop_weight <= 10:
+            raise BadRequest(f"loop_weight: must be within 0..10, got {loop_weight:g}")
         spec = await self.jam_spec(fields, stream, seed)
+        spec.style = await self.with_audio_style(spec.style, loop, loop_weight, "loop")
+        spec.loop, spec.bar, spec.tempo_guidance_bpm = loop, bar, tempo_guidance_bpm
         started = await client.start(spec)
         if track:
             self.sessions[started["session_id"]] = name
         return started, spec
 
     async def update(self, session_id: str, fields: ControlFields,
-                     style_ramp_seconds: float = 0.0) -> dict:
+                     style_ramp_seconds: float = 0.0, *,
+                     use_current_mix_as_style: bool = False) -> dict:
         client = self.of_session(session_id)
         try:
             changes = fields.control_changes()
@@ -140,13 +204,29 @@ class JamService:
             raise BadRequest(str(e)) from e
         if style_ramp_seconds < 0:
             raise BadRequest("style_ramp_seconds: must be >= 0")
+        style = await self.style_spec(fields) if fields.touches_style else None
+        if use_current_mix_as_style:
+            mix = await client.recent_audio(session_id, 10.0)
+            if mix.shape[0] == 0:
+                raise BadRequest("use_current_mix_as_style: the session has no audio yet")
+            style = await self.with_audio_style(style or StyleSpec(), mix / 32768.0, 1.0,
+                                                "current mix")
         update = JamUpdate(
-            style=await self.style_spec(fields) if fields.touches_style else None,
+            style=style,
             style_ramp_seconds=style_ramp_seconds,
             controls=changes or None,
             notes=notes,
         )
         return await client.update(session_id, update)
+
+    async def reseed(self, session_id: str, data: bytes | None,
+                     anchor_bars: float | None = None) -> dict:
+        client = self.of_session(session_id)
+        if data is None:
+            raise BadRequest("loop_audio: required (the new loop to jam on)")
+        if anchor_bars is not None and not 0 < anchor_bars <= 16:
+            raise BadRequest(f"anchor_bars: must be within 0..16, got {anchor_bars:g}")
+        return await client.reseed(session_id, await self.decode_loop(data), anchor_bars)
 
     async def stop(self, session_id: str) -> dict:
         result = await self.of_session(session_id).stop(session_id)

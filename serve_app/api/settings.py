@@ -20,6 +20,7 @@ class ApiSettings(BaseModel):
     min_bpm: float = Field(20.0, gt=0)
     max_bpm: float = Field(300.0, gt=0)
     max_render_seconds: float = Field(120.0, gt=0)
+    max_loop_seconds: float = Field(60.0, gt=0)
     max_backlog_chunks: int = Field(8, ge=1)
     # WebSocket flow control: an `asap` stream never runs further ahead of the wall clock
     # than this, and a client that acks chunks never has more than its window unacked.

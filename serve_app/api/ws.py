@@ -2,7 +2,9 @@
 
 Client -> server JSON: `start` {mode, binary_audio, audio_format, params}, `update`
 (any start params, flat or under `params`), `stop`, `ping`, `status`, `ack` {index}
-(optional flow control, see `flow.py`).
+(optional flow control, see `flow.py`); `consume` {chunk_index}, `reseed`
+{loop_audio_b64}, `reseed_splice` {loop_audio_b64, anchor_bars}. `bar` mode jams on
+`loop_audio_b64` (optional) in chunks of `bars_per_chunk` whole bars at `bpm`.
 Server -> client: `started`, `chunk` (base64 audio in JSON) or a binary frame followed
 by `chunk_meta`, `status`, `stopped`, `pong`, `error`. A bad message gets an `error`
 and the session goes on; a disconnect stops the session at once.
@@ -30,9 +32,10 @@ from .service import ControlFields, JamService
 log = logging.getLogger(__name__)
 
 AUDIO_FORMATS = ("wav", "pcm16")
-NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant", "window_chunks")
-BAR_MODE_FIELDS = ("loop_audio_b64", "bpm", "beats_per_bar", "bars_per_chunk", "loop_weight",
-                   "target_sr", "loudness_mode", "headroom_db")
+NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant", "window_chunks", "bpm",
+                 "beats_per_bar", "bars_per_chunk", "target_sr", "loudness_mode",
+                 "headroom_db", "loop_audio_b64", "loop_weight", "tempo_guidance")
+MODES = ("rt", "bar")
 
 
 class WsParams(BaseModel):
@@ -57,6 +60,17 @@ class WsParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**32)
     variant: str | None = None
     window_chunks: int | None = Field(None, ge=1, le=64)
+    # bar mode
+    loop_audio_b64: str | None = None
+    bpm: float = Field(120.0, gt=0)
+    beats_per_bar: int = Field(4, ge=1, le=32)
+    bars_per_chunk: int = Field(1, ge=1, le=64)
+    loop_weight: float = Field(1.0, ge=0, le=10)
+    target_sr: int | None = None
+    loudness_mode: str = "auto"
+    headroom_db: float = Field(1.0, ge=0, le=24)
+    tempo_guidance: bool = False
+    use_current_mix_as_style: bool = False
 
     def control_fields(self) -> ControlFields:
         def joined(value):
@@ -77,7 +91,15 @@ class WsParams(BaseModel):
 
     @property
     def unknown(self) -> list[str]:
-        return sorted(k for k in (self.model_extra or {}) if k not in BAR_MODE_FIELDS)
+        return sorted(self.model_extra or {})
+
+    def loop_bytes(self) -> bytes | None:
+        if self.loop_audio_b64 is None:
+            return None
+        try:
+            return base64.b64decode(self.loop_audio_b64, validate=True)
+        except ValueError:
+            raise BadRequest("loop_audio_b64: not valid base64") from None
 
 
 def parse_params(raw) -> WsParams:
@@ -126,31 +148,47 @@ class JamSocket:
             await self.stop()
         elif kind == "ack":
             self.ack(message)
-        elif kind in ("consume", "reseed", "reseed_splice"):
-            raise BadRequest(f"type: {kind!r} belongs to bar mode, which needs loop support "
-                             "that this server does not offer yet")
+        elif kind == "consume":
+            await self.consume(message)
+        elif kind in ("reseed", "reseed_splice"):
+            await self.reseed(message, splice=kind == "reseed_splice")
         else:
             raise BadRequest(f"type: unknown message type {kind!r}; expected start, update, "
-                             "stop, ping, status or ack")
+                             "stop, ping, status, ack, consume, reseed or reseed_splice")
 
     async def start(self, message: dict) -> None:
         if self.session_id:
             raise BadRequest("start: a session is already running on this socket; send stop")
         mode = message.get("mode", "rt")
-        if mode != "rt":
-            raise BadRequest(f"mode: {mode!r} is not available yet (bar mode needs loop "
-                             "support); use 'rt'")
+        if mode not in MODES:
+            raise BadRequest(f"mode: must be one of {list(MODES)}, got {mode!r}")
         audio_format = message.get("audio_format", "wav")
         if audio_format not in AUDIO_FORMATS:
             raise BadRequest(f"audio_format: must be one of {list(AUDIO_FORMATS)}")
         params = parse_params(message.get("params", {}))
+        service = self.service
+        loop, bar, tempo = None, None, None
+        chunk_seconds = params.chunk_seconds or 2.0
+        if mode == "bar":
+            clock = service.bar_clock(params.bpm, params.beats_per_bar)
+            bar = service.bar_spec(clock, params.bars_per_chunk, params.target_sr,
+                                   params.loudness_mode, params.headroom_db)
+            loop = await service.decode_loop(params.loop_bytes(), "loop_audio_b64")
+            chunk_seconds = float(params.bars_per_chunk * clock.seconds_per_bar)
+            tempo = clock.bpm if params.tempo_guidance else None
         stream = StreamConfig(
-            chunk_frames=frames_for(params.chunk_seconds or 2.0),
+            chunk_frames=frames_for(chunk_seconds),
             pace=params.pace or "realtime",
-            max_backlog=self.service.settings.max_backlog_chunks,
+            max_backlog=service.settings.max_backlog_chunks,
         )
-        started, _ = await self.service.start(params.control_fields(), stream, params.seed,
-                                                 params.variant, track=False)
+        started, _ = await service.start(params.control_fields(), stream, params.seed,
+                                         params.variant, track=False, loop=loop,
+                                         loop_weight=params.loop_weight, bar=bar,
+                                         tempo_guidance_bpm=tempo)
+        if bar is not None:
+            started.update(chunk_seconds=chunk_seconds, bars_per_chunk=bar.bars_per_chunk,
+                           bpm=bar.clock.bpm, beats_per_bar=bar.clock.beats_per_bar,
+                           sample_rate=bar.rate)
         self.session_id = started["session_id"]
         self.binary = bool(message.get("binary_audio", False))
         self.audio_format = audio_format
@@ -159,7 +197,7 @@ class JamSocket:
                                 default_window=settings.ws_default_window_chunks,
                                 max_lead_seconds=settings.ws_max_lead_seconds)
         await self.send_json({
-            "type": "started", "mode": "rt", **started, "pace": stream.pace,
+            "type": "started", "mode": mode, **started, "pace": stream.pace,
             "binary_audio": self.binary, "audio_format": self.audio_format,
             "ignored_params": params.unknown, **self.flow.status(),
         })
@@ -173,8 +211,9 @@ class JamSocket:
         fixed = [k for k in NOT_UPDATABLE if raw.get(k) is not None]
         if fixed:
             raise BadRequest(f"{fixed[0]}: cannot change during a session; stop and start again")
-        applied = await self.service.update(self.session_id, params.control_fields(),
-                                            params.style_ramp_seconds)
+        applied = await self.service.update(
+            self.session_id, params.control_fields(), params.style_ramp_seconds,
+            use_current_mix_as_style=params.use_current_mix_as_style)
         await self.send_json({
             "type": "status", "event": "updated",
             "update_applies_from_chunk": applied["applies_from_chunk"],
@@ -191,6 +230,29 @@ class JamSocket:
             self.flow.ack(index)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+
+    async def consume(self, message: dict) -> None:
+        """Bar mode's acknowledgement: frees the chunk on the generator and counts as an
+        `ack` for flow control."""
+        if not self.session_id:
+            raise BadRequest("consume: no session is running")
+        index = message.get("chunk_index", message.get("index"))
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise BadRequest("chunk_index: consume needs the integer index of a chunk")
+        await self.service.of_session(self.session_id).consume(self.session_id, index)
+        if self.flow is not None and index <= self.flow.last_sent:
+            self.flow.ack(index)
+
+    async def reseed(self, message: dict, *, splice: bool) -> None:
+        if not self.session_id:
+            raise BadRequest(f"{message.get('type')}: no session is running")
+        raw = message.get("params", message)
+        data = parse_params({"loop_audio_b64": raw.get("loop_audio_b64")}).loop_bytes()
+        anchor = raw.get("anchor_bars", 1.0) if splice else None
+        if anchor is not None and not isinstance(anchor, int | float):
+            raise BadRequest("anchor_bars: must be a number")
+        result = await self.service.reseed(self.session_id, data, anchor)
+        await self.send_json({"type": "status", "event": message.get("type"), **result})
 
     async def stop(self) -> None:
         if not self.session_id:
@@ -226,7 +288,7 @@ class JamSocket:
         if self.audio_format == "pcm16":
             payload = chunk.audio.astype("<i2").tobytes()
         else:
-            payload = to_wav_bytes(chunk.audio)
+            payload = to_wav_bytes(chunk.audio, chunk.rate)
         metadata = {**chunk.metadata(), "audio_format": self.audio_format,
                     "sent_at": time.time()}
         async with self._send_lock:

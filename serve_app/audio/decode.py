@@ -29,8 +29,9 @@ def decode_audio(data: bytes, *, max_seconds: float, field: str = "loop_audio") 
                              f"the {max_seconds:g} s allowed")
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{field}: could not decode the audio ({e}); send WAV, FLAC, OGG "
-                         "or MP3") from None
+        reason = getattr(e, "error_string", None) or str(e)
+        raise ValueError(f"{field}: could not decode the audio ({reason.rstrip('.')}); send "
+                         "WAV, FLAC, OGG or MP3") from None
     if samples.shape[0] == 0:
         raise ValueError(f"{field}: the file holds no audio samples")
     if samples.shape[0] / rate > max_seconds:

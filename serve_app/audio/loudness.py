@@ -38,12 +38,14 @@ def _measure(audio: np.ndarray, mode: str, rate: int) -> float:
 
 @dataclasses.dataclass
 class LoudnessMatcher:
-    """Matches audio (float [n, 2] in [-1, 1]) to a reference loop's loudness."""
+    """Matches audio (float [n, 2] in [-1, 1] at `rate`, measured after any resampling:
+    a lower rate drops energy) to a reference loop's loudness (at 48 kHz)."""
 
     reference: np.ndarray
     mode: str = "auto"
     headroom_db: float = 1.0
     rate: int = SAMPLE_RATE
+    reference_rate: int = SAMPLE_RATE
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,7 +56,7 @@ class LoudnessMatcher:
     def _mode_for(self, shortest_seconds: float) -> str:
         if self.mode != "auto":
             return self.mode
-        long_enough = min(shortest_seconds, self.reference.shape[0] / self.rate)
+        long_enough = min(shortest_seconds, self.reference.shape[0] / self.reference_rate)
         return "lufs" if long_enough >= MIN_LUFS_SECONDS else "rms"
 
     def apply(self, audio: np.ndarray, bar_starts: list[int], *,
@@ -66,7 +68,7 @@ class LoudnessMatcher:
         edges = [*bar_starts, audio.shape[0]]
         shortest = min(b - a for a, b in itertools.pairwise(edges)) / self.rate
         mode = self._mode_for(shortest)
-        target = _measure(self.reference, mode, self.rate)
+        target = _measure(self.reference, mode, self.reference_rate)
         ceiling = 10 ** (-self.headroom_db / 20)
         gains_db = []
         for a, b in itertools.pairwise(edges):
@@ -77,6 +79,16 @@ class LoudnessMatcher:
             if peak > 0:
                 gain = min(gain, 20 * np.log10(ceiling / peak))
             gains_db.append(gain)
+        # Bars measured one by one do not add up exactly to the whole (BS.1770 gates
+        # relative to the programme), so one common trim brings the whole onto target.
+        trial = audio * self._gain_curve(edges, gains_db, None)[:, None]
+        whole = _measure(trial, mode, self.rate)
+        if np.isfinite(whole) and whole >= FLOOR_DB:
+            peak = float(np.abs(trial).max(initial=0.0))
+            trim = target - whole
+            if peak > 0:
+                trim = min(trim, 20 * np.log10(ceiling / peak))
+            gains_db = [g + trim for g in gains_db]
         out = audio * self._gain_curve(edges, gains_db, start_gain_db)[:, None]
         report = {"mode": mode, "target_db": round(target, 2),
                   "bar_gains_db": [round(g, 2) for g in gains_db],

@@ -23,9 +23,17 @@ def fit_length(audio: np.ndarray, samples: int) -> np.ndarray:
     return np.concatenate([audio, pad])
 
 
+def resample(audio: np.ndarray, rate: int, samples: int) -> np.ndarray:
+    """48 kHz int16 [n, 2] -> float32 in [-1, 1] at `rate`, exactly `samples` long."""
+    floats = audio.astype(np.float32) / 32768.0
+    if rate != SAMPLE_RATE:
+        floats = soxr.resample(floats, SAMPLE_RATE, rate, "VHQ")
+    return fit_length(floats, samples)
+
+
 def resample_int16(audio: np.ndarray, rate: int, samples: int) -> np.ndarray:
     """48 kHz int16 [n, 2] -> int16 at `rate`, exactly `samples` long."""
-    if rate != SAMPLE_RATE:
-        floats = soxr.resample(audio.astype(np.float32) / 32768.0, SAMPLE_RATE, rate, "VHQ")
-        audio = np.clip(np.round(floats * 32768.0), -32768, 32767).astype(np.int16)
-    return fit_length(audio, samples)
+    if rate == SAMPLE_RATE:
+        return fit_length(audio, samples)
+    floats = resample(audio, rate, samples)
+    return np.clip(np.round(floats * 32768.0), -32768, 32767).astype(np.int16)

@@ -17,6 +17,10 @@ class StyleService:
         # MusicCoCa runs TFLite on CPU; keep the event loop free while it does.
         return await asyncio.to_thread(lambda: [self.model.embed_text(t) for t in texts])
 
+    async def embed_audio(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+        """A clip's MusicCoCa embedding (a loop's own style, or the current mix)."""
+        return await asyncio.to_thread(self.model.embed_audio, samples, sample_rate)
+
     async def health(self) -> dict:
         return {"state": "ready", "error": None, **self.stats()}
 
