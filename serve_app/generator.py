@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -260,7 +261,8 @@ class GeneratorCore:
     def _notify(self, session_id: str) -> None:
         event = self._events.get(session_id)
         if event is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(event.set)
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+                self._loop.call_soon_threadsafe(event.set)
 
     # -- helpers --------------------------------------------------------------
     def _require_ready(self) -> None:

@@ -238,6 +238,22 @@ def test_oversized_request_body_is_413(http):
     assert r.status_code == 413 and "request body" in r.json()["error"]
 
 
+def test_generate_continues_a_120bpm_loop_for_exactly_8_bars(http):
+    """The issue's acceptance check, as a client would `curl -F loop_audio=@loop.wav`."""
+    from .test_loops import LOOP
+
+    r = http.post("/generate", data={"bpm": "120", "bars": "8", "styles": "techno",
+                                     "target_sample_rate": "44100", "request_id": "curl-8"},
+                  files={"loop_audio": ("loop.wav", LOOP, "audio/wav")})
+    assert r.status_code == 200, r.text
+    audio, rate = decode(r.json()["audio_base64"])
+    assert rate == 44100 and audio.shape == (8 * 2 * 44100, 2)
+    meta = r.json()["metadata"]
+    assert meta["total_samples"] == 705600 and meta["seconds_per_bar"] == 2.0
+    assert meta["loudness"]["mode"] == "lufs" and meta["loop_duration_seconds"] == 4.0
+    assert http.get("/progress", params={"request_id": "curl-8"}).json()["stage"] == "done"
+
+
 def test_killed_generator_replica_gives_a_clear_error_then_recovers(http, base):
     import ray
 

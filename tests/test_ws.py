@@ -241,6 +241,42 @@ def test_asap_without_acks_never_runs_further_ahead_than_the_lead_cap(ws_url):
         assert message["chunks_generated"] <= message["last_sent"] + 1 + 4
 
 
+def test_bar_mode_jams_on_a_loop_with_consume_reseed_and_splice(ws_url):
+    from .test_loops import LOOP
+
+    loop_b64 = base64.b64encode(LOOP).decode()
+    with connect(ws_url, max_size=None) as ws:  # a 4.5 s bar in base64 WAV exceeds 1 MiB
+        ws.send(json.dumps({"type": "start", "mode": "bar", "params": {
+            "styles": "funk", "loop_audio_b64": loop_b64, "bpm": 93.7, "beats_per_bar": 7,
+            "bars_per_chunk": 1, "target_sr": 44100, "loudness_mode": "auto",
+            "headroom_db": 1.0, "pace": "asap", "loop_weight": 0.5}}))
+        started = recv_json(ws)
+        assert started["type"] == "started" and started["mode"] == "bar", started
+        assert started["sample_rate"] == 44100 and started["prefill_frames"] == 25
+        bar = 7 * 60 / 93.7
+        for k in range(2):
+            chunk = recv_json(ws, "chunk")
+            audio, rate = sf.read(io.BytesIO(base64.b64decode(chunk["audio_base64"])))
+            assert chunk["index"] == k and rate == 44100
+            assert audio.shape[0] == round((k + 1) * bar * 44100) - round(k * bar * 44100)
+            assert chunk["metadata"]["first_bar"] == k and "loudness" in chunk["metadata"]
+            ws.send(json.dumps({"type": "consume", "chunk_index": k}))
+        ws.send(json.dumps({"type": "reseed", "loop_audio_b64": loop_b64}))
+        reseeded = recv_json(ws, "status")
+        assert reseeded["event"] == "reseed" and reseeded["context_frames"] == 25
+        ws.send(json.dumps({"type": "reseed_splice", "loop_audio_b64": loop_b64,
+                            "anchor_bars": 0.1}))
+        spliced = recv_json(ws, "status")
+        assert spliced["event"] == "reseed_splice" and spliced["anchor_frames"] == 11
+        ws.send(json.dumps({"type": "reseed", "loop_audio_b64": "%%%"}))
+        assert "loop_audio_b64: not valid base64" in recv_json(ws, "error")["error"]
+        ws.send(json.dumps({"type": "consume", "chunk_index": "two"}))
+        assert "chunk_index:" in recv_json(ws, "error")["error"]
+        ws.send(json.dumps({"type": "status"}))
+        status = recv_json(ws, "status")  # the session goes on
+        assert status["session_id"] == started["session_id"] and status["frames_forced"] >= 25
+
+
 def test_jam_cli_records_a_wav_with_a_scripted_style_change(serve_base, tmp_path):
     out = tmp_path / "jam.wav"
     result = subprocess.run(
