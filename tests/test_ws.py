@@ -139,7 +139,10 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
             (json.dumps({"type": "update", "styles": "a", "style_weights": "1,2"}),
              "style_weights: got 2"),
             (json.dumps({"type": "start", "params": {}}), "start: a session is already running"),
-            (json.dumps({"type": "consume", "chunk_index": 0}), "bar mode"),
+            (json.dumps({"type": "consume"}), "chunk_index: consume needs the integer"),
+            (json.dumps({"type": "consume", "chunk_index": 999}), "chunk_index: 999 has not"),
+            (json.dumps({"type": "reseed"}), "loop_audio: required"),
+            (json.dumps({"type": "ack", "index": "x"}), "index: ack needs"),
         ]
         for text, message in bad:
             ws.send(text)
@@ -157,7 +160,14 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
 def test_start_errors_name_the_field(ws_url):
     with connect(ws_url) as ws:
         for message, expected in [
-            ({"type": "start", "mode": "bar"}, "mode: 'bar' is not available yet"),
+            ({"type": "start", "mode": "loop"}, "mode: must be one of ['rt', 'bar']"),
+            ({"type": "start", "mode": "bar", "params": {"loop_audio_b64": "%%"}},
+             "loop_audio_b64: not valid base64"),
+            ({"type": "start", "mode": "bar", "params": {"loop_audio_b64": ""}},
+             "loop_audio_b64: the upload is empty"),
+            ({"type": "start", "mode": "bar", "params": {"bpm": 1000}}, "bpm: must be within"),
+            ({"type": "start", "mode": "bar", "params": {"loudness_mode": "x"}},
+             "loudness_mode: must be one of"),
             ({"type": "start", "audio_format": "mp3"}, "audio_format: must be one of"),
             ({"type": "start", "params": {"chunk_seconds": 0.01}}, "chunk_seconds:"),
             ({"type": "start", "params": {"pace": "warp"}}, "pace:"),
