@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -56,6 +57,38 @@ def control_fields(
 
 
 ControlsForm = Depends(control_fields)
+
+
+@dataclasses.dataclass
+class RenderFields:
+    """The form fields /generate and /generate_style share (bpm differs: required with a
+    loop, 120 by default without)."""
+
+    bars: int
+    beats_per_bar: int
+    target_sample_rate: int | None
+    intro_bars_to_drop: int
+    request_id: str | None
+    seed: int | None
+    variant: str | None
+    tempo_guidance: bool
+
+
+def render_fields(
+    bars: int = Form(8, ge=1),
+    beats_per_bar: int = Form(4),
+    target_sample_rate: int | None = Form(None),
+    intro_bars_to_drop: int = Form(0, ge=0),
+    request_id: str | None = Form(None, max_length=200),
+    seed: int | None = Form(None, ge=0, lt=2**32),
+    variant: str | None = Form(None),
+    tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
+) -> RenderFields:
+    return RenderFields(bars, beats_per_bar, target_sample_rate, intro_bars_to_drop,
+                        request_id, seed, variant, tempo_guidance)
+
+
+RenderForm = Depends(render_fields)
 
 
 def chunk_b64(chunk, target_rate: int | None = None) -> dict:
@@ -129,13 +162,14 @@ def create_app(
 
     # -- fixed-length renders ------------------------------------------------
     async def render_bars(
-        controls: ControlFields, clock: BarClock, *, bars: int, intro_bars: int, rate: int,
-        request_id: str | None, seed: int | None, variant: str | None,
+        controls: ControlFields, clock: BarClock, render: RenderFields, rate: int, *,
         loop: np.ndarray | None = None, loop_weight: float = 1.0,
-        loudness_mode: str = "none", headroom_db: float = 1.0, tempo_guidance: bool = False,
+        loudness_mode: str = "none", headroom_db: float = 1.0,
     ) -> dict:
         """`bars` bars (after `intro_bars` dropped) at `rate`: exactly
         round(bars * seconds_per_bar * rate) samples, continuing `loop` when given."""
+        bars, intro_bars, request_id = render.bars, render.intro_bars_to_drop, render.request_id
+        tempo_guidance = render.tempo_guidance
         if bars + intro_bars > settings.max_bars:
             raise BadRequest(f"bars: at most {settings.max_bars} bars per request "
                              f"(intro included), got {bars + intro_bars}")
@@ -153,7 +187,8 @@ def create_app(
         stream = StreamConfig(chunk_frames=frames, pace="asap", max_backlog=1,
                               total_frames=frames)
         started, spec = await service.start(
-            controls, stream, seed, variant, track=False, loop=loop, loop_weight=loop_weight,
+            controls, stream, render.seed, render.variant, track=False, loop=loop,
+            loop_weight=loop_weight,
             tempo_guidance_bpm=clock.bpm if tempo_guidance else None)
         sid = started["session_id"]
         name, client = variant_of(sid), service.of_session(sid)
@@ -199,46 +234,30 @@ def create_app(
     async def generate(
         loop_audio: UploadFile = File(..., description="the loop to continue (WAV/FLAC/OGG/MP3)"),
         controls: ControlFields = ControlsForm,
+        render: RenderFields = RenderForm,
         bpm: float = Form(...),
-        bars: int = Form(8, ge=1),
-        beats_per_bar: int = Form(4),
         loop_weight: float = Form(1.0, ge=0, le=10),
         loudness_mode: str = Form("auto"),
         loudness_headroom_db: float = Form(1.0, ge=0, le=24),
-        target_sample_rate: int | None = Form(None),
-        intro_bars_to_drop: int = Form(0, ge=0),
-        request_id: str | None = Form(None, max_length=200),
-        seed: int | None = Form(None, ge=0, lt=2**32),
-        variant: str | None = Form(None),
-        tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
     ):
-        clock, rate = service.bar_clock(bpm, beats_per_bar), service.output_rate(target_sample_rate)
-        if request_id:
-            progress[request_id] = {"stage": "decoding", "total": 0}
+        clock = service.bar_clock(bpm, render.beats_per_bar)
+        rate = service.output_rate(render.target_sample_rate)
+        if render.request_id:
+            progress[render.request_id] = {"stage": "decoding", "total": 0}
         loop = await service.decode_loop(await loop_audio.read())
         return await render_bars(
-            controls, clock, bars=bars, intro_bars=intro_bars_to_drop, rate=rate,
-            request_id=request_id, seed=seed, variant=variant, loop=loop,
-            loop_weight=loop_weight, loudness_mode=loudness_mode,
-            headroom_db=loudness_headroom_db, tempo_guidance=tempo_guidance)
+            controls, clock, render, rate, loop=loop, loop_weight=loop_weight,
+            loudness_mode=loudness_mode, headroom_db=loudness_headroom_db)
 
     @app.post("/generate_style")
     async def generate_style(
         controls: ControlFields = ControlsForm,
+        render: RenderFields = RenderForm,
         bpm: float = Form(120.0),
-        bars: int = Form(8, ge=1),
-        beats_per_bar: int = Form(4),
-        target_sample_rate: int | None = Form(None),
-        intro_bars_to_drop: int = Form(0, ge=0),
-        request_id: str | None = Form(None, max_length=200),
-        seed: int | None = Form(None, ge=0, lt=2**32),
-        variant: str | None = Form(None),
-        tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
     ):
-        clock, rate = service.bar_clock(bpm, beats_per_bar), service.output_rate(target_sample_rate)
-        return await render_bars(
-            controls, clock, bars=bars, intro_bars=intro_bars_to_drop, rate=rate,
-            request_id=request_id, seed=seed, variant=variant, tempo_guidance=tempo_guidance)
+        clock = service.bar_clock(bpm, render.beats_per_bar)
+        return await render_bars(controls, clock, render,
+                                 service.output_rate(render.target_sample_rate))
 
     @app.get("/progress")
     async def get_progress(request_id: str = Query(...)):

@@ -143,8 +143,6 @@ class JamService:
         if loudness_mode not in LOUDNESS_MODES:
             raise BadRequest(f"loudness_mode: must be one of {list(LOUDNESS_MODES)}, "
                              f"got {loudness_mode!r}")
-        if not 1 <= bars_per_chunk <= 64:
-            raise BadRequest(f"bars_per_chunk: must be within 1..64, got {bars_per_chunk}")
         return BarSpec(clock, bars_per_chunk, self.output_rate(target_rate), loudness_mode,
                        headroom_db)
 
