@@ -2,20 +2,24 @@
 
 One Generator deployment per configured variant, a StyleEmbedder and the Ingress.
 A config that asks for GPUs on a cluster without any runs on CPU and says so
-(nothing hangs waiting for a GPU that will never come).
+(nothing hangs waiting for a GPU that will never come). The prototype's boot
+variables MRT_CKPT_REPO, MRT_CKPT_STEP and MRT_SIZE set the default variant's model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Mapping
 
 import ray
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from serve_app.engine.variants import VARIANTS
+from serve_app.api.ab import ABSplit
+from serve_app.engine.variants import VARIANTS, variant_for_size
 
 from .generator import Generator
 from .ingress import Ingress
@@ -32,7 +36,7 @@ class VariantConfig(BaseModel):
     name: str
     variant: str | None = None  # model variant; defaults to `name`
     repo: str | None = None
-    step: int | None = None
+    step: int | None = Field(None, ge=0)
     compute_dtype: str = "auto"
     max_sessions: int = Field(16, ge=1)
     buckets: list[int] | None = None
@@ -49,6 +53,11 @@ class VariantConfig(BaseModel):
             raise ValueError("variant names use letters, digits, '_' and '-' only")
         return v
 
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str | None) -> str | None:
+        return None if v is None else variant_for_size(v)
+
     @property
     def model_variant(self) -> str:
         return self.variant or self.name
@@ -57,6 +66,8 @@ class VariantConfig(BaseModel):
 class AppConfig(BaseModel):
     variants: list[VariantConfig]
     default_variant: str | None = None
+    # A/B split of sessions that name no variant: weight per variant, sticky per client id
+    ab_split: dict[str, float] | None = None
     style_embedder: dict = Field(default_factory=dict)  # {mock: bool, repo: str}
     ingress: dict = Field(default_factory=dict)  # {num_replicas, max_ongoing_requests}
     api: dict = Field(default_factory=dict)
@@ -116,18 +127,45 @@ def _generator(v: VariantConfig, resources: dict, n_generators: int):
         "compute_dtype": v.compute_dtype,
         "buckets": tuple(v.buckets) if v.buckets else None,
     }
-    return Generator.options(**options).bind(v.model_variant, core_options)
+    return Generator.options(**options).bind(v.name, v.model_variant, core_options)
+
+
+def apply_boot_env(config: AppConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """MRT_CKPT_REPO / MRT_CKPT_STEP / MRT_SIZE choose the default variant's boot model
+    (the prototype's way to boot a finetune); a later /model/select overrides them."""
+    repo, step, size = (environ.get(k, "").strip()
+                        for k in ("MRT_CKPT_REPO", "MRT_CKPT_STEP", "MRT_SIZE"))
+    if not (repo or step or size):
+        return
+    target = next(v for v in config.variants if v.name == config.default_variant)
+    if repo:
+        target.repo = repo
+    if step:
+        if not step.isdigit():
+            raise ValueError(f"MRT_CKPT_STEP: a checkpoint step number, got {step!r}")
+        target.step = int(step)
+    if size:
+        target.variant = variant_for_size(size)
+    log.info("boot model of %s from the environment: size %s, repo %s, step %s",
+             target.name, target.model_variant, target.repo, target.step)
 
 
 def build_app(args: dict) -> serve.Application:
     config = AppConfig(**args)
     if not config.variants:
         raise ValueError("variants: list at least one model variant to serve")
+    names = [v.name for v in config.variants]
+    config.default_variant = config.default_variant or names[0]
+    if config.default_variant not in names:
+        raise ValueError(f"default_variant: {config.default_variant!r} is not among {names}")
+    if config.ab_split is not None:
+        ABSplit(config.ab_split, names)  # validates names and weights
+    apply_boot_env(config)
     resources = _cluster_resources()
     generators = {
         v.name: _generator(v, resources, len(config.variants)) for v in config.variants
     }
-    api = {"default_variant": config.default_variant or config.variants[0].name, **config.api}
+    api = {"default_variant": config.default_variant, "ab_split": config.ab_split, **config.api}
     mock = config.style_embedder.get(
         "mock", all(v.model_variant == "tiny" for v in config.variants)
     )

@@ -1,4 +1,4 @@
-"""Generator deployment: one per model variant; a thin shell over GeneratorCore."""
+"""Generator deployment: one per configured variant; a thin shell over GeneratorCore."""
 
 from __future__ import annotations
 
@@ -6,14 +6,23 @@ from ray import serve
 
 from serve_app import logs
 from serve_app.generator import GeneratorCore, JamSpec, JamUpdate
+from serve_app.metrics import GeneratorMetrics
+from serve_app.selection import ModelSelection
+
+from .metrics import RayServeMetricsSink
+from .selection_store import RayKVSelectionStore
 
 
 @serve.deployment
 class Generator:
-    def __init__(self, variant: str, options: dict) -> None:
+    def __init__(self, name: str, variant: str, options: dict) -> None:
         logs.configure()
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.core = GeneratorCore(variant, replica_tag=replica, **options)
+        context = serve.get_replica_context()
+        self.core = GeneratorCore(
+            variant, name=name, replica_tag=context.replica_id.unique_id,
+            store=RayKVSelectionStore(context.app_name),
+            metrics=GeneratorMetrics(RayServeMetricsSink(name)), **options,
+        )
 
     async def health(self) -> dict:
         return await self.core.health()
@@ -53,6 +62,15 @@ class Generator:
 
     async def recent_audio(self, *, session_id: str, seconds: float):
         return await self.core.recent_audio(session_id, seconds)
+
+    async def select(self, selection: ModelSelection, **options) -> dict:
+        return await self.core.select(selection, **options)
+
+    async def load_assets(self, repo: str, revision: str | None = None) -> dict:
+        return await self.core.load_assets(repo, revision)
+
+    async def model_status(self) -> dict:
+        return await self.core.model_status()
 
     def __del__(self) -> None:
         core = getattr(self, "core", None)

@@ -76,6 +76,15 @@ class HandleGenerator:
     async def recent_audio(self, session_id, seconds):
         return await self._call("recent_audio", session_id=session_id, seconds=seconds)
 
+    async def select(self, selection, **options):
+        return await self._call("select", selection=selection, **options)
+
+    async def load_assets(self, repo, revision=None):
+        return await self._call("load_assets", repo=repo, revision=revision)
+
+    async def model_status(self):
+        return await self._call("model_status")
+
 
 class HandleStyles:
     def __init__(self, handle) -> None:

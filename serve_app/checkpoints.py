@@ -40,11 +40,15 @@ MUSICCOCA_FILES = (
 MEAN_FILE = "mean_style_embed.npy"
 CENTROIDS_FILE = "cluster_centroids.npy"
 _STEP_FILE = re.compile(r"^(?:checkpoints/)?checkpoint_(\d+)\.safetensors$")
-_V1_ARCHIVE = re.compile(r"checkpoint_\d+\.tgz$")
+_V1_ARCHIVE = re.compile(r"checkpoint_(\d+)\.tgz$")
 
 
 class CheckpointNotFound(FileNotFoundError):
     """A required model file is in neither the local directory nor the Hub/cache."""
+
+
+class V1Checkpoint(ValueError):
+    """The repo holds Magenta RT v1 (T5X `.tgz`) checkpoints, which this server cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +135,41 @@ def list_steps(files: list[str]) -> list[int]:
     return sorted({int(m.group(1)) for f in files if (m := _STEP_FILE.match(f))})
 
 
-def has_v1_archives(files: list[str]) -> bool:
-    return any(_V1_ARCHIVE.search(f) for f in files)
+def v1_steps(files: list[str]) -> list[int]:
+    return sorted({int(m.group(1)) for f in files if (m := _V1_ARCHIVE.search(f))})
+
+
+def list_checkpoints(repo: str, *, revision: str | None = None) -> dict:
+    """What a repo offers: finetune steps, the latest, base variant files, steering assets,
+    and any MRT v1 archives (listed so a client can tell why they are not offered)."""
+    files = Repo(repo, revision=revision).list_files()
+    steps = list_steps(files)
+    bases = sorted(pathlib.PurePosixPath(f).stem for f in files
+                   if f.startswith("checkpoints/") and f.endswith(".safetensors")
+                   and not _STEP_FILE.match(f))
+    return {
+        "repo_id": repo, "revision": revision, "steps": steps,
+        "latest": steps[-1] if steps else None, "base_checkpoints": bases,
+        "steering_assets": {"mean": MEAN_FILE in files, "centroids": CENTROIDS_FILE in files},
+        "v1_archives": v1_steps(files),
+    }
+
+
+def refuse_v1(repo: str, files: list[str], step: int | None) -> None:
+    """Raises V1Checkpoint when `step` (or, with no step, the whole repo) is only
+    available as an MRT v1 T5X archive."""
+    old = v1_steps(files)
+    if not old:
+        return
+    wanted_v1 = step in old if step is not None else not list_steps(files) and not any(
+        f.endswith(".safetensors") for f in files)
+    if wanted_v1:
+        which = f"checkpoint_{step}.tgz" if step is not None else "checkpoint_<step>.tgz files"
+        raise V1Checkpoint(
+            f"ckpt_repo: {repo} holds {which}, a Magenta RT v1 (T5X) checkpoint. This server "
+            "runs Magenta RT 2, whose weights are safetensors (checkpoint_<step>.safetensors "
+            "for finetune steps); finetune the MRT2 model and upload its safetensors"
+        )
 
 
 def checkpoint_candidates(variant_file: str, step: int | None) -> list[str]:
@@ -147,6 +184,32 @@ def _load_npy(path: pathlib.Path | None) -> np.ndarray | None:
     return np.load(path, allow_pickle=False).astype(np.float32)
 
 
+def load_steering(source: Repo) -> SteeringAssets:
+    """A finetune's steering assets (either may be absent); never unpickled."""
+    return SteeringAssets(mean=_load_npy(source.fetch(MEAN_FILE)),
+                          centroids=_load_npy(source.fetch(CENTROIDS_FILE)))
+
+
+def find_checkpoint(source: Repo, variant_file: str, step: int | None) -> pathlib.Path:
+    """The weights file of a base variant (no step) or a finetune step, or why not."""
+    try:
+        return source.require(
+            checkpoint_candidates(variant_file, step),
+            f"checkpoint{'' if step is None else f' step {step}'}",
+        )
+    except CheckpointNotFound:
+        refuse_v1(source.repo, source.list_files(), step)  # say so, if it is an MRT v1 repo
+        raise
+
+
+def _first(repos: list[Repo], name: str) -> pathlib.Path | None:
+    for repo in repos:
+        path = repo.fetch(name)
+        if path is not None:
+            return path
+    return None
+
+
 def resolve(
     repo: str,
     variant_file: str,
@@ -154,27 +217,26 @@ def resolve(
     step: int | None = None,
     revision: str | None = None,
     need_musiccoca: bool = True,
+    assets_repo: str | None = None,
+    base_repo: str | None = DEFAULT_REPO,
 ) -> ModelFiles:
     """Finds (downloading where needed) every file a model needs, or says what is missing."""
     source = Repo(repo, revision=revision)
-    checkpoint = source.require(
-        checkpoint_candidates(variant_file, step),
-        f"checkpoint{'' if step is None else f' step {step}'}",
-    )
+    checkpoint = find_checkpoint(source, variant_file, step)
     # Finetune repos usually hold only weights and steering assets; the codec encoder
     # and MusicCoCa then come from the base repo.
-    resources = source
-    if source.fetch(ENCODER_FILE) is None and repo != DEFAULT_REPO:
-        resources = Repo(DEFAULT_REPO)
-    encoder = resources.fetch(ENCODER_FILE)
+    resources = [source] if base_repo in (None, repo) else [source, Repo(base_repo)]
+    encoder = _first(resources, ENCODER_FILE)
     musiccoca_dir = None
     if need_musiccoca:
-        paths = [
-            resources.require([f"{MUSICCOCA_DIR}/{f}"], "MusicCoCa") for f in MUSICCOCA_FILES
-        ]
-        musiccoca_dir = paths[0].parent
-    steering = SteeringAssets(
-        mean=_load_npy(source.fetch(MEAN_FILE)), centroids=_load_npy(source.fetch(CENTROIDS_FILE))
-    )
+        for holder in resources:
+            paths = [holder.fetch(f"{MUSICCOCA_DIR}/{f}") for f in MUSICCOCA_FILES]
+            if all(paths):
+                musiccoca_dir = paths[0].parent
+                break
+        else:
+            raise CheckpointNotFound(f"MusicCoCa: {MUSICCOCA_DIR}/ is incomplete in "
+                                     f"{' and '.join(r.where() for r in resources)}")
+    steering = load_steering(Repo(assets_repo) if assets_repo else source)
     log.info("model files from %s: %s", source.where(), checkpoint.name)
     return ModelFiles(repo, checkpoint, step, encoder, musiccoca_dir, steering)

@@ -48,3 +48,9 @@ class OverCapacity(ApiError):
 
 class Unavailable(ApiError):
     status = 503
+
+
+class Conflict(ApiError):
+    """The request cannot be done in the server's current state (HTTP 409)."""
+
+    status = 409

@@ -20,23 +20,28 @@ import uuid
 
 import numpy as np
 
+from . import checkpoints
 from .audio.barclock import BarClock
 from .audio.bars import BarChunker
-from .audio.context import tiled_context
 from .audio.loudness import LoudnessMatcher
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
 from .engine.batch import DEFAULT_BUCKETS
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
-from .errors import BadRequest, OverCapacity, Unavailable, UnknownSession
+from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
 from .jam import Chunk, JamStream, StreamConfig
+from .loop_encoder import NoLoopEncoder, build_loop_encoder
+from .metrics import GeneratorMetrics
+from .model_switch import Candidate, Prepared, prepare, validate
+from .selection import ModelSelection, SelectionRecord, SelectionStore, stored_for_boot
 from .styles import blend
 
 log = logging.getLogger(__name__)
 
 SESSION_SEPARATOR = "@"
-FRAME_SAMPLES_PER_BAR_PROBE = 96000  # 2 s of silence: compiles the encoder at boot
 RECENT_AUDIO_SECONDS = 10.0
+SELECTION_POLL_SECONDS = 2.0  # how soon other replicas follow a model switch
+ENDED_SESSIONS_REMEMBERED = 1024
 
 
 @dataclasses.dataclass
@@ -108,10 +113,14 @@ def variant_of(session_id: str) -> str:
 
 
 class GeneratorCore:
+    """`name` is the generator's name in the config (sessions carry it); the model it
+    serves (`selection`) can change while it runs, see `select`."""
+
     def __init__(
         self,
         variant: str,
         *,
+        name: str | None = None,
         repo: str | None = None,
         step: int | None = None,
         max_sessions: int = 16,
@@ -119,86 +128,104 @@ class GeneratorCore:
         compute_dtype: str = "auto",
         replica_tag: str = "local",
         loaded: LoadedModel | None = None,
+        store: SelectionStore | None = None,
+        metrics: GeneratorMetrics | None = None,
+        selection_poll_seconds: float = SELECTION_POLL_SECONDS,
     ) -> None:
-        self.variant = variant
+        self.name = name or variant
         self.replica_tag = replica_tag
         self.max_sessions = max_sessions
         self.buckets = tuple(buckets or DEFAULT_BUCKETS)
+        self.compute_dtype = compute_dtype
+        self.boot_selection = ModelSelection(variant, repo, step)
+        self.selection = self.boot_selection
+        self.generation = 0  # of the stored selection this replica serves
+        self.store = store
+        self.metrics = metrics or GeneratorMetrics()
+        self.switch: dict = {"state": "idle"}  # the last model switch, for /model/status
         self.state = "initializing"
         self.error: str | None = None
         self.warmed: list[int] = []
         self.loaded: LoadedModel | None = None
         self.engine: BatchedEngine | None = None
+        self.encoder = NoLoopEncoder(self.name, "not loaded yet")
         self._jams: dict[str, JamStream] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.RLock()
+        self._switch_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._poll_seconds = selection_poll_seconds
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.steps = 0
         self.step_seconds = 0.0
-        self._encoder = None
-        self._encoder_error = "not loaded yet"
         self.prefill_frames = 0
         self._thread = threading.Thread(
-            target=self._boot_and_run,
-            args=(repo, step, compute_dtype, loaded),
-            name=f"generator-{variant}",
-            daemon=True,
+            target=self._boot_and_run, args=(loaded,), name=f"generator-{self.name}", daemon=True,
         )
         self._thread.start()
 
+    @property
+    def variant(self) -> str:
+        """The model variant (architecture) served now."""
+        return self.selection.variant
+
     # -- lifecycle ------------------------------------------------------------
-    def _boot_and_run(self, repo, step, compute_dtype, loaded) -> None:
+    def _stored(self) -> SelectionRecord | None:
+        """The selection made on any replica of this generator (see stored_for_boot)."""
+        return stored_for_boot(self.store, self.name, self.boot_selection)
+
+    def _load(self, selection: ModelSelection) -> LoadedModel:
+        return load_model(selection.variant, repo=selection.repo, step=selection.step,
+                          revision=selection.revision, assets_repo=selection.assets_repo,
+                          compute_dtype=self.compute_dtype)
+
+    def _boot_and_run(self, loaded) -> None:
         try:
-            log.info("generator %s: loading model", self.variant)
-            self.loaded = loaded or load_model(
-                self.variant, repo=repo, step=step, compute_dtype=compute_dtype
-            )
-            buckets = tuple(b for b in self.buckets if b <= max(self.max_sessions, 1))
-            needed = min((b for b in self.buckets if b >= self.max_sessions), default=None)
-            if needed and needed not in buckets:
-                buckets = (*buckets, needed)
-            engine = BatchedEngine(
-                self.loaded.model, self.loaded.style, buckets=buckets,
-                max_sessions=self.max_sessions,
-            )
-            engine.warmup(progress=self._warmed)
-            self._warm_encoder()
-            self.engine = engine
+            record = None if loaded is not None else self._stored()
+            if record is not None:
+                try:
+                    log.info("generator %s: loading the selected model %s", self.name,
+                             record.selection.describe())
+                    loaded = self._load(record.selection)
+                    self.selection, self.generation = record.selection, record.generation
+                except Exception as e:  # serve the boot default rather than nothing
+                    log.error("generator %s: the selected model failed to load (%s); "
+                              "serving the boot default", self.name, e)
+                    self.generation = record.generation
+            if loaded is None:
+                log.info("generator %s: loading model", self.name)
+                loaded = self._load(self.boot_selection)
+            self.loaded = loaded
+            self.engine = self._make_engine(loaded, progress=self._warmed)
+            self.encoder = build_loop_encoder(loaded, self.name)
             self.state = "ready"
-            log.info("generator %s: ready (buckets %s)", self.variant, buckets)
+            log.info("generator %s: ready (buckets %s)", self.name, self.engine.buckets)
         except Exception as e:  # reported by /health instead of a crash loop
-            log.exception("generator %s failed to start", self.variant)
+            log.exception("generator %s failed to start", self.name)
             self.state, self.error = "error", f"{type(e).__name__}: {e}"
             return
+        if self.store is not None:
+            threading.Thread(target=self._follow_store, name=f"selection-{self.name}",
+                             daemon=True).start()
         self._run()
 
-    def _warm_encoder(self) -> None:
-        """Loads and compiles the loop encoder (fixed input length: one compile). A repo
-        without the encoder still serves style jams; loop requests then say why not."""
-        try:
-            self._encoder = self.loaded.audio_encoder()
-            self._loop_codes(np.zeros((FRAME_SAMPLES_PER_BAR_PROBE, CHANNELS), np.float32),
-                             BarClock(120.0))
-            log.info("generator %s: loop encoder ready", self.variant)
-        except Exception as e:
-            self._encoder = None
-            self._encoder_error = f"{type(e).__name__}: {e}"
-            log.warning("generator %s: no loop encoder (%s)", self.variant, e)
-
-    def _loop_codes(self, loop: np.ndarray, clock: BarClock) -> np.ndarray:
-        """A loop's context codes [context_frames, 12], ending on a bar line."""
-        if self._encoder is None:
-            raise Unavailable(f"loop_audio: generator {self.variant} cannot encode audio "
-                              f"({self._encoder_error})")
-        frames = self.loaded.variant.context_frames
-        return self._encoder.encode(tiled_context(loop, clock, frames))[-frames:]
+    def _make_engine(self, loaded: LoadedModel, progress=None) -> BatchedEngine:
+        """An engine for `loaded`, compiled for every batch bucket before it serves."""
+        buckets = tuple(b for b in self.buckets if b <= max(self.max_sessions, 1))
+        needed = min((b for b in self.buckets if b >= self.max_sessions), default=None)
+        if needed and needed not in buckets:
+            buckets = (*buckets, needed)
+        engine = BatchedEngine(loaded.model, loaded.style, buckets=buckets,
+                               max_sessions=self.max_sessions)
+        engine.warmup(progress=progress)
+        return engine
 
     def _warmed(self, bucket: int) -> None:
         self.warmed.append(bucket)
-        log.info("generator %s: compiled batch bucket %d", self.variant, bucket)
+        log.info("generator %s: compiled batch bucket %d", self.name, bucket)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -224,7 +251,7 @@ class GeneratorCore:
             try:
                 self._step(due)
             except Exception as e:
-                log.exception("generator %s: step failed", self.variant)
+                log.exception("generator %s: step failed", self.name)
                 self.state, self.error = "error", f"step failed: {type(e).__name__}: {e}"
                 return
 
@@ -236,9 +263,12 @@ class GeneratorCore:
         with self._lock:
             t0 = time.perf_counter()
             frames = self.engine.step(only=due)
-            self.step_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.step_seconds += seconds
             self.steps += 1
             self.batch_sizes[len(frames)] += 1
+            self.metrics.record("mrt_step_ms", 1000 * seconds)
+            self.metrics.record("mrt_frames", len(frames))
             now = time.monotonic()
             completed = []
             for sid, frame in frames.items():
@@ -249,14 +279,28 @@ class GeneratorCore:
                     if not jam.session.prefill_pending:
                         jam.prefill_done(now)
                     continue
+                underruns = jam.underruns
                 if jam.push(frame.audio, now) is not None:
                     completed.append(sid)
+                    self._chunk_done(jam, late=jam.underruns > underruns, batch=len(frames),
+                                     step_seconds=seconds)
                     if jam.pending_context is not None:
                         jam.session.prefill(jam.pending_context)
                         jam.pending_context = None
 
         for sid in completed:
             self._notify(sid)
+
+    def _chunk_done(self, jam: JamStream, *, late: bool, batch: int,
+                    step_seconds: float) -> None:
+        self.metrics.record("mrt_chunks")
+        self.metrics.record("mrt_chunk_latency_ms", 1000 * jam.last_chunk_latency)
+        if late:
+            self.metrics.record("mrt_underruns")
+            if jam.underruns == 1:  # once per session, then counted in status and metrics
+                log.warning("generator %s: session %s fell behind real time (batch %d, "
+                            "%.1f ms per 40 ms frame)", self.name, jam.session.id, batch,
+                            1000 * step_seconds)
 
     def _notify(self, session_id: str) -> None:
         event = self._events.get(session_id)
@@ -268,12 +312,14 @@ class GeneratorCore:
     def _require_ready(self) -> None:
         if self.state != "ready":
             detail = f": {self.error}" if self.error else " (loading and compiling the model)"
-            raise Unavailable(f"generator {self.variant} is {self.state}{detail}")
+            raise Unavailable(f"generator {self.name} is {self.state}{detail}")
 
     def _jam(self, session_id: str) -> JamStream:
         jam = self._jams.get(session_id)
         if jam is not None:
             return jam
+        if session_id in self._ended:
+            raise UnknownSession(f"session {session_id} ended: {self._ended[session_id]}")
         owner = replica_of(session_id)
         if owner and owner != self.replica_tag:
             raise UnknownSession(
@@ -298,7 +344,7 @@ class GeneratorCore:
         self._loop = asyncio.get_running_loop()
         self._require_ready()
         seed = spec.seed if spec.seed is not None else int(np.random.default_rng().integers(2**31))
-        session_id = make_session_id(self.variant, self.replica_tag)
+        session_id = make_session_id(self.name, self.replica_tag)
         try:
             session = Session(
                 self._style_embedding(spec.style), seed=seed, controls=spec.controls,
@@ -313,21 +359,24 @@ class GeneratorCore:
             raise BadRequest(str(e)) from e
         if spec.loop is not None:
             clock = spec.bar.clock if spec.bar is not None else BarClock(120.0)
-            session.prefill(await asyncio.to_thread(self._loop_codes, spec.loop, clock))
+            session.prefill(await asyncio.to_thread(self.encoder.codes, spec.loop, clock))
         with self._lock:
             try:
                 self.engine.add(session)
             except CapacityError as e:
                 raise OverCapacity(
-                    f"generator {self.variant} is full ({self.max_sessions} sessions per "
+                    f"generator {self.name} is full ({self.max_sessions} sessions per "
                     "replica); retry shortly or stop another session"
                 ) from e
             self._jams[session_id] = jam
             self._events[session_id] = asyncio.Event()
+            self.metrics.record("mrt_sessions", len(self._jams))
+        self.metrics.record("mrt_sessions_started")
         self._wake.set()
         return {
             "session_id": session_id,
-            "variant": self.variant,
+            "variant": self.name,
+            "model": self.selection.describe(),
             "seed": seed,
             "chunk_seconds": spec.stream.chunk_frames / FRAMES_PER_SECOND,
             "sample_rate": SAMPLE_RATE,
@@ -407,7 +456,7 @@ class GeneratorCore:
                     min(frames, self.loaded.variant.context_frames - 1))
         if loop is None:
             raise BadRequest("loop_audio: reseed needs new audio")
-        codes = await asyncio.to_thread(self._loop_codes, loop, clock)
+        codes = await asyncio.to_thread(self.encoder.codes, loop, clock)
         if anchor.shape[0]:
             codes = np.concatenate([codes[anchor.shape[0]:], anchor])
         with self._lock:
@@ -432,7 +481,8 @@ class GeneratorCore:
             c = jam.session.controls
             return {
                 **jam.status(),
-                "variant": self.variant,
+                "variant": self.name,
+                "model": self.selection.describe(),
                 "seed": jam.session.seed,
                 "temperature": c.temperature,
                 "topk": c.top_k,
@@ -442,16 +492,42 @@ class GeneratorCore:
                 "prefill_pending_frames": jam.session.prefill_pending,
                 "frames_forced": jam.session.frames_forced,
                 "sessions_on_replica": len(self._jams),
+                **self._behind_message(jam),
             }
+
+    def _behind_message(self, jam: JamStream) -> dict:
+        if not jam.underruns:
+            return {}
+        return {"message": (
+            f"this session fell behind real time {jam.underruns} time(s): generator "
+            f"{self.name} is overloaded (last step: {jam.last_batch_size} sessions, "
+            f"{self.mean_step_ms:.1f} ms mean per 40 ms frame); expect gaps in playback")}
+
+    @property
+    def mean_step_ms(self) -> float:
+        return 1000 * self.step_seconds / self.steps if self.steps else 0.0
 
     async def stop(self, session_id: str) -> dict:
         with self._lock:
             jam = self._jam(session_id)
-            self.engine.remove(session_id)
-            del self._jams[session_id]
-            event = self._events.pop(session_id)
-        event.set()  # wake a waiting next_chunk so it sees the session is gone
+            self._drop(session_id)
         return {"session_id": session_id, "stopped": True, "frames": jam.session.frames_generated}
+
+    def _drop(self, session_id: str, reason: str | None = None,
+              engine: BatchedEngine | None = None) -> None:
+        """Removes a session (caller holds the lock); with a `reason`, later calls for it
+        are told why it ended. A waiting next_chunk wakes and sees it gone."""
+        (engine or self.engine).remove(session_id)
+        del self._jams[session_id]
+        event = self._events.pop(session_id)
+        if reason is not None:
+            self._ended[session_id] = reason
+            while len(self._ended) > ENDED_SESSIONS_REMEMBERED:
+                self._ended.popitem(last=False)
+        self.metrics.record("mrt_sessions", len(self._jams))
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(event.set)
 
     async def stop_all(self) -> dict:
         with self._lock:
@@ -476,7 +552,8 @@ class GeneratorCore:
     async def health(self) -> dict:
         with self._lock:
             return {
-                "variant": self.variant,
+                "variant": self.name,
+                "model": self.selection.describe(),
                 "replica": self.replica_tag,
                 "state": self.state,
                 "error": self.error,
@@ -484,8 +561,214 @@ class GeneratorCore:
                 "max_sessions": self.max_sessions,
                 "compiled_buckets": list(self.warmed),
                 "steps": self.steps,
-                "mean_step_ms": 1000 * self.step_seconds / self.steps if self.steps else None,
+                "mean_step_ms": self.mean_step_ms if self.steps else None,
                 "batch_sizes": dict(self.batch_sizes),
-                "loop_encoder": self._encoder is not None,
+                "loop_encoder": not isinstance(self.encoder, NoLoopEncoder),
                 "prefill_frames": self.prefill_frames,
+                "metrics": self.metrics.snapshot(),
+                "switch": dict(self.switch),
+                "selection_generation": self.generation,
+            }
+
+    # -- model management -------------------------------------------------------
+    async def select(
+        self,
+        selection: ModelSelection,
+        *,
+        dry_run: bool = False,
+        prewarm: bool = True,
+        stop_active: bool = False,
+        sync_assets: bool = True,
+    ) -> dict:
+        """Switches this generator to `selection`, live sessions and all.
+
+        Everything is checked before anything changes (a dry run stops there). The new
+        weights load beside the old ones and are swapped in between two steps, so
+        sessions on the same architecture keep streaming without a gap; another
+        architecture needs `stop_active` when sessions are live, and ends them with a
+        message. With `prewarm` the call returns once the new model serves; without,
+        once the checks pass (follow /model/status). Any failure keeps the old model.
+        """
+        self._require_ready()
+        if not self._switch_lock.acquire(blocking=False):
+            raise Conflict(f"model: generator {self.name} is already switching models "
+                           f"({self.switch.get('target')}); retry when /model/status says done")
+        try:
+            self.switch = {"state": "validating", "target": selection.describe(),
+                           "since": time.time()}
+            candidate = await asyncio.to_thread(validate, selection, self.loaded)
+            report = {"variant": self.name, "replica": self.replica_tag, "dry_run": dry_run,
+                      "previous": self.selection.describe(), **candidate.report()}
+            live = self.session_count
+            if not candidate.same_architecture and live and not stop_active and not dry_run:
+                raise Conflict(
+                    f"stop_active: {live} live session(s) run {self.variant}, which cannot "
+                    f"continue on {selection.variant} (another architecture); pass "
+                    f"stop_active=true to end them, or pick a {self.variant} checkpoint")
+        except BaseException as e:
+            self._switch_failed(e, validating=True)
+            self._switch_lock.release()
+            raise
+        if dry_run:
+            self.switch = {"state": "idle", "last_dry_run": report}
+            self._switch_lock.release()
+            return {**report, "ok": True}
+        job = asyncio.to_thread(self._switch_to, candidate, stop_active, sync_assets)
+        if not prewarm:
+            task = asyncio.ensure_future(job)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged there
+            return {**report, "ok": True, "state": "loading"}
+        return {**report, **await job}
+
+    def _switch_failed(self, error: BaseException, *, validating: bool = False) -> None:
+        message = (error.message if isinstance(error, ApiError)
+                   else f"{type(error).__name__}: {error}")
+        # nothing was swapped: the old model never stopped serving
+        self.switch = {**self.switch, "state": "failed", "error": message,
+                       "failed_while": "validating" if validating else "loading",
+                       "still_serving": self.selection.describe()}
+        log.warning("generator %s: model switch to %s failed, still serving %s: %s",
+                    self.name, self.switch.get("target"), self.selection.describe(), message)
+
+    def _switch_to(self, candidate: Candidate, stop_active: bool, sync_assets: bool,
+                   record: SelectionRecord | None = None) -> dict:
+        """Loads, hands over, remembers (runs in a worker thread, holding the switch lock)."""
+        try:
+            self.switch = {**self.switch, "state": "loading"}
+            try:
+                prepared = prepare(candidate, self.loaded, name=self.name,
+                                   compute_dtype=self.compute_dtype,
+                                   make_engine=self._make_engine,
+                                   keep_steering=not sync_assets)
+            except BaseException as e:
+                self._switch_failed(e)
+                raise
+            kept, ended = self._hand_over(prepared, stop_active)
+            if record is None:
+                record = self._remember(candidate.selection)
+            self.generation = record.generation if record else self.generation
+            self.metrics.record("mrt_model_switches")
+            result = {"ok": True, "state": "serving", "sessions_kept": kept,
+                      "sessions_ended": ended, "load_seconds": round(prepared.seconds, 3),
+                      "generation": self.generation}
+            self.switch = {**result, "state": "done", "serving": candidate.selection.describe(),
+                           "finished": time.time()}
+            return result
+        finally:
+            self._switch_lock.release()
+
+    def _hand_over(self, prepared: Prepared, stop_active: bool) -> tuple[int, int]:
+        """The swap itself, between two steps (the step loop holds the same lock)."""
+        selection = prepared.candidate.selection
+        with self._lock:
+            ended = 0
+            if prepared.engine is not None or stop_active:
+                reason = (f"generator {self.name} switched from {self.variant} to "
+                          f"{selection.variant}, another architecture; start a new session"
+                          if prepared.engine is not None else
+                          f"generator {self.name} switched models with stop_active; "
+                          "start a new session")
+                for sid in list(self._jams):
+                    self._drop(sid, reason)
+                    ended += 1
+            if prepared.engine is not None:
+                self.engine = prepared.engine
+            else:
+                self.engine.model = prepared.loaded.model
+            self.loaded, self.encoder, self.selection = (
+                prepared.loaded, prepared.encoder, selection)
+            kept = len(self._jams)
+        log.info("generator %s: now serving %s (%d sessions kept, %d ended)",
+                 self.name, selection.describe(), kept, ended)
+        return kept, ended
+
+    def _remember(self, selection: ModelSelection) -> SelectionRecord | None:
+        """Stores the choice so every replica (restarted, or added later) serves it."""
+        if self.store is None:
+            return None
+        current = self._stored()
+        generation = max(self.generation, current.generation if current else 0) + 1
+        record = SelectionRecord(selection, self.boot_selection, generation)
+        try:
+            self.store.put(self.name, record)
+        except Exception as e:
+            log.error("generator %s: could not store the selection (%s); other replicas "
+                      "and restarts will not follow it", self.name, e)
+            return None
+        return record
+
+    def _follow_store(self) -> None:
+        """Other replicas' switches reach this one within a poll interval."""
+        while not self._stopping:
+            time.sleep(self._poll_seconds)
+            record = self._stored()
+            if record is None or record.generation <= self.generation:
+                continue
+            if not self._switch_lock.acquire(blocking=False):
+                continue  # a switch is running here; look again next time
+            log.info("generator %s: following selection %d: %s", self.name,
+                     record.generation, record.selection.describe())
+            self.switch = {"state": "validating", "target": record.selection.describe(),
+                           "since": time.time(), "following": record.generation}
+            try:
+                candidate = validate(record.selection, self.loaded)
+            except BaseException as e:
+                self._switch_failed(e, validating=True)
+                self.generation = record.generation  # do not retry a broken choice forever
+                self._switch_lock.release()
+                continue
+            with contextlib.suppress(Exception):  # reported through self.switch
+                self._switch_to(candidate, True, True, record)
+
+    async def load_assets(self, repo: str, revision: str | None = None) -> dict:
+        """Replaces the steering assets (mean style, centroids) of the model served now,
+        e.g. a finetune's assets over base weights. Live sessions keep their blend; new
+        styles and updates use the new assets."""
+        self._require_ready()
+        try:
+            steering = await asyncio.to_thread(
+                checkpoints.load_steering, checkpoints.Repo(repo, revision=revision))
+        except checkpoints.CheckpointNotFound as e:
+            raise BadRequest(f"repo_id: {e}") from e
+        except ValueError as e:
+            raise BadRequest(f"repo_id: {repo}: steering assets unusable ({e})") from e
+        if steering.mean is None and steering.centroids is None:
+            raise BadRequest(f"repo_id: {repo} has neither {checkpoints.MEAN_FILE} nor "
+                             f"{checkpoints.CENTROIDS_FILE} at its root")
+        if not self._switch_lock.acquire(blocking=False):
+            raise Conflict(f"model: generator {self.name} is switching models; retry later")
+        try:
+            with self._lock:
+                self.loaded = dataclasses.replace(self.loaded, steering=steering)
+                selection = dataclasses.replace(self.selection, assets_repo=repo)
+                self.selection = selection
+            record = self._remember(selection)
+            if record is not None:
+                self.generation = record.generation
+        finally:
+            self._switch_lock.release()
+        return {"variant": self.name, "assets_repo_id": repo,
+                "steering_assets": steering.describe()}
+
+    async def model_status(self) -> dict:
+        """What this replica serves, the last switch, and what the store says."""
+        record = await asyncio.to_thread(self._stored)
+        with self._lock:
+            loaded = self.loaded
+            return {
+                "variant": self.name,
+                "replica": self.replica_tag,
+                "state": self.state,
+                "error": self.error,
+                "model": self.selection.describe(),
+                "boot_default": self.boot_selection.describe(),
+                "checkpoint": loaded.files.checkpoint.name if loaded and loaded.files else None,
+                "steering_assets": loaded.steering.describe() if loaded else None,
+                "loop_encoder": not isinstance(self.encoder, NoLoopEncoder),
+                "sessions": len(self._jams),
+                "switch": dict(self.switch),
+                "selection_generation": self.generation,
+                "stored_selection": (
+                    {**record.selection.describe(), "generation": record.generation}
+                    if record else None),
             }

@@ -98,6 +98,12 @@ class JamStream:
         self.consumed = -1
         self.dropped_chunks = 0
         self.behind_frames = 0  # realtime frames that were due but late
+        # Underruns (realtime): the client starts playing when chunk 0 is ready, so chunk
+        # k is needed by then plus the audio before it; a chunk completed later is late.
+        self.underruns = 0
+        self._first_chunk: tuple[float, int] | None = None  # (ready at, first frame)
+        self._chunk_started_at: float | None = None
+        self.last_chunk_latency: float | None = None  # seconds, first frame -> complete
         self.last_batch_size = 0  # sessions in the last step that advanced this one
 
     # -- generation side ----------------------------------------------------
@@ -148,8 +154,14 @@ class JamStream:
             lateness = (now - self.started) * FRAMES_PER_SECOND - self.session.frames_generated
             self.behind_frames = max(0, int(lateness))
         self._recent.append(frame)
-        if self.chunker is not None:
-            return self._push_bars(frame)
+        if self._chunk_started_at is None:
+            self._chunk_started_at = now
+        chunk = self._push_bars(frame) if self.chunker is not None else self._push_frame(frame)
+        if chunk is not None:
+            self._completed(chunk, now)
+        return chunk
+
+    def _push_frame(self, frame: np.ndarray) -> Chunk | None:
         self._frames.append(frame)
         if len(self._frames) < self.config.chunk_frames and not self.finished:
             return None
@@ -160,6 +172,18 @@ class JamStream:
         self.next_chunk_index += 1
         self.backlog.append(chunk)
         return chunk
+
+    def _completed(self, chunk: Chunk, now: float) -> None:
+        self.last_chunk_latency = now - self._chunk_started_at
+        self._chunk_started_at = None
+        if self.config.pace != "realtime":
+            return
+        if self._first_chunk is None:
+            self._first_chunk = (now, chunk.first_frame)
+            return
+        ready_at, first_frame = self._first_chunk
+        if now > ready_at + (chunk.first_frame - first_frame) / FRAMES_PER_SECOND:
+            self.underruns += 1
 
     def _push_bars(self, frame: np.ndarray) -> Chunk | None:
         chunk = None
@@ -228,6 +252,7 @@ class JamStream:
             "max_backlog": self.config.max_backlog,
             "dropped_chunks": self.dropped_chunks,
             "behind_frames": self.behind_frames,
+            "underruns": self.underruns,
             "total_frames": self.config.total_frames,
             "finished": self.finished and not self._frames,
         }

@@ -43,9 +43,37 @@ def make_engine(tiny):
 
 
 @pytest.fixture(scope="session")
-def serve_base(tiny_repo):
-    """One real Ray Serve instance of our graph (tiny, CPU) for every API test module."""
-    from .serve_fixtures import running_serve, tiny_config
+def serve_root():
+    """One real Ray Serve instance for the whole test session."""
+    from .serve_fixtures import ray_serve
 
-    with running_serve(tiny_config(tiny_repo)) as url:
+    with ray_serve() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def serve_base(serve_root, tiny_repo):
+    """Our graph (tiny, CPU) on that instance, for every API test module."""
+    from .serve_fixtures import deploy, tiny_config
+
+    return deploy(serve_root, tiny_config(tiny_repo))
+
+
+@pytest.fixture(scope="session")
+def finetunes(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Two `tiny` "finetunes" in local repos, made by our script as a user would:
+    seed 1 at step 100 and seed 2 at step 200 (both scripts run at once)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("finetunes")
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts/make_tiny_checkpoint.py"
+    repos = {"a": (root / "ft-a", 1, 100), "b": (root / "ft-b", 2, 200)}
+    runs = [subprocess.Popen([sys.executable, str(script), "--out", str(out), "--seed",
+                              str(seed), "--step", str(step)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for out, seed, step in repos.values()]
+    for run in runs:
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, output
+    return {k: out for k, (out, _, _) in repos.items()}

@@ -40,21 +40,30 @@ def wait_ready(base: str, timeout: float = 300) -> dict:
 
 
 @contextlib.contextmanager
-def running_serve(config: dict):
+def ray_serve():
+    """Ray and Serve, started once per test session (Ray start costs ~10 s); apps are
+    deployed onto it with `deploy`. Logical CPUs are accounting only: 8 fit two apps."""
     import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy(root: str, config: dict, *, name: str = "mrt", route_prefix: str = "/") -> str:
+    """Deploys our graph as application `name` under `route_prefix`; its base URL once ready."""
     from ray import serve
 
     from deployments.app import build_app
 
-    port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="mrt", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base)
-        yield base
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
+    base = root + route_prefix.rstrip("/")
+    wait_ready(base)
+    return base

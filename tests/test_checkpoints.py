@@ -108,8 +108,42 @@ def test_step_listing_and_v1_archives():
     files = ["checkpoint_10.safetensors", "checkpoints/checkpoint_2.safetensors",
              "checkpoints/mrt2_small.safetensors", "checkpoint_1863001.tgz"]
     assert checkpoints.list_steps(files) == [2, 10]
-    assert checkpoints.has_v1_archives(files)
-    assert not checkpoints.has_v1_archives(files[:3])
+    assert checkpoints.v1_steps(files) == [1863001]
+    assert checkpoints.v1_steps(files[:3]) == []
+    # a step only present as a v1 archive is refused, a safetensors step is not
+    with pytest.raises(checkpoints.V1Checkpoint, match=r"Magenta RT v1.*runs Magenta RT 2"):
+        checkpoints.refuse_v1("r", files, 1863001)
+    checkpoints.refuse_v1("r", files, 10)
+    # a repo of nothing but v1 archives is refused when no step is named
+    with pytest.raises(checkpoints.V1Checkpoint, match=r"checkpoint_<step>\.tgz"):
+        checkpoints.refuse_v1("r", ["checkpoint_5.tgz", "mean_style_embed.npy"], None)
+
+
+def test_checkpoint_listing_of_a_local_repo(tiny_repo, tmp_path):
+    shutil.copytree(tiny_repo, tmp_path, dirs_exist_ok=True)
+    for step in (300, 100):
+        shutil.copy(tiny_repo / "checkpoints/tiny.safetensors",
+                    tmp_path / f"checkpoint_{step}.safetensors")
+    (tmp_path / "checkpoint_7.tgz").write_bytes(b"not really")
+    listing = checkpoints.list_checkpoints(str(tmp_path))
+    assert listing["steps"] == [100, 300] and listing["latest"] == 300
+    assert listing["v1_archives"] == [7]
+    assert listing["steering_assets"] == {"mean": True, "centroids": True}
+
+
+def test_weights_check_reads_headers_only(tiny, tiny_repo, tmp_path):
+    from serve_app.engine import weights
+    from serve_app.engine.model import expected_param_shapes
+
+    expected = expected_param_shapes(tiny.model.sampler)
+    ckpt = tiny_repo / "checkpoints/tiny.safetensors"
+    report = weights.check(ckpt, expected)
+    assert report["tensors"] == len(weights.flatten(expected))
+    # header intact, data cut short: the check passes, loading names the problem
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(weights.CheckpointError, match=r"cut\.safetensors"):
+        weights.load(cut, expected)
 
 
 def test_make_tiny_checkpoint_script_writes_a_finetune_step(tmp_path):

@@ -31,6 +31,7 @@ from ..generator import variant_of
 from ..jam import StreamConfig, frames_for
 from ..web import page
 from .clients import GeneratorClient, StyleClient
+from .models import add_model_routes
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
 from .service import ControlFields, JamService
 from .settings import ApiSettings
@@ -57,6 +58,7 @@ def control_fields(
 
 
 ControlsForm = Depends(control_fields)
+CLIENT_ID_HELP = "stable id of the client: keeps its A/B variant the same across sessions"
 
 
 @dataclasses.dataclass
@@ -72,6 +74,7 @@ class RenderFields:
     seed: int | None
     variant: str | None
     tempo_guidance: bool
+    client_id: str | None
 
 
 def render_fields(
@@ -83,9 +86,10 @@ def render_fields(
     seed: int | None = Form(None, ge=0, lt=2**32),
     variant: str | None = Form(None),
     tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
+    client_id: str | None = Form(None, max_length=200, description=CLIENT_ID_HELP),
 ) -> RenderFields:
     return RenderFields(bars, beats_per_bar, target_sample_rate, intro_bars_to_drop,
-                        request_id, seed, variant, tempo_guidance)
+                        request_id, seed, variant, tempo_guidance, client_id)
 
 
 RenderForm = Depends(render_fields)
@@ -132,7 +136,8 @@ def create_app(
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "form"))
             problems.append(f"{field}: {err['msg']}")
-        return JSONResponse({"error": "; ".join(problems), "detail": exc.errors()},
+        detail = [{k: err[k] for k in ("loc", "msg", "type")} for err in exc.errors()]
+        return JSONResponse({"error": "; ".join(problems), "detail": detail},
                             status_code=422, headers={})
 
     # -- service -------------------------------------------------------------
@@ -188,7 +193,7 @@ def create_app(
                               total_frames=frames)
         started, spec = await service.start(
             controls, stream, render.seed, render.variant, track=False, loop=loop,
-            loop_weight=loop_weight,
+            loop_weight=loop_weight, client_id=render.client_id,
             tempo_guidance_bpm=clock.bpm if tempo_guidance else None)
         sid = started["session_id"]
         name, client = variant_of(sid), service.of_session(sid)
@@ -296,6 +301,7 @@ def create_app(
         loudness_headroom_db: float = Form(1.0, ge=0, le=24),
         target_sample_rate: int | None = Form(None),
         tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
+        client_id: str | None = Form(None, max_length=200, description=CLIENT_ID_HELP),
     ):
         """A loop or `bars_per_chunk` makes a bar-mode jam (chunks of whole bars on an exact
         grid); `chunk_seconds` alone makes a frame-mode jam."""
@@ -311,7 +317,7 @@ def create_app(
                               max_backlog=settings.max_backlog_chunks)
         started, _ = await service.start(
             controls, stream, seed, variant, loop=loop, loop_weight=loop_weight, bar=bar,
-            tempo_guidance_bpm=clock.bpm if tempo_guidance else None)
+            tempo_guidance_bpm=clock.bpm if tempo_guidance else None, client_id=client_id)
         if bar is not None:
             started.update(mode="bar", chunk_seconds=chunk_seconds,
                            bars_per_chunk=bar.bars_per_chunk, bpm=clock.bpm,
@@ -385,6 +391,7 @@ def create_app(
         return page("tester.html")
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    add_model_routes(app, service)
     app.add_middleware(ApiKeyMiddleware, settings=settings)
     return app
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..generator import JamSpec, JamUpdate
 from ..jam import Chunk
+from ..selection import ModelSelection
 
 
 class GeneratorClient(Protocol):
@@ -28,6 +29,10 @@ class GeneratorClient(Protocol):
     async def reseed(self, session_id: str, loop: np.ndarray,
                      anchor_bars: float | None = None) -> dict: ...
     async def recent_audio(self, session_id: str, seconds: float) -> np.ndarray: ...
+    async def select(self, selection: ModelSelection, *, dry_run: bool, prewarm: bool,
+                     stop_active: bool, sync_assets: bool) -> dict: ...
+    async def load_assets(self, repo: str, revision: str | None = None) -> dict: ...
+    async def model_status(self) -> dict: ...
 
 
 class StyleClient(Protocol):

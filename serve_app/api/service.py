@@ -18,6 +18,7 @@ from ..frames import SAMPLE_RATE
 from ..generator import BarSpec, JamSpec, JamUpdate, StyleSpec, variant_of
 from ..jam import StreamConfig
 from ..styles.prompts import parse_floats, parse_styles
+from .ab import ABSplit
 from .clients import GeneratorClient, StyleClient
 from .settings import ApiSettings
 
@@ -90,7 +91,17 @@ class JamService:
         self.generators = dict(generators)
         self.styles = styles
         self.settings = settings
+        self.ab = ABSplit(settings.ab_split, generators) if settings.ab_split else None
         self.sessions: dict[str, str] = {}  # started here: id -> variant (/jam/stop_all)
+
+    def assign(self, variant: str | None, client_id: str | None = None) -> tuple[str, str]:
+        """The variant a new session runs on, and why: named in the request, drawn by the
+        config's A/B split (sticky per `client_id`), or the default."""
+        if variant:
+            return variant, "request"
+        if self.ab is not None:
+            return self.ab.assign(client_id), "ab_split"
+        return self.settings.default_variant, "default"
 
     def generator(self, variant: str | None) -> tuple[str, GeneratorClient]:
         name = variant or self.settings.default_variant
@@ -179,14 +190,16 @@ class JamService:
     async def start(self, fields: ControlFields, stream: StreamConfig, seed: int | None,
                     variant: str | None, *, track: bool = True, loop: np.ndarray | None = None,
                     loop_weight: float = 1.0, bar: BarSpec | None = None,
-                    tempo_guidance_bpm: float | None = None) -> tuple[dict, JamSpec]:
+                    tempo_guidance_bpm: float | None = None,
+                    client_id: str | None = None) -> tuple[dict, JamSpec]:
+        variant, assigned_by = self.assign(variant, client_id)
         name, client = self.generator(variant)
         if not 0 <= loop_weight <= 10:
             raise BadRequest(f"loop_weight: must be within 0..10, got {loop_weight:g}")
         spec = await self.jam_spec(fields, stream, seed)
         spec.style = await self.with_audio_style(spec.style, loop, loop_weight, "loop")
         spec.loop, spec.bar, spec.tempo_guidance_bpm = loop, bar, tempo_guidance_bpm
-        started = await client.start(spec)
+        started = {**await client.start(spec), "assigned_by": assigned_by}
         if track:
             self.sessions[started["session_id"]] = name
         return started, spec

@@ -14,6 +14,7 @@ def _env_list(name: str) -> list[str]:
 
 class ApiSettings(BaseModel):
     default_variant: str = "tiny"
+    ab_split: dict[str, float] | None = None  # weights of variants for unnamed sessions
     max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0)
     max_styles: int = Field(8, ge=1)
     max_bars: int = Field(64, ge=1)

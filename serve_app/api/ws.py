@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 AUDIO_FORMATS = ("wav", "pcm16")
 NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant", "window_chunks", "bpm",
                  "beats_per_bar", "bars_per_chunk", "target_sr", "loudness_mode",
-                 "headroom_db", "loop_audio_b64", "loop_weight", "tempo_guidance")
+                 "headroom_db", "loop_audio_b64", "loop_weight", "tempo_guidance", "client_id")
 MODES = ("rt", "bar")
 
 
@@ -59,6 +59,7 @@ class WsParams(BaseModel):
     chunk_seconds: float | None = Field(None, ge=0.04, le=10.0)
     seed: int | None = Field(None, ge=0, lt=2**32)
     variant: str | None = None
+    client_id: str | None = Field(None, max_length=200)
     window_chunks: int | None = Field(None, ge=1, le=64)
     # bar mode
     loop_audio_b64: str | None = None
@@ -184,7 +185,7 @@ class JamSocket:
         started, _ = await service.start(params.control_fields(), stream, params.seed,
                                          params.variant, track=False, loop=loop,
                                          loop_weight=params.loop_weight, bar=bar,
-                                         tempo_guidance_bpm=tempo)
+                                         tempo_guidance_bpm=tempo, client_id=params.client_id)
         if bar is not None:
             started.update(chunk_seconds=chunk_seconds, bars_per_chunk=bar.bars_per_chunk,
                            bpm=bar.clock.bpm, beats_per_bar=bar.clock.beats_per_bar,

@@ -59,16 +59,43 @@ def resolve_compute_dtype(variant: Variant, compute_dtype: str = "auto"):
         ) from None
 
 
+def resolve_files(
+    variant: Variant,
+    *,
+    repo: str | None = None,
+    step: int | None = None,
+    revision: str | None = None,
+    assets_repo: str | None = None,
+) -> checkpoints.ModelFiles:
+    """The files of a variant's weights (`tiny` with no repo: the local tiny repo, made
+    if absent; others: the official Hub repo, which also lends finetune repos the codec
+    encoder and MusicCoCa they lack). `tiny` has its own codec and a mock MusicCoCa."""
+    tiny = variant.name == "tiny"
+    return checkpoints.resolve(
+        repo_for(variant, repo), variant.checkpoint_file, step=step, revision=revision,
+        need_musiccoca=not tiny, assets_repo=assets_repo,
+        base_repo=None if tiny else checkpoints.DEFAULT_REPO,
+    )
+
+
+def repo_for(variant: Variant, repo: str | None) -> str:
+    if repo is not None:
+        return repo
+    return str(ensure_tiny_repo()) if variant.name == "tiny" else checkpoints.DEFAULT_REPO
+
+
 def load_model(
     variant_name: str,
     *,
     repo: str | None = None,
     step: int | None = None,
     revision: str | None = None,
+    assets_repo: str | None = None,
     compute_dtype: str = "auto",
     random_weights_seed: int | None = None,
+    files: checkpoints.ModelFiles | None = None,
 ) -> LoadedModel:
-    """Loads a variant from its repo (`tiny`: the local tiny repo, made if absent).
+    """Loads a variant from its repo (or from already resolved `files`).
 
     `random_weights_seed` skips files entirely (benchmarks: speed does not depend on
     weight values).
@@ -76,20 +103,15 @@ def load_model(
     t0 = time.perf_counter()
     variant = get_variant(variant_name)
     sampler = build_sampler(variant, compute_dtype=resolve_compute_dtype(variant, compute_dtype))
-    mock_style = variant.name == "tiny"
     if random_weights_seed is not None:
         params, files = random_params(sampler, random_weights_seed), None
         steering = SteeringAssets()
     else:
-        if repo is None:
-            repo = str(ensure_tiny_repo()) if mock_style else checkpoints.DEFAULT_REPO
-        files = checkpoints.resolve(
-            repo, variant.checkpoint_file, step=step, revision=revision,
-            need_musiccoca=not mock_style,
-        )
+        files = files or resolve_files(variant, repo=repo, step=step, revision=revision,
+                                       assets_repo=assets_repo)
         params = weights.load(files.checkpoint, expected_param_shapes(sampler))
         steering = files.steering
-    if mock_style or files is None:
+    if variant.name == "tiny" or files is None:
         style = StyleModel.mock()
     else:
         style = StyleModel.from_resources(files.musiccoca_dir)

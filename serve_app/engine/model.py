@@ -15,6 +15,7 @@ backend's `forced_tokens`, built from the same layers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from typing import Any
@@ -164,6 +165,13 @@ class StreamingModel:
     @property
     def frame_samples(self) -> int:
         return FRAME_SAMPLES
+
+    def with_params(self, params: Params) -> StreamingModel:
+        """The same model with other weights of the same shapes. The jitted functions
+        are shared, so nothing recompiles: this is what makes a hot swap free."""
+        other = copy.copy(self)
+        other.params = params
+        return other
 
     def state_at(self, seed: int) -> State:
         return self.init_state(self.params, jnp.asarray(seed, jnp.uint32))

@@ -137,3 +137,18 @@ def get_variant(name: str) -> Variant:
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# `size` as the prototype's clients send it (MRT v1 had "base" and "large"), mapped
+# to the Magenta RT 2 variant of that rank; exact variant names are accepted too.
+SIZE_ALIASES = {"small": "mrt2_small", "base": "mrt2_base", "large": "mrt2_base"}
+
+
+def variant_for_size(size: str) -> str:
+    """The model variant a `size` names, or a ValueError naming the field."""
+    name = SIZE_ALIASES.get(size.strip().lower(), size.strip())
+    if name not in VARIANTS:
+        raise ValueError(
+            f"size: unknown model size {size!r}; choose one of "
+            f"{sorted({*SIZE_ALIASES, *VARIANTS})}"
+        )
+    return name

@@ -45,34 +45,56 @@ def save(tree: dict, path: pathlib.Path) -> None:
     tmp.replace(path)
 
 
+def _open(path: pathlib.Path):
+    try:
+        return safetensors.safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _check_tensors(f, path: pathlib.Path, want: dict, prefix: str) -> int:
+    """Raises CheckpointError naming the first missing or misshapen tensor; returns the
+    number of tensors in the file that the model does not use."""
+    available = set(f.keys())
+    missing = [k for k in want if prefix + k not in available]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {prefix + missing[0]!r}{more}")
+    for key, spec in want.items():
+        shape = tuple(f.get_slice(prefix + key).get_shape())
+        if shape != tuple(spec.shape):
+            raise CheckpointError(
+                f"{path}: tensor {prefix + key!r} has shape {shape}, "
+                f"the model expects {tuple(spec.shape)}"
+            )
+    return len(available) - len(want)
+
+
+def check(path: pathlib.Path, expected: dict, *, prefix: str = "") -> dict:
+    """Checks names and shapes against `expected` from the file's header alone (no tensor
+    data is read), so a dry run of a model switch costs no memory."""
+    want = flatten(expected)
+    with _open(path) as f:
+        extra = _check_tensors(f, path, want, prefix)
+    return {"tensors": len(want), "ignored_tensors": extra}
+
+
 def load(path: pathlib.Path, expected: dict, *, prefix: str = "") -> dict:
     """Loads the tensors of `expected` (a tree of ShapeDtypeStructs) from `path`.
 
     `prefix` maps expected keys into the file, e.g. the encoder file stores
     `params/encoder/...` for a tree rooted at the encoder. Extra tensors in the
-    file are ignored (upstream files may carry more than one model needs).
+    file are ignored (upstream files may carry more than one model needs). Every
+    tensor is checked before any is read.
     """
     want = flatten(expected)
-    try:
-        handle = safetensors.safe_open(str(path), framework="numpy")
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    with handle as f:
-        available = set(f.keys())
-        missing = [k for k in want if prefix + k not in available]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{path}: missing tensor {prefix + missing[0]!r}{more}")
-        loaded = {}
-        for key, spec in want.items():
-            shape = tuple(f.get_slice(prefix + key).get_shape())
-            if shape != tuple(spec.shape):
-                raise CheckpointError(
-                    f"{path}: tensor {prefix + key!r} has shape {shape}, "
-                    f"the model expects {tuple(spec.shape)}"
-                )
-            loaded[key] = f.get_tensor(prefix + key).astype(spec.dtype, copy=False)
-    extra = len(available) - len(want)
+    with _open(path) as f:
+        extra = _check_tensors(f, path, want, prefix)
+        try:
+            loaded = {key: f.get_tensor(prefix + key).astype(spec.dtype, copy=False)
+                      for key, spec in want.items()}
+        except Exception as e:  # truncated data behind a valid header
+            raise CheckpointError(f"{path}: tensor data unreadable ({e})") from e
     if extra > 0:
         log.debug("%s: ignored %d tensors the model does not use", path, extra)
     return jax.device_put(unflatten(loaded))

@@ -1,0 +1,59 @@
+"""Per-generator counters: what an A/B test between variants is read from.
+
+The generator keeps plain tallies (reported by /health and /model/variants) and
+mirrors every event to a `MetricsSink`. In Ray Serve the sink is Ray Serve's
+metrics API (deployments/metrics.py), so the same numbers reach Prometheus,
+tagged with the generator's name and model; without Ray nothing is exported.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+# name -> (kind, description); the Ray sink declares exactly these.
+METRICS = {
+    "mrt_sessions": ("gauge", "live sessions on this generator replica"),
+    "mrt_sessions_started": ("counter", "sessions started"),
+    "mrt_frames": ("counter", "40 ms frames generated (forced prefill frames included)"),
+    "mrt_chunks": ("counter", "chunks completed"),
+    "mrt_underruns": ("counter", "realtime chunks completed after the client needed them"),
+    "mrt_step_ms": ("histogram", "wall time of one batched engine step"),
+    "mrt_chunk_latency_ms": ("histogram", "wall time from a chunk's first frame to its last"),
+    "mrt_model_switches": ("counter", "successful model selections (hot swaps)"),
+}
+HISTOGRAM_BOUNDARIES_MS = [5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240]
+
+
+class MetricsSink(Protocol):
+    def record(self, name: str, value: float) -> None: ...
+
+
+class GeneratorMetrics:
+    def __init__(self, sink: MetricsSink | None = None) -> None:
+        self.sink = sink
+        self._lock = threading.Lock()
+        self.totals = {name: 0.0 for name, (kind, _) in METRICS.items() if kind == "counter"}
+        self.sessions = 0
+        self._sums = {name: [0, 0.0] for name, (kind, _) in METRICS.items()
+                      if kind == "histogram"}
+
+    def record(self, name: str, value: float = 1.0) -> None:
+        kind = METRICS[name][0]
+        with self._lock:
+            if kind == "counter":
+                self.totals[name] += value
+            elif kind == "histogram":
+                self._sums[name][0] += 1
+                self._sums[name][1] += value
+            else:
+                self.sessions = int(value)
+        if self.sink is not None:
+            self.sink.record(name, value)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            means = {f"{name}_mean": (total / n if n else None)
+                     for name, (n, total) in self._sums.items()}
+            return {"mrt_sessions": self.sessions,
+                    **{k: int(v) for k, v in self.totals.items()}, **means}

@@ -1,0 +1,252 @@
+"""Model management in-process: /model/* over a real GeneratorCore, two tiny finetunes
+made by scripts/make_tiny_checkpoint.py, and a selection store on disk.
+
+The same routes through Ray Serve (live WebSocket sessions, A/B, a restarted
+replica) are in tests/test_serve_models.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from deployments.app import AppConfig, apply_boot_env
+from serve_app.api.ab import ABSplit
+from serve_app.api.app import create_app
+from serve_app.api.settings import ApiSettings
+from serve_app.generator import GeneratorCore
+from serve_app.selection import (
+    FileSelectionStore,
+    ModelSelection,
+    SelectionRecord,
+    stored_for_boot,
+)
+from serve_app.styles.service import StyleService
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return FileSelectionStore(tmp_path_factory.mktemp("selections"))
+
+
+@pytest.fixture(scope="module")
+def core(tiny, store):
+    core = GeneratorCore("tiny", loaded=tiny, max_sessions=2, buckets=(1, 2), store=store,
+                         selection_poll_seconds=0.2)
+    yield core
+    core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(core, tiny):
+    app = create_app({"tiny": core}, StyleService(tiny.style), ApiSettings())
+    with TestClient(app) as client:
+        for _ in range(600):
+            if client.get("/health").json()["status"] == "ready":
+                break
+            time.sleep(0.5)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def bad_repos(tmp_path_factory, finetunes):
+    """A v1 repo (T5X archive only), a truncated checkpoint and an unreadable one."""
+    root = tmp_path_factory.mktemp("bad")
+    v1 = root / "v1"
+    v1.mkdir()
+    (v1 / "checkpoint_1863001.tgz").write_bytes(b"\x1f\x8b not a real archive")
+    shutil.copy(finetunes["a"] / "mean_style_embed.npy", v1)
+    broken = root / "broken"
+    shutil.copytree(finetunes["a"], broken)
+    good = (finetunes["a"] / "checkpoint_100.safetensors").read_bytes()
+    (broken / "checkpoint_300.safetensors").write_bytes(good[: len(good) // 2])  # header ok
+    (broken / "checkpoint_400.safetensors").write_bytes(b"garbage")
+    return {"v1": v1, "broken": broken}
+
+
+def first_chunk_audio(http, seed: int) -> np.ndarray:
+    sid = http.post("/jam/start", data={"chunk_seconds": "0.08", "seed": str(seed),
+                                        "styles": "techno"}).json()["session_id"]
+    chunk = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]
+    http.post("/jam/stop", json={"session_id": sid})
+    audio, _ = sf.read(io.BytesIO(base64.b64decode(chunk["audio_base64"])), dtype="int16")
+    return audio
+
+
+def model_of(http) -> dict:
+    return http.get("/model/status").json()["variants"]["tiny"]["model"]
+
+
+def test_checkpoint_listing(http, finetunes, bad_repos):
+    listing = http.get("/model/checkpoints", params={"repo_id": str(finetunes["a"])}).json()
+    assert listing["steps"] == [100] and listing["latest"] == 100
+    assert listing["steering_assets"] == {"mean": True, "centroids": True}
+    assert http.get("/model/checkpoints",
+                    params={"repo_id": str(bad_repos["v1"])}).json()["v1_archives"] == [1863001]
+    r = http.get("/model/checkpoints", params={"repo_id": "/no/such/dir"})
+    assert r.status_code in (400, 503) and r.json()["error"].startswith("repo_id:")
+
+
+def test_dry_run_checks_without_switching(http, finetunes):
+    before = model_of(http)
+    r = http.post("/model/select", json={"repo_id": str(finetunes["a"]), "step": 100,
+                                         "dry_run": True})
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["dry_run"] and report["same_architecture"]
+    assert report["checkpoint"] == "checkpoint_100.safetensors"
+    assert model_of(http) == before
+
+
+def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_repos):
+    before = model_of(http)
+    cases = [
+        ({"ckpt_repo": str(bad_repos["v1"]), "ckpt_step": 1863001}, 400, "Magenta RT 2"),
+        ({"ckpt_repo": str(bad_repos["v1"])}, 400, "Magenta RT v1"),
+        ({"ckpt_repo": str(finetunes["a"]), "ckpt_step": 999}, 400, "ckpt_step:"),
+        ({"ckpt_repo": str(bad_repos["broken"]), "ckpt_step": 400}, 400, "not a readable"),
+        # a tiny checkpoint does not fit mrt2_small: named tensor, the size in the message
+        ({"ckpt_repo": str(finetunes["a"]), "ckpt_step": 100, "size": "small",
+          "dry_run": True}, 400, "mrt2_small"),
+        ({"ckpt_repo": "a", "repo_id": "b"}, 422, "ckpt_repo and repo_id"),
+        ({"ckpt_repo": str(finetunes["a"]), "size": "huge"}, 422, "size: unknown model size"),
+        ({"ckpt_repo": str(finetunes["a"]), "ckpt_stp": 5}, 422, "ckpt_stp"),
+        ({"ckpt_step": "latest"}, 400, "ckpt_step: 'latest' needs ckpt_repo"),
+        ({"variant": "nope"}, 400, "variant:"),
+    ]
+    for body, status, text in cases:
+        r = http.post("/model/select", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert text in r.json()["error"], (body, r.json()["error"])
+    assert model_of(http) == before
+
+
+def test_corrupt_checkpoint_rolls_back(http, bad_repos):
+    before = model_of(http)
+    r = http.post("/model/select", json={"ckpt_repo": str(bad_repos["broken"]),
+                                         "ckpt_step": 300})
+    assert r.status_code == 400 and "ckpt_step:" in r.json()["error"]
+    assert "checkpoint_300.safetensors" in r.json()["error"]
+    status = http.get("/model/status").json()["variants"]["tiny"]
+    assert status["switch"]["state"] == "failed"
+    assert status["switch"]["still_serving"] == before
+    assert status["model"] == before and status["state"] == "ready"
+
+
+def test_hot_swap_keeps_a_live_session_streaming_on_new_weights(http, core, finetunes, store):
+    old_audio = first_chunk_audio(http, seed=7)
+    sid = http.post("/jam/start", data={"chunk_seconds": "0.08", "seed": "3"}).json()[
+        "session_id"]
+    chunks = [http.get("/jam/next", params={"session_id": sid}).json()["chunk"]
+              for _ in range(3)]
+    # the prototype's keys
+    r = http.post("/model/select", json={"repo_id": str(finetunes["a"]), "step": 100,
+                                         "prewarm": True})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["state"] == "serving" and result["sessions_kept"] == 1
+    assert result["sessions_ended"] == 0 and result["generation"] == 1
+    chunks += [http.get("/jam/next", params={"session_id": sid}).json()["chunk"]
+               for _ in range(3)]
+    assert [c["index"] for c in chunks] == list(range(6))
+    frames = [c["metadata"]["first_frame"] for c in chunks]
+    assert frames == [2 * i for i in range(6)]  # no frame lost across the swap
+    http.post("/jam/stop", json={"session_id": sid})
+    assert model_of(http) == {"size": "tiny", "repo_id": str(finetunes["a"]), "step": 100,
+                              "revision": None, "assets_repo_id": None}
+    # new weights: the same seed now plays something else
+    assert not np.array_equal(first_chunk_audio(http, seed=7), old_audio)
+    assert store.get("tiny").selection.step == 100
+
+
+def test_latest_step_and_the_documented_keys(http, finetunes):
+    r = http.post("/model/select", json={"ckpt_repo": str(finetunes["b"]),
+                                         "ckpt_step": "latest", "prewarm": False})
+    assert r.status_code == 202 and r.json()["step"] == 200
+    deadline = time.monotonic() + 120
+    while (switch := http.get("/model/status").json()["variants"]["tiny"]["switch"])[
+            "state"] != "done":
+        assert time.monotonic() < deadline, switch
+        time.sleep(0.2)
+    assert model_of(http)["step"] == 200
+
+
+def test_steering_assets_load_from_another_repo(http, finetunes):
+    r = http.post("/model/assets/load", json={"repo_id": str(finetunes["a"])})
+    assert r.status_code == 200 and r.json()["steering_assets"]["centroids"] == 3
+    assets = http.get("/model/assets/status").json()["variants"]["tiny"]
+    assert assets["assets_repo_id"] == str(finetunes["a"])
+    r = http.post("/model/assets/load", json={"repo_id": str(finetunes["a"] / "checkpoints")})
+    assert r.status_code == 400 and r.json()["error"].startswith("repo_id:")
+
+
+def test_a_new_replica_serves_the_stored_selection_and_follows_changes(core, store, http,
+                                                                         finetunes):
+    """A second core on the same store is a restarted (or added) replica."""
+    selected = store.get("tiny")
+    replica = GeneratorCore("tiny", max_sessions=1, buckets=(1,), store=store,
+                            selection_poll_seconds=0.2)
+    try:
+        deadline = time.monotonic() + 300
+        while replica.state != "ready":
+            assert replica.state != "error", replica.error
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert replica.selection == selected.selection
+        assert replica.generation == selected.generation
+        # a switch made on the first replica reaches this one
+        r = http.post("/model/select", json={"ckpt_repo": str(finetunes["a"]),
+                                             "ckpt_step": 100})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 120
+        while replica.selection.step != 100:
+            assert time.monotonic() < deadline, replica.switch
+            time.sleep(0.2)
+        assert replica.generation == core.generation
+    finally:
+        replica.shutdown()
+
+
+def test_a_changed_boot_default_wins_over_an_old_selection(tmp_path):
+    store = FileSelectionStore(tmp_path)
+    old_boot = ModelSelection("tiny", "/old/boot", None)
+    store.put("tiny", SelectionRecord(ModelSelection("tiny", "/picked", 5), old_boot, 3))
+    assert stored_for_boot(store, "tiny", old_boot).selection.repo == "/picked"
+    assert stored_for_boot(store, "tiny", ModelSelection("tiny", "/new/boot", None)) is None
+    assert stored_for_boot(store, "other", old_boot) is None
+
+
+def test_ab_split_is_sticky_and_follows_the_weights():
+    split = ABSplit({"a": 3, "b": 1}, ["a", "b", "c"])
+    ids = [f"client-{i}" for i in range(4000)]
+    first = [split.assign(c) for c in ids]
+    assert first == [split.assign(c) for c in ids]  # sticky
+    assert ABSplit({"b": 1, "a": 3}, ["a", "b"]).assign("client-7") == first[7]
+    share = first.count("a") / len(first)
+    assert 0.72 < share < 0.78  # sha256 spreads ids evenly; fixed ids, so not flaky
+    for weights, text in [({"x": 1}, "'x' is not a served variant"),
+                          ({"a": -1}, "must be >= 0"), ({"a": 0}, "must not all be zero"),
+                          ({}, "at least one")]:
+        with pytest.raises(ValueError, match=text):
+            ABSplit(weights, ["a", "b"])
+
+
+def test_boot_defaults_come_from_the_environment():
+    config = AppConfig(variants=[{"name": "main", "variant": "tiny"}, {"name": "other"}],
+                       default_variant="main")
+    apply_boot_env(config, {"MRT_CKPT_REPO": "thepatch/ft", "MRT_CKPT_STEP": "1863001",
+                            "MRT_SIZE": "large"})
+    main = config.variants[0]
+    assert (main.repo, main.step, main.model_variant) == ("thepatch/ft", 1863001, "mrt2_base")
+    assert config.variants[1].repo is None
+    with pytest.raises(ValueError, match="MRT_CKPT_STEP"):
+        apply_boot_env(config, {"MRT_CKPT_STEP": "last"})
+    with pytest.raises(ValueError, match="size: unknown model size"):
+        apply_boot_env(config, {"MRT_SIZE": "huge"})
