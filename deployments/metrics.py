@@ -21,13 +21,14 @@ class RayServeMetricsSink:
             options = {"boundaries": HISTOGRAM_BOUNDARIES_MS} if kind == "histogram" else {}
             metric = _KINDS[kind](name, description=description,
                                   tag_keys=("variant",), **options)
-            metric.set_default_tags(self.tags)
+            metric.set_default_tags(dict(self.tags))  # Serve adds its tags in place
             self._metrics[name] = metric
 
     def record(self, name: str, value: float) -> None:
         metric = self._metrics[name]
         if isinstance(metric, metrics.Counter):
-            metric.inc(value)
+            if value > 0:  # Ray's counters refuse zero increments
+                metric.inc(value)
         elif isinstance(metric, metrics.Gauge):
             metric.set(value)
         else:

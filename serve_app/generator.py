@@ -25,7 +25,7 @@ from .audio.barclock import BarClock
 from .audio.bars import BarChunker
 from .audio.loudness import LoudnessMatcher
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
-from .engine.batch import DEFAULT_BUCKETS
+from .engine.batch import DEFAULT_BUCKETS, PendingStep
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
@@ -158,6 +158,7 @@ class GeneratorCore:
         self._wake = threading.Event()
         self._stopping = False
         self._poll_seconds = selection_poll_seconds
+        self._follower: threading.Thread | None = None
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.steps = 0
         self.step_seconds = 0.0
@@ -207,9 +208,10 @@ class GeneratorCore:
             log.exception("generator %s failed to start", self.name)
             self.state, self.error = "error", f"{type(e).__name__}: {e}"
             return
-        if self.store is not None:
-            threading.Thread(target=self._follow_store, name=f"selection-{self.name}",
-                             daemon=True).start()
+        if self.store is not None and not self._stopping:
+            self._follower = threading.Thread(target=self._follow_store, daemon=True,
+                                              name=f"selection-{self.name}")
+            self._follower.start()
         self._run()
 
     def _make_engine(self, loaded: LoadedModel, progress=None) -> BatchedEngine:
@@ -227,43 +229,74 @@ class GeneratorCore:
         self.warmed.append(bucket)
         log.info("generator %s: compiled batch bucket %d", self.name, bucket)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the step loop and waits (up to `timeout`) for its threads to leave XLA:
+        a thread killed inside a computation at interpreter exit aborts the process."""
         self._stopping = True
         self._wake.set()
+        for thread in (self._thread, self._follower):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
 
     def _run(self) -> None:
+        """The step loop, pipelined one step deep: step k+1 is dispatched before step k's
+        audio is fetched and delivered, so the device computes while the host hands out
+        chunks. Joins, leaves and switches happen between iterations, under the lock."""
+        pending: PendingStep | None = None
         while not self._stopping:
-            with self._lock:
-                now = time.monotonic()
-                due = {sid for sid, jam in self._jams.items() if jam.due(now)}
-                if due:
-                    # Realtime sessions started at different moments fall due at different
-                    # phases of the 40 ms grid; whoever is due within the next frame joins
-                    # this step (at most one frame early, inside its lead), so they share
-                    # one batched step instead of each taking its own.
-                    soon = now + 1.0 / FRAMES_PER_SECOND
-                    due |= {sid for sid, jam in self._jams.items() if jam.due(soon)}
-                wait = self._seconds_until_due(now) if not due else 0.0
-            if not due:
-                self._wake.wait(timeout=wait)
-                self._wake.clear()
-                continue
             try:
-                self._step(due)
+                with self._lock:
+                    due = self._due(time.monotonic())
+                    following = self._dispatch(due) if due else None
+                if pending is not None:
+                    self._deliver(pending)
+                pending = following
             except Exception as e:
                 log.exception("generator %s: step failed", self.name)
                 self.state, self.error = "error", f"step failed: {type(e).__name__}: {e}"
                 return
+            if pending is None:
+                with self._lock:
+                    now = time.monotonic()
+                    if self._due(now):
+                        continue  # due again now that the delivered frames count
+                    wait = self._seconds_until_due(now)
+                self._wake.wait(timeout=wait)
+                self._wake.clear()
+
+    def _due(self, now: float) -> set[str]:
+        due = {sid for sid, jam in self._jams.items() if jam.due(now)}
+        if due:
+            # Realtime sessions started at different moments fall due at different phases
+            # of the 40 ms grid; whoever is due within the next frame joins this step (at
+            # most one frame early, inside its lead), so they share one batched step
+            # instead of each taking its own.
+            soon = now + 1.0 / FRAMES_PER_SECOND
+            due |= {sid for sid, jam in self._jams.items() if jam.due(soon)}
+        return due
 
     def _seconds_until_due(self, now: float) -> float:
         times = [t for jam in self._jams.values() if (t := jam.next_due_at()) is not None]
         return max(0.0, min(times) - now) if times else 0.5
 
-    def _step(self, due: set[str]) -> None:
+    def _dispatch(self, due: set[str]) -> PendingStep | None:
+        pending = self.engine.dispatch(only=due)
+        if pending is not None:
+            pending.started = time.perf_counter()
+            for sid in pending.session_ids:
+                self._jams[sid].in_flight += 1
+        return pending
+
+    def _deliver(self, pending: PendingStep) -> None:
+        """Waits for a dispatched step (outside the lock: API calls go on meanwhile), then
+        hands each session its frame."""
+        pending.fetch()
+        seconds = time.perf_counter() - pending.started
         with self._lock:
-            t0 = time.perf_counter()
-            frames = self.engine.step(only=due)
-            seconds = time.perf_counter() - t0
+            frames = self.engine.finish(pending)
+            for sid in pending.session_ids:
+                if (jam := self._jams.get(sid)) is not None:
+                    jam.in_flight -= 1
             self.step_seconds += seconds
             self.steps += 1
             self.batch_sizes[len(frames)] += 1

@@ -105,6 +105,7 @@ class JamStream:
         self._chunk_started_at: float | None = None
         self.last_chunk_latency: float | None = None  # seconds, first frame -> complete
         self.last_batch_size = 0  # sessions in the last step that advanced this one
+        self.in_flight = 0  # frames dispatched to the device and not yet delivered here
 
     # -- generation side ----------------------------------------------------
     @property
@@ -120,13 +121,23 @@ class JamStream:
             self.dropped_chunks += 1
         return True
 
+    @property
+    def _frames_started(self) -> int:
+        """Frames generated or on their way: what pacing and length limits count."""
+        return self.session.frames_generated + self.in_flight
+
     def due(self, now: float) -> bool:
+        if self.in_flight and self.pending_context is not None:
+            return False  # a reseed starts exactly at the chunk boundary: wait for it
         if self.session.prefill_pending:
             return True
-        if self.finished or not self._make_room():
+        total = self.config.total_frames
+        if total is not None and self._frames_started >= total:
+            return False
+        if not self._make_room():
             return False
         if self.config.pace == "realtime":
-            return self.session.frames_generated < self._frames_allowed(now)
+            return self._frames_started < self._frames_allowed(now)
         return True
 
     def _frames_allowed(self, now: float) -> int:
@@ -145,7 +156,7 @@ class JamStream:
             return 0.0
         if self.config.pace != "realtime" or self.finished:
             return None
-        next_frame = self.session.frames_generated + 1 - self.config.lead_frames
+        next_frame = self._frames_started + 1 - self.config.lead_frames
         return self.started + next_frame / FRAMES_PER_SECOND
 
     def push(self, frame: np.ndarray, now: float) -> Chunk | None:

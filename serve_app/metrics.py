@@ -8,8 +8,11 @@ tagged with the generator's name and model; without Ray nothing is exported.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 # name -> (kind, description); the Ray sink declares exactly these.
 METRICS = {
@@ -32,6 +35,7 @@ class MetricsSink(Protocol):
 class GeneratorMetrics:
     def __init__(self, sink: MetricsSink | None = None) -> None:
         self.sink = sink
+        self._sink_failed = False
         self._lock = threading.Lock()
         self.totals = {name: 0.0 for name, (kind, _) in METRICS.items() if kind == "counter"}
         self.sessions = 0
@@ -48,8 +52,15 @@ class GeneratorMetrics:
                 self._sums[name][1] += value
             else:
                 self.sessions = int(value)
-        if self.sink is not None:
+        if self.sink is None:
+            return
+        try:
             self.sink.record(name, value)
+        except Exception as e:  # exporting must never stop generation
+            if not self._sink_failed:
+                log.warning("metrics export failed (%s: %s); counters stay local",
+                            type(e).__name__, e)
+            self._sink_failed = True
 
     def snapshot(self) -> dict:
         with self._lock:

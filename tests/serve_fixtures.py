@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 
@@ -46,11 +47,18 @@ def ray_serve():
     import ray
     from ray import serve
 
-    port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for attempt in range(3):  # a free port can be taken by Ray itself before Serve binds
+            port = free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                break
+            except Exception:
+                serve.shutdown()
+                if attempt == 2:
+                    raise
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -67,3 +75,15 @@ def deploy(root: str, config: dict, *, name: str = "mrt", route_prefix: str = "/
     base = root + route_prefix.rstrip("/")
     wait_ready(base)
     return base
+
+
+def recv_json(ws, kind: str | None = None, timeout: float = 60) -> dict:
+    """The next JSON message (skipping binary frames and, if `kind`, other types)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if isinstance(message, bytes):
+            continue
+        data = json.loads(message)
+        if kind is None or data["type"] == kind or data["type"] == "error":
+            return data

@@ -64,7 +64,11 @@ def test_gpu_config_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
 def test_bad_configs_name_the_problem():
     with pytest.raises(ValueError, match="variants: list at least one"):
         build_app({"variants": []})
-    with pytest.raises(ValueError, match="unknown model variant 'mrt3'"):
+    with pytest.raises(ValueError, match=r"variants\.0\.variant[\s\S]*unknown model size 'mrt3'"):
         build_app({"variants": [{"name": "x", "variant": "mrt3"}]})
+    with pytest.raises(ValueError, match="default_variant: 'b' is not among"):
+        build_app({"variants": [{"name": "tiny"}], "default_variant": "b"})
+    with pytest.raises(ValueError, match="ab_split: 'b' is not a served variant"):
+        build_app({"variants": [{"name": "tiny"}], "ab_split": {"tiny": 1, "b": 1}})
     with pytest.raises(ValueError, match="letters, digits"):
         build_app({"variants": [{"name": "a.b"}]})

@@ -16,6 +16,8 @@ import pytest
 import soundfile as sf
 from websockets.sync.client import connect
 
+from .serve_fixtures import recv_json
+
 BIN = pathlib.Path(sys.executable).parent
 
 # The prototype's documented messages, verbatim (SPEC §3 and its landing page).
@@ -35,18 +37,6 @@ PROTOTYPE_UPDATE = {
 @pytest.fixture
 def ws_url(serve_base):
     return serve_base.replace("http://", "ws://") + "/ws/jam"
-
-
-def recv_json(ws, kind: str | None = None, timeout: float = 60) -> dict:
-    """The next JSON message (skipping binary frames and, if `kind`, other types)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-        if isinstance(message, bytes):
-            continue
-        data = json.loads(message)
-        if kind is None or data["type"] == kind or data["type"] == "error":
-            return data
 
 
 def recv_binary_chunk(ws) -> tuple[bytes, dict]:

@@ -52,6 +52,27 @@ class Frame:
 
 
 @dataclasses.dataclass
+class PendingStep:
+    """A dispatched step: device arrays until `fetch` brings them to host."""
+
+    rows: list[tuple[int, Session]]
+    force: np.ndarray
+    audio: jax.Array | np.ndarray
+    codes: jax.Array | np.ndarray
+    started: float = 0.0  # perf_counter at dispatch (the generator's step timing)
+
+    def fetch(self) -> PendingStep:
+        """Waits for the step; the one host sync per step: the audio itself (and 48
+        bytes of codes per row)."""
+        self.audio, self.codes = jax.device_get((self.audio, self.codes))
+        return self
+
+    @property
+    def session_ids(self) -> list[str]:
+        return [session.id for _, session in self.rows]
+
+
+@dataclasses.dataclass
 class SessionSnapshot:
     """A session lifted out of the engine: host controls plus its model state on host."""
 
@@ -152,23 +173,36 @@ class BatchedEngine:
     def step(self, only: set[str] | None = None) -> dict[str, Frame]:
         """Generates the next frame for every session (or those in `only`).
         Sessions left out keep their state; prefilling sessions take a forced frame."""
+        pending = self.dispatch(only)
+        return self.finish(pending.fetch()) if pending is not None else {}
+
+    def dispatch(self, only: set[str] | None = None) -> PendingStep | None:
+        """Starts a step and returns at once: JAX runs it asynchronously, so the caller
+        can deliver the previous step's audio meanwhile (`fetch`, then `finish`). The
+        next dispatch may come before this one is fetched; the state orders them."""
         rows = [
             i for i, sid in enumerate(self._slots)
             if sid is not None and (only is None or sid in only)
         ]
         if not rows:
-            return {}
+            return None
         tokens, temperature, top_k, active, forced, force = self._frame_inputs(rows)
         audio, codes, self._state = self.model.step(
             self.model.params, tokens, temperature, top_k, active, forced, force, self._state
         )
-        # the one host sync per step: the audio itself (and 48 bytes of codes per row)
-        audio, codes = jax.device_get((audio, codes))
+        return PendingStep([(i, self._sessions[self._slots[i]]) for i in rows], force,
+                           audio, codes)
+
+    def finish(self, pending: PendingStep) -> dict[str, Frame]:
+        """Records a fetched step's codes in its sessions (those still here) and returns
+        their frames."""
         frames = {}
-        for i in rows:
-            session = self._sessions[self._slots[i]]
-            session.record(codes[i], forced=bool(force[i]))
-            frames[session.id] = Frame(audio[i], codes[i], bool(force[i]))
+        for i, session in pending.rows:
+            if session.id not in self._sessions:
+                continue  # left between dispatch and finish
+            forced = bool(pending.force[i])
+            session.record(pending.codes[i], forced=forced)
+            frames[session.id] = Frame(pending.audio[i], pending.codes[i], forced)
         return frames
 
     def _frame_inputs(self, rows: list[int]):

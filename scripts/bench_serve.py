@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""End-to-end serving benchmark: N concurrent real-time WebSocket jams against a server.
+
+    scripts/bench_serve.py --url ws://HOST:PORT --sessions 1,2,4 --seconds 20 \
+        --chunk-seconds 0.5 --json bench-results/serve.json [--png F] [--variant V]
+
+Each session is what a musician's app does: start a `realtime` jam, play chunks as
+they come, and halfway through send a style update. Per session it measures, with
+the client's clock (same machine as the server for the overhead figure):
+
+- underruns: a player starts when chunk 0 arrives and plays each chunk for its
+  length; a chunk that arrives after the audio before it ran out is an underrun
+  (and the player waits for it, as a real one would);
+- time to first audio: `start` sent -> chunk 0 received;
+- update latency: `update` sent -> the chunk holding the first frame generated
+  with the new style (`update_applies_from_chunk`) received;
+- serving overhead: chunk received (client wall clock) - the moment the server
+  generated its last frame (`metadata.generated_at`): everything after the engine,
+  i.e. chunking, encoding, Ray Serve hops, WebSocket.
+
+Runs go from the smallest N up; the JSON holds every run and the largest N held
+with zero underruns; the PNG plots them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+from websockets.asyncio.client import connect
+
+STYLES = ("synthwave", "acid jazz")
+
+
+@dataclasses.dataclass
+class SessionResult:
+    chunks: int = 0
+    underruns: int = 0
+    time_to_first_audio_ms: float | None = None
+    update_latency_ms: float | None = None
+    overhead_ms: list[float] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+def ws_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/ws/jam") else url + "/ws/jam"
+
+
+async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
+              variant: str | None) -> SessionResult:
+    result = SessionResult()
+    params = {"styles": STYLES[0], "pace": "realtime", "chunk_seconds": chunk_seconds,
+              "seed": seed, **({"variant": variant} if variant else {})}
+    try:
+        async with connect(url, max_size=None) as ws:
+            sent_at = time.monotonic()
+            await ws.send(json.dumps({"type": "start", "mode": "rt", "binary_audio": True,
+                                      "audio_format": "pcm16", "params": params}))
+            audio_runs_out = None  # client monotonic time the buffered audio ends
+            first_at = None
+            update_sent = update_chunk = None
+            while True:
+                raw = await ws.recv()
+                if isinstance(raw, bytes):
+                    continue  # the audio; its chunk_meta follows and carries the timing
+                message = json.loads(raw)
+                kind = message.get("type")
+                if kind == "error":
+                    result.error = message["error"]
+                    return result
+                if kind == "status" and message.get("event") == "updated":
+                    update_chunk = message["update_applies_from_chunk"]
+                    continue
+                if kind != "chunk_meta":
+                    continue
+                now, wall = time.monotonic(), time.time()
+                meta, index = message["metadata"], message["index"]
+                result.chunks += 1
+                result.overhead_ms.append(1000 * (wall - meta["generated_at"]))
+                length = meta["seconds"]
+                if first_at is None:
+                    first_at = now
+                    result.time_to_first_audio_ms = 1000 * (now - sent_at)
+                    audio_runs_out = now + length
+                elif now > audio_runs_out:
+                    result.underruns += 1
+                    audio_runs_out = now + length
+                else:
+                    audio_runs_out += length
+                if update_chunk is not None and index >= update_chunk:
+                    result.update_latency_ms = 1000 * (now - update_sent)
+                    update_chunk = -1  # measured
+                if update_sent is None and now - first_at >= seconds / 2:
+                    update_sent = time.monotonic()
+                    await ws.send(json.dumps({"type": "update", "styles": STYLES[1]}))
+                if now - first_at >= seconds:
+                    await ws.send(json.dumps({"type": "stop"}))
+                    return result
+    except Exception as e:  # a failed session is a result, not a crash of the benchmark
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+
+
+def p50(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
+              variant: str | None) -> dict:
+    results = await asyncio.gather(*(jam(url, seconds, chunk_seconds, 1000 + i, variant)
+                                     for i in range(sessions)))
+    overheads = [v for r in results for v in r.overhead_ms]
+    return {
+        "sessions": sessions,
+        "underruns": sum(r.underruns for r in results),
+        "failed_sessions": sum(r.error is not None for r in results),
+        "errors": sorted({r.error for r in results if r.error}),
+        "chunks": sum(r.chunks for r in results),
+        "time_to_first_audio_ms_p50": p50([r.time_to_first_audio_ms for r in results
+                                           if r.time_to_first_audio_ms is not None]),
+        "update_latency_ms_p50": p50([r.update_latency_ms for r in results
+                                      if r.update_latency_ms is not None]),
+        "overhead_ms_p50": p50(overheads),
+        "overhead_ms_p90": (round(statistics.quantiles(overheads, n=10)[-1], 2)
+                            if len(overheads) >= 2 else None),
+        "per_session": [dataclasses.asdict(r) | {"overhead_ms": p50(r.overhead_ms)}
+                        for r in results],
+    }
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    n = [r["sessions"] for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar([str(x) for x in n], [r["underruns"] for r in runs], color="tab:red")
+    left.set_xlabel("concurrent realtime sessions")
+    left.set_ylabel("underruns (all sessions)")
+    left.set_title(f"held with zero underruns: {report['max_sessions_zero_underruns']}")
+    for key, label in (("time_to_first_audio_ms_p50", "time to first audio"),
+                       ("update_latency_ms_p50", "update latency"),
+                       ("overhead_ms_p50", "serving overhead")):
+        right.plot(n, [r[key] for r in runs], marker="o", label=label)
+    right.set_xlabel("concurrent realtime sessions")
+    right.set_ylabel("ms (median)")
+    right.set_yscale("log")
+    right.legend()
+    fig.suptitle(f"{report['url']}  chunk {report['chunk_seconds']} s, {report['seconds']} s")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="ws://HOST:PORT (or the /ws/jam URL)")
+    parser.add_argument("--sessions", default="1,2,4", help="comma-separated session counts")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--chunk-seconds", type=float, default=0.5)
+    parser.add_argument("--variant", default=None)
+    parser.add_argument("--json", type=pathlib.Path, required=True)
+    parser.add_argument("--png", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    counts = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
+    if not counts or counts[0] < 1:
+        parser.error("--sessions: positive integers, e.g. 1,2,4")
+    url = ws_url(args.url)
+    report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
+              "variant": args.variant, "runs": []}
+    print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
+          f"{'overhead ms':>11}", flush=True)
+    for n in counts:
+        print(f"  running {n} session(s) for {args.seconds:g} s ...", file=sys.stderr,
+              flush=True)
+        r = asyncio.run(run(url, n, args.seconds, args.chunk_seconds, args.variant))
+        report["runs"].append(r)
+        print(f"{n:>8} {r['underruns']:>9} {r['failed_sessions']:>6} "
+              f"{r['time_to_first_audio_ms_p50']!s:>8} {r['update_latency_ms_p50']!s:>9} "
+              f"{r['overhead_ms_p50']!s:>11}", flush=True)
+        for error in r["errors"]:
+            print(f"  error: {error}", file=sys.stderr)
+    held = [r["sessions"] for r in report["runs"]
+            if r["underruns"] == 0 and r["failed_sessions"] == 0]
+    report["max_sessions_zero_underruns"] = max(held) if held else 0
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    png = args.png or args.json.with_suffix(".png")
+    plot(report, png)
+    print(f"max sessions with zero underruns: {report['max_sessions_zero_underruns']}; "
+          f"wrote {args.json} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

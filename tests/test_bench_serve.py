@@ -1,0 +1,35 @@
+"""scripts/bench_serve.py against the suite's real Ray Serve instance (correctness of
+its report only: speed is what it measures, not what a test asserts)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_serve_reports_every_figure(serve_base, tmp_path):
+    out = tmp_path / "serve.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_serve.py"), "--url",
+         serve_base.replace("http://", "ws://"), "--sessions", "2,1", "--seconds", "3",
+         "--chunk-seconds", "0.2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert [r["sessions"] for r in report["runs"]] == [1, 2]
+    for r in report["runs"]:
+        assert r["failed_sessions"] == 0, r["errors"]
+        assert r["chunks"] >= 10 * r["sessions"]  # 3 s of 0.2 s chunks per session
+        for key in ("time_to_first_audio_ms_p50", "update_latency_ms_p50",
+                    "overhead_ms_p50"):
+            assert r[key] is not None and r[key] > 0, key
+        assert len(r["per_session"]) == r["sessions"]
+    assert report["max_sessions_zero_underruns"] in (0, 1, 2)
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "max sessions with zero underruns" in run.stdout
