@@ -198,7 +198,11 @@ def find_checkpoint(source: Repo, variant_file: str, step: int | None) -> pathli
             f"checkpoint{'' if step is None else f' step {step}'}",
         )
     except CheckpointNotFound:
-        refuse_v1(source.repo, source.list_files(), step)  # say so, if it is an MRT v1 repo
+        try:
+            files = source.list_files()
+        except CheckpointNotFound:  # cannot list either: the first error says it best
+            files = []
+        refuse_v1(source.repo, files, step)  # say so, if it is an MRT v1 repo
         raise
 
 

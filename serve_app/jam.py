@@ -114,7 +114,11 @@ class JamStream:
         return total is not None and self.session.frames_generated >= total
 
     def _make_room(self) -> bool:
-        while len(self.backlog) >= self.config.max_backlog:
+        """Room for one more frame: the backlog, counting the chunk that frames already in
+        flight will complete, stays within `max_backlog`."""
+        completing = (self.in_flight and self.chunker is None
+                      and len(self._frames) + self.in_flight >= self.config.chunk_frames)
+        while len(self.backlog) + bool(completing) >= self.config.max_backlog:
             if self.backlog[0].index > self.delivered:
                 return False  # the client has not seen it yet: pause generation
             self.backlog.popleft()
