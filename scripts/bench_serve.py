@@ -96,7 +96,7 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
                     audio_runs_out += length
                 if update_chunk is not None and index >= update_chunk:
                     result.update_latency_ms = 1000 * (now - update_sent)
-                    update_chunk = -1  # measured
+                    update_chunk = None  # measured once
                 if update_sent is None and now - first_at >= seconds / 2:
                     update_sent = time.monotonic()
                     await ws.send(json.dumps({"type": "update", "styles": STYLES[1]}))

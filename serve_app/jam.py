@@ -119,8 +119,8 @@ class JamStream:
         completing = (self.in_flight and self.chunker is None
                       and len(self._frames) + self.in_flight >= self.config.chunk_frames)
         while len(self.backlog) + bool(completing) >= self.config.max_backlog:
-            if self.backlog[0].index > self.delivered:
-                return False  # the client has not seen it yet: pause generation
+            if not self.backlog or self.backlog[0].index > self.delivered:
+                return False  # the client has not seen it (or the frames in flight fill it)
             self.backlog.popleft()
             self.dropped_chunks += 1
         return True

@@ -95,3 +95,33 @@ def test_fixed_length_stream_finishes_with_its_last_partial_chunk():
 def test_bad_stream_settings_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         JamStream(Session(None), StreamConfig(**bad))
+
+
+def test_realtime_chunks_finished_after_the_client_needs_them_are_underruns():
+    clock = Clock()
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=2, pace="realtime"), clock=clock)
+    generate(jam, clock, 2)  # chunk 0: the client starts playing now (t = 100)
+    clock.t += 0.05
+    generate(jam, clock, 2)  # chunk 1 plays from 100.08: ready at 100.05, in time
+    assert jam.underruns == 0 and jam.last_chunk_latency == 0.0
+    clock.t += 0.2
+    for _ in range(2):  # chunk 2 plays from 100.16 and is ready at 100.25 or later
+        clock.t += 0.01
+        generate(jam, clock, 1)
+    assert jam.underruns == 1 and jam.status()["underruns"] == 1
+    assert jam.last_chunk_latency == pytest.approx(0.01)
+
+
+def test_frames_in_flight_count_for_pacing_length_and_backlog():
+    clock = Clock()
+    jam = JamStream(Session(None), StreamConfig(chunk_frames=2, max_backlog=1,
+                                                total_frames=4), clock=clock)
+    generate(jam, clock, 1)
+    jam.in_flight = 1  # the second frame of chunk 0 is on the device
+    assert not jam.due(clock())  # it will fill the backlog of 1: pause until delivered
+    jam.in_flight = 0
+    generate(jam, clock, 1)
+    jam.take_next()
+    generate(jam, clock, 1)
+    jam.in_flight = 1  # frame 4 of 4 in flight: the render is complete once it lands
+    assert not jam.due(clock())

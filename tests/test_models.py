@@ -250,3 +250,20 @@ def test_boot_defaults_come_from_the_environment():
         apply_boot_env(config, {"MRT_CKPT_STEP": "last"})
     with pytest.raises(ValueError, match="size: unknown model size"):
         apply_boot_env(config, {"MRT_SIZE": "huge"})
+
+
+def test_metrics_export_failures_never_stop_counting():
+    from serve_app.metrics import GeneratorMetrics
+
+    class BrokenExporter:
+        def record(self, name, value):
+            raise RuntimeError("exporter down")
+
+    metrics = GeneratorMetrics(BrokenExporter())
+    metrics.record("mrt_frames", 8)
+    metrics.record("mrt_frames", 0)
+    metrics.record("mrt_step_ms", 20.0)
+    metrics.record("mrt_sessions", 3)
+    snap = metrics.snapshot()
+    assert snap["mrt_frames"] == 8 and snap["mrt_step_ms_mean"] == 20.0
+    assert snap["mrt_sessions"] == 3
