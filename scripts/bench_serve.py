@@ -16,7 +16,8 @@ the client's clock (same machine as the server for the overhead figure):
   with the new style (`update_applies_from_chunk`) received;
 - serving overhead: chunk received (client wall clock) - the moment the server
   generated its last frame (`metadata.generated_at`): everything after the engine,
-  i.e. chunking, encoding, Ray Serve hops, WebSocket.
+  i.e. chunking, encoding, Ray Serve hops, WebSocket; split at the ingress's
+  `metadata.sent_at` into generator -> ingress and ingress -> proxy -> client.
 
 Runs go from the smallest N up; the JSON holds every run and the largest N held
 with zero underruns; the PNG plots them.
@@ -35,6 +36,10 @@ import time
 
 from websockets.asyncio.client import connect
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from serve_app.client import ws_url
+
 STYLES = ("synthwave", "acid jazz")
 
 
@@ -45,31 +50,32 @@ class SessionResult:
     time_to_first_audio_ms: float | None = None
     update_latency_ms: float | None = None
     overhead_ms: list[float] = dataclasses.field(default_factory=list)
+    to_ingress_ms: list[float] = dataclasses.field(default_factory=list)
     error: str | None = None
 
 
-def ws_url(url: str) -> str:
-    url = url.rstrip("/")
-    return url if url.endswith("/ws/jam") else url + "/ws/jam"
-
-
 async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
-              variant: str | None) -> SessionResult:
+              variant: str | None, binary: bool = True) -> SessionResult:
     result = SessionResult()
     params = {"styles": STYLES[0], "pace": "realtime", "chunk_seconds": chunk_seconds,
               "seed": seed, **({"variant": variant} if variant else {})}
     try:
-        async with connect(url, max_size=None) as ws:
+        # PCM does not compress: permessage-deflate would only cost time (~5 ms a 0.5 s
+        # chunk on the dev box), so this client, like ours, does not offer it.
+        async with connect(url, max_size=None, compression=None) as ws:
             sent_at = time.monotonic()
-            await ws.send(json.dumps({"type": "start", "mode": "rt", "binary_audio": True,
+            await ws.send(json.dumps({"type": "start", "mode": "rt", "binary_audio": binary,
                                       "audio_format": "pcm16", "params": params}))
             audio_runs_out = None  # client monotonic time the buffered audio ends
             first_at = None
             update_sent = update_chunk = None
+            audio_at = None  # (monotonic, wall) arrival of the last binary audio frame
             while True:
                 raw = await ws.recv()
                 if isinstance(raw, bytes):
-                    continue  # the audio; its chunk_meta follows and carries the timing
+                    # the audio is playable now; its chunk_meta follows with the timing
+                    audio_at = (time.monotonic(), time.time())
+                    continue
                 message = json.loads(raw)
                 kind = message.get("type")
                 if kind == "error":
@@ -78,12 +84,15 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
                 if kind == "status" and message.get("event") == "updated":
                     update_chunk = message["update_applies_from_chunk"]
                     continue
-                if kind != "chunk_meta":
+                if kind not in ("chunk_meta", "chunk"):
                     continue
-                now, wall = time.monotonic(), time.time()
+                now, wall = audio_at if kind == "chunk_meta" and audio_at else (
+                    time.monotonic(), time.time())
                 meta, index = message["metadata"], message["index"]
                 result.chunks += 1
                 result.overhead_ms.append(1000 * (wall - meta["generated_at"]))
+                # split: generator -> ingress sending it; the rest is proxy + socket
+                result.to_ingress_ms.append(1000 * (meta["sent_at"] - meta["generated_at"]))
                 length = meta["seconds"]
                 if first_at is None:
                     first_at = now
@@ -113,10 +122,11 @@ def p50(values: list[float]) -> float | None:
 
 
 async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
-              variant: str | None) -> dict:
-    results = await asyncio.gather(*(jam(url, seconds, chunk_seconds, 1000 + i, variant)
-                                     for i in range(sessions)))
+              variant: str | None, binary: bool = True) -> dict:
+    results = await asyncio.gather(*(jam(url, seconds, chunk_seconds, 1000 + i, variant,
+                                         binary) for i in range(sessions)))
     overheads = [v for r in results for v in r.overhead_ms]
+    to_ingress = [v for r in results for v in r.to_ingress_ms]
     return {
         "sessions": sessions,
         "underruns": sum(r.underruns for r in results),
@@ -130,7 +140,9 @@ async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
         "overhead_ms_p50": p50(overheads),
         "overhead_ms_p90": (round(statistics.quantiles(overheads, n=10)[-1], 2)
                             if len(overheads) >= 2 else None),
-        "per_session": [dataclasses.asdict(r) | {"overhead_ms": p50(r.overhead_ms)}
+        "generator_to_ingress_ms_p50": p50(to_ingress),
+        "per_session": [dataclasses.asdict(r) | {"overhead_ms": p50(r.overhead_ms),
+                                                 "to_ingress_ms": p50(r.to_ingress_ms)}
                         for r in results],
     }
 
@@ -169,6 +181,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--chunk-seconds", type=float, default=0.5)
     parser.add_argument("--variant", default=None)
+    parser.add_argument("--audio", choices=("binary", "json"), default="binary",
+                        help="binary frames + chunk_meta (default), or base64 in one JSON")
     parser.add_argument("--json", type=pathlib.Path, required=True)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     args = parser.parse_args()
@@ -177,13 +191,14 @@ def main() -> int:
         parser.error("--sessions: positive integers, e.g. 1,2,4")
     url = ws_url(args.url)
     report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
-              "variant": args.variant, "runs": []}
+              "variant": args.variant, "audio": args.audio, "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
           f"{'overhead ms':>11}", flush=True)
     for n in counts:
         print(f"  running {n} session(s) for {args.seconds:g} s ...", file=sys.stderr,
               flush=True)
-        r = asyncio.run(run(url, n, args.seconds, args.chunk_seconds, args.variant))
+        r = asyncio.run(run(url, n, args.seconds, args.chunk_seconds, args.variant,
+                            args.audio == "binary"))
         report["runs"].append(r)
         print(f"{n:>8} {r['underruns']:>9} {r['failed_sessions']:>6} "
               f"{r['time_to_first_audio_ms_p50']!s:>8} {r['update_latency_ms_p50']!s:>9} "

@@ -71,7 +71,9 @@ async def record_jam(
     chunks: list[dict] = []
     received = 0
     pending: bytes | None = None
-    async with websockets.connect(ws_url(url), max_size=None,
+    # compression=None: PCM does not compress, and permessage-deflate costs ~5 ms a
+    # 0.5 s chunk on both ends (scripts/bench_serve.py measured it)
+    async with websockets.connect(ws_url(url), max_size=None, compression=None,
                                   additional_headers=headers) as ws:
         t0 = time.perf_counter()
         await ws.send(json.dumps({"type": "start", "mode": "rt", "binary_audio": True,
