@@ -223,10 +223,12 @@ def resolve(
     need_musiccoca: bool = True,
     assets_repo: str | None = None,
     base_repo: str | None = DEFAULT_REPO,
+    checkpoint: pathlib.Path | None = None,
 ) -> ModelFiles:
-    """Finds (downloading where needed) every file a model needs, or says what is missing."""
+    """Finds (downloading where needed) every file a model needs, or says what is missing.
+    A `checkpoint` already found (by `find_checkpoint`) is not looked up again."""
     source = Repo(repo, revision=revision)
-    checkpoint = find_checkpoint(source, variant_file, step)
+    checkpoint = checkpoint or find_checkpoint(source, variant_file, step)
     # Finetune repos usually hold only weights and steering assets; the codec encoder
     # and MusicCoCa then come from the base repo.
     resources = [source] if base_repo in (None, repo) else [source, Repo(base_repo)]

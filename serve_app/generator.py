@@ -546,11 +546,10 @@ class GeneratorCore:
             self._drop(session_id)
         return {"session_id": session_id, "stopped": True, "frames": jam.session.frames_generated}
 
-    def _drop(self, session_id: str, reason: str | None = None,
-              engine: BatchedEngine | None = None) -> None:
+    def _drop(self, session_id: str, reason: str | None = None) -> None:
         """Removes a session (caller holds the lock); with a `reason`, later calls for it
         are told why it ended. A waiting next_chunk wakes and sees it gone."""
-        (engine or self.engine).remove(session_id)
+        self.engine.remove(session_id)
         del self._jams[session_id]
         event = self._events.pop(session_id)
         if reason is not None:

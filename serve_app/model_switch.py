@@ -70,15 +70,17 @@ def validate(selection: ModelSelection, current: LoadedModel) -> Candidate:
     same = variant.name == current.variant.name
     with _named(field):
         # the weights first: a checkpoint of the wrong size fails before any download
-        source = checkpoints.Repo(repo_for(variant, selection.repo), revision=selection.revision)
+        repo = repo_for(variant, selection.repo)
+        source = checkpoints.Repo(repo, revision=selection.revision)
         checkpoint = checkpoints.find_checkpoint(source, variant.checkpoint_file, selection.step)
         sampler = current.model.sampler if same else build_sampler(variant)
         try:
             weights.check(checkpoint, expected_param_shapes(sampler))
         except weights.CheckpointError as e:
             raise BadRequest(f"{field}: {e} (does it fit size {variant.name}?)") from e
-        files = resolve_files(variant, repo=selection.repo, step=selection.step,
-                              revision=selection.revision, assets_repo=selection.assets_repo)
+        files = resolve_files(variant, repo=repo, step=selection.step,
+                              revision=selection.revision, assets_repo=selection.assets_repo,
+                              checkpoint=checkpoint)
     return Candidate(selection, files, same)
 
 

@@ -77,3 +77,17 @@ def finetunes(tmp_path_factory) -> dict[str, pathlib.Path]:
         output, _ = run.communicate(timeout=300)
         assert run.returncode == 0, output
     return {k: out for k, (out, _, _) in repos.items()}
+
+
+@pytest.fixture(scope="session")
+def broken_finetune(finetunes, tmp_path_factory) -> pathlib.Path:
+    """Finetune A plus two bad steps: 300 truncated at half (header intact, data short)
+    and 400 not a safetensors file at all."""
+    import shutil
+
+    repo = tmp_path_factory.mktemp("broken-ft")
+    shutil.copytree(finetunes["a"], repo, dirs_exist_ok=True)
+    good = (finetunes["a"] / "checkpoint_100.safetensors").read_bytes()
+    (repo / "checkpoint_300.safetensors").write_bytes(good[: len(good) // 2])
+    (repo / "checkpoint_400.safetensors").write_bytes(b"garbage")
+    return repo

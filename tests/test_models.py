@@ -56,19 +56,12 @@ def http(core, tiny):
 
 
 @pytest.fixture(scope="module")
-def bad_repos(tmp_path_factory, finetunes):
-    """A v1 repo (T5X archive only), a truncated checkpoint and an unreadable one."""
-    root = tmp_path_factory.mktemp("bad")
-    v1 = root / "v1"
-    v1.mkdir()
+def bad_repos(tmp_path_factory, finetunes, broken_finetune):
+    """A v1 repo (T5X archive only), and a repo with a truncated and an unreadable step."""
+    v1 = tmp_path_factory.mktemp("v1")
     (v1 / "checkpoint_1863001.tgz").write_bytes(b"\x1f\x8b not a real archive")
     shutil.copy(finetunes["a"] / "mean_style_embed.npy", v1)
-    broken = root / "broken"
-    shutil.copytree(finetunes["a"], broken)
-    good = (finetunes["a"] / "checkpoint_100.safetensors").read_bytes()
-    (broken / "checkpoint_300.safetensors").write_bytes(good[: len(good) // 2])  # header ok
-    (broken / "checkpoint_400.safetensors").write_bytes(b"garbage")
-    return {"v1": v1, "broken": broken}
+    return {"v1": v1, "broken": broken_finetune}
 
 
 def first_chunk_audio(http, seed: int) -> np.ndarray:

@@ -8,7 +8,6 @@ A second application ("ab", under /ab) on the test session's Ray Serve instance.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import httpx
@@ -19,11 +18,7 @@ from .serve_fixtures import deploy, recv_json
 
 
 @pytest.fixture(scope="module")
-def ab(serve_root, finetunes, tmp_path_factory):
-    broken = tmp_path_factory.mktemp("broken-ft")
-    shutil.copytree(finetunes["a"], broken, dirs_exist_ok=True)
-    good = (finetunes["a"] / "checkpoint_100.safetensors").read_bytes()
-    (broken / "checkpoint_300.safetensors").write_bytes(good[: len(good) // 2])
+def ab(serve_root, finetunes, broken_finetune):
     config = {
         "default_variant": "tiny_a",
         "variants": [
@@ -38,7 +33,7 @@ def ab(serve_root, finetunes, tmp_path_factory):
     }
     base = deploy(serve_root, config, name="ab", route_prefix="/ab")
     return {"http": base, "ws": base.replace("http://", "ws://") + "/ws/jam",
-            "broken": broken, **finetunes}
+            "broken": broken_finetune, **finetunes}
 
 
 def start(ws, **params) -> dict:

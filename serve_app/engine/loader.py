@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import time
 
 import jax
@@ -66,6 +67,7 @@ def resolve_files(
     step: int | None = None,
     revision: str | None = None,
     assets_repo: str | None = None,
+    checkpoint: pathlib.Path | None = None,
 ) -> checkpoints.ModelFiles:
     """The files of a variant's weights (`tiny` with no repo: the local tiny repo, made
     if absent; others: the official Hub repo, which also lends finetune repos the codec
@@ -74,7 +76,7 @@ def resolve_files(
     return checkpoints.resolve(
         repo_for(variant, repo), variant.checkpoint_file, step=step, revision=revision,
         need_musiccoca=not tiny, assets_repo=assets_repo,
-        base_repo=None if tiny else checkpoints.DEFAULT_REPO,
+        base_repo=None if tiny else checkpoints.DEFAULT_REPO, checkpoint=checkpoint,
     )
 
 
