@@ -14,6 +14,19 @@ import pytest
 from serve_app import logs
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> pathlib.Path:
+    """One XLA compilation cache for the session, never the developer's ~/.cache: set
+    before anything compiles, so this process, the scripts it runs and the Ray workers
+    (started later, with this environment) all share it."""
+    from serve_app.engine import compile_cache
+
+    path = tmp_path_factory.mktemp("xla-cache")
+    os.environ["MRT_COMPILE_CACHE"] = str(path)
+    compile_cache.enable()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> pathlib.Path:
     from serve_app.engine.tiny import write_tiny_repo

@@ -11,7 +11,7 @@ import jax
 
 from .. import checkpoints
 from ..styles import SteeringAssets, StyleModel
-from . import weights
+from . import compile_cache, weights
 from .codec import AudioEncoder
 from .model import StreamingModel, build_sampler, expected_param_shapes, random_params
 from .tiny import ensure_tiny_repo
@@ -103,6 +103,7 @@ def load_model(
     weight values).
     """
     t0 = time.perf_counter()
+    compile_cache.enable()
     variant = get_variant(variant_name)
     sampler = build_sampler(variant, compute_dtype=resolve_compute_dtype(variant, compute_dtype))
     if random_weights_seed is not None:

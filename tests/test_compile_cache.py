@@ -1,0 +1,46 @@
+"""The persistent XLA cache: a second process compiles nothing it compiled before.
+
+Subprocesses, because JAX decides whether to use the cache at a process's first
+compilation (the test process decided long ago).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+WARM_UP = """
+import jax
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+from serve_app.engine import BatchedEngine, load_model
+loaded = load_model("tiny")
+BatchedEngine(loaded.model, loaded.style, buckets=(2,)).warmup()
+print("HITS", len(hits))
+"""
+
+
+def warm_up(tmp_path, tiny_repo, cache: str) -> int:
+    env = {**os.environ, "MRT_COMPILE_CACHE": cache, "MRT_TINY_REPO": str(tiny_repo)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", WARM_UP], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split("HITS")[-1])
+
+
+def test_second_process_reuses_the_compiled_step(tmp_path, tiny_repo):
+    cache = tmp_path / "xla"
+    assert warm_up(tmp_path, tiny_repo, str(cache)) == 0
+    written = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_step-") for name in written), written
+    assert warm_up(tmp_path, tiny_repo, str(cache)) >= 1
+    assert sorted(p.name for p in cache.iterdir()) == written, "nothing new compiled"
+
+
+def test_off_writes_nothing(tmp_path, tiny_repo):
+    assert warm_up(tmp_path, tiny_repo, "off") == 0
+    assert not (tmp_path / "xla").exists()
