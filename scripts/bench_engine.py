@@ -2,12 +2,15 @@
 """Engine benchmark: ms/frame and real-time factor per batch size, against upstream.
 
     scripts/bench_engine.py --variant mrt2_small --batch 1,2,4,8 --json out.json \\
-        [--compare-upstream] [--frames 30] [--compute-dtype auto|float32|bfloat16]
+        [--compare-upstream] [--breakdown] [--frames 30] [--compute-dtype auto|float32|bfloat16]
 
 Random weights (speed does not depend on their values). Each row times whole
 engine steps as a server runs them: conditioning for every session, one batched
 jitted step, audio back on the host. `--compare-upstream` times magenta_rt's own
 `MagentaRT2System` streaming step (batch 1) on the same weights in the same run.
+`--breakdown` also times the step's two halves alone at each batch size (the
+depthformer that samples the frame's 12 codes, and the codec decoder that turns
+them into audio): the profile that says which one limits a batch.
 Runs without Ray: it only needs serve_app and JAX.
 """
 
@@ -25,7 +28,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
+import magenta_rt  # noqa: F401  (puts its vendored sequence_layers on the path)
 import numpy as np
+import sequence_layers.jax as sl
 from tqdm import tqdm
 
 from serve_app import logs
@@ -53,6 +58,38 @@ def time_steps(step, frames: int, warmup: int, desc: str) -> list[float]:
     return times
 
 
+def _depthformer_step(module, block, state, constants):
+    depthformer = module.layers[0]
+    codes, df_state = depthformer.step(block, state[0], training=False, constants=constants)
+    return codes.values, df_state
+
+
+def _decoder_step(module, codes, state, constants):
+    x, new_state = sl.Sequence.from_values(codes), []
+    for layer, layer_state in zip(module.layers[1:], state[1:], strict=True):
+        x, layer_state = layer.step(x, layer_state, training=False, constants=constants)
+        new_state.append(layer_state)
+    return x.values, new_state
+
+
+def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> dict:
+    """ms per step of the depthformer alone and of the codec decoder alone."""
+    sampler, params = model.sampler, model.params
+    state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), model.state_at(0))
+    block = sl.Sequence.from_values(jnp.zeros((batch, 1, 144), jnp.int32))
+    constants = {"temperature": jnp.ones([batch]), "top_k": jnp.full([batch], 40, jnp.int32)}
+    lm = jax.jit(lambda p, b, s: sampler.apply(p, b, s, constants, method=_depthformer_step))
+    dec = jax.jit(lambda p, c, s: sampler.apply(p, c, s, constants, method=_decoder_step))
+    codes, _ = lm(params, block, state)
+
+    def run(fn, *args):
+        return lambda: jax.block_until_ready(fn(params, *args))
+
+    lm_ms = statistics.median(time_steps(run(lm, block, state), frames, warmup, "depthformer"))
+    dec_ms = statistics.median(time_steps(run(dec, codes, state), frames, warmup, "decoder"))
+    return {"depthformer_ms": round(lm_ms, 3), "decoder_ms": round(dec_ms, 3)}
+
+
 def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
     engine = BatchedEngine(loaded.model, loaded.style, buckets=(batch,))
     t0 = time.perf_counter()
@@ -65,6 +102,7 @@ def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
     ms = statistics.median(times)
     return {
         "batch": batch,
+        "rows": engine.capacity,  # more than batch where a step keeps a minimum (min_rows)
         "ms_per_frame": round(ms, 3),
         "ms_per_frame_p90": round(float(np.percentile(times, 90)), 3),
         "frames_per_second": round(batch * 1000 / ms, 2),
@@ -131,6 +169,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed frames after compiling")
     parser.add_argument("--compute-dtype", default="auto")
     parser.add_argument("--compare-upstream", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the depthformer and the codec decoder alone")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
     logs.configure()
@@ -139,7 +179,13 @@ def main() -> int:
     print(f"loading {args.variant} with random weights on {device_name()} ...", flush=True)
     loaded = load_model(args.variant, random_weights_seed=0, compute_dtype=args.compute_dtype)
     dtype = jnp.dtype(loaded.model.sampler.cfg.depthformer.encoder.compute_dtype).name
-    results = [bench_engine(loaded, b, args.frames, args.warmup) for b in batches]
+    results = []
+    for b in batches:
+        row = bench_engine(loaded, b, args.frames, args.warmup)
+        if args.breakdown:
+            row.update(breakdown(loaded.model, b, args.frames, args.warmup))
+        print(json.dumps(row), flush=True)  # each row as it lands: long runs show progress
+        results.append(row)
 
     report = {
         "variant": args.variant,
@@ -173,7 +219,9 @@ def main() -> int:
         print(f"{r['batch']:>5} {r['ms_per_frame']:>9.2f} {r['ms_per_frame_p90']:>8.2f} "
               f"{r['frames_per_second']:>9.1f} {r['rtf_per_stream']:>10.2f} "
               f"{r['realtime_streams']:>10.2f} {r.get('fps_vs_batch1', 0):>8.2f} "
-              f"{r['compile_seconds']:>9.1f}")
+              f"{r['compile_seconds']:>9.1f}"
+              + (f"  depthformer {r['depthformer_ms']:.2f} decoder {r['decoder_ms']:.2f}"
+                 if "decoder_ms" in r else ""))
     if "upstream_ms_per_frame" in report:
         print(f"upstream: {report['upstream_ms_per_frame']:.2f} ms/frame "
               f"({report['upstream_kind']}); ours at batch 1 is "

@@ -48,18 +48,21 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, tiny_repo):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/bench_engine.py"), "--variant", "tiny",
          "--batch", "1,2", "--frames", "4", "--warmup", "1", "--compare-upstream",
-         "--json", str(out)],
+         "--breakdown", "--json", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["variant"] == "tiny" and report["device"].startswith("cpu")
     assert [r["batch"] for r in report["results"]] == [1, 2]
+    assert [r["rows"] for r in report["results"]] == [1, 2]  # CPU keeps 1-row steps
     for row in report["results"]:
         assert row["ms_per_frame"] > 0
+        assert row["depthformer_ms"] > 0 and row["decoder_ms"] > 0
         # the JSON rounds each figure from the unrounded median
         assert row["frames_per_second"] == pytest.approx(row["batch"] * 1000 / row["ms_per_frame"],
                                                          rel=1e-3)
         assert row["rtf_per_stream"] == pytest.approx(40 / row["ms_per_frame"], rel=1e-3)
     assert report["upstream_ms_per_frame"] > 0 and report["speedup_vs_upstream"] > 0
     assert "ms/frame" in result.stdout and "upstream" in result.stdout
+    assert "depthformer" in result.stdout

@@ -49,6 +49,18 @@ def test_configs_build_the_graph(name):
     assert build_app(app["args"]) is not None
 
 
+def test_rayservice_serves_the_graph_of_serve_yaml():
+    """The KubeRay manifest repeats serve.yaml's application; they must not drift."""
+    serve = yaml.safe_load((ROOT / "configs/serve.yaml").read_text())["applications"][0]
+    manifest = yaml.safe_load((ROOT / "configs/rayservice.yaml").read_text())
+    kube = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]
+    assert kube["import_path"] == serve["import_path"]
+    assert kube["args"]["default_variant"] == serve["args"]["default_variant"]
+    by_name = {v["name"]: v for v in serve["args"]["variants"]}
+    for variant in kube["args"]["variants"]:
+        assert variant == by_name[variant["name"]], variant["name"]
+
+
 def test_gpu_config_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
     config = VariantConfig(name="tiny", num_gpus=1, num_cpus=4)
     with caplog.at_level("WARNING", logger="mrt_serve.app"):

@@ -75,6 +75,21 @@ def test_session_audio_does_not_depend_on_batch_companions(tiny, make_engine):
     assert_same_stream(run(crowd, 12)[s2.id], alone)
 
 
+def test_a_lone_session_can_run_in_a_two_row_step(tiny, make_engine):
+    """On GPUs a batch-1 step is the slow path, so the engine keeps at least two rows
+    there (`min_rows`). Forced here on CPU: bucket 1 is dropped, a lone session runs
+    beside a throwaway row and streams what it streams alone."""
+    alone = solo(tiny, make_engine, 8, seed=21)
+    engine = make_engine(buckets=(1, 2, 4), rows_at_least=2)
+    assert engine.buckets == (2, 4)
+    s = Session(style(tiny), seed=21)
+    engine.add(s)
+    assert engine.capacity == 2
+    assert_same_stream(run(engine, 8)[s.id], alone)
+    engine.remove(s.id)
+    assert engine.capacity == 0
+
+
 def test_style_change_applies_to_the_very_next_frame(tiny, make_engine):
     engine = make_engine()
     a, b = Session(style(tiny), seed=3), Session(style(tiny), seed=3)

@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
+def min_rows(backend: str | None = None) -> int:
+    """The fewest rows a step should run with on `backend` (default: JAX's).
+
+    Measured on an H100 (scripts/bench_engine.py, bfloat16, random weights): a
+    batch-1 step is 4-5x slower than a batch-2 step (mrt2_base 61-64 ms against
+    12-15 ms, mrt2_small 17.6 against 6.1 ms; the depthformer is what slows down,
+    and not through XLA's Triton GEMMs: disabling them changed nothing). A lone
+    session on a GPU therefore shares its step with one throwaway row. On CPU a
+    single row is the cheapest step, so it stays 1 there.
+    """
+    return 1 if (backend or jax.default_backend()) == "cpu" else 2
+
+
 class CapacityError(RuntimeError):
     """The engine already holds its maximum number of sessions."""
 
@@ -88,10 +101,12 @@ class BatchedEngine:
         *,
         buckets: Iterable[int] = DEFAULT_BUCKETS,
         max_sessions: int | None = None,
+        rows_at_least: int | None = None,
     ) -> None:
         self.model = model
         self.style_model = style_model
-        self.buckets = tuple(sorted(set(buckets)))
+        floor = rows_at_least or min_rows()
+        self.buckets = tuple(sorted({max(b, floor) for b in buckets}))
         self.max_sessions = max_sessions or self.buckets[-1]
         if self.max_sessions > self.buckets[-1]:
             raise ValueError(
