@@ -71,6 +71,7 @@ def test_gpu_config_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
     gpu = generator_options(config, {"CPU": 16.0, "GPU": 1.0}, 1)["ray_actor_options"]
     assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 4
     assert gpu["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert gpu["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
 
 
 def test_bad_configs_name_the_problem():
