@@ -36,7 +36,7 @@ from tqdm import tqdm
 from serve_app import logs
 from serve_app.engine import BatchedEngine, Session, load_model, weights
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
-from serve_app.engine.model import StreamingModel, build_sampler
+from serve_app.engine.model import StreamingModel, build_sampler, decode_step, dummy_inputs
 from serve_app.engine.variants import FRAMES_PER_SECOND
 
 FRAME_MS = 1000 / FRAMES_PER_SECOND
@@ -65,10 +65,8 @@ def _depthformer_step(module, block, state, constants):
 
 
 def _decoder_step(module, codes, state, constants):
-    x, new_state = sl.Sequence.from_values(codes), []
-    for layer, layer_state in zip(module.layers[1:], state[1:], strict=True):
-        x, layer_state = layer.step(x, layer_state, training=False, constants=constants)
-        new_state.append(layer_state)
+    x, new_state = decode_step(module.layers[1:], sl.Sequence.from_values(codes), state[1:],
+                               constants)
     return x.values, new_state
 
 
@@ -76,8 +74,7 @@ def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> di
     """ms per step of the depthformer alone and of the codec decoder alone."""
     sampler, params = model.sampler, model.params
     state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), model.state_at(0))
-    block = sl.Sequence.from_values(jnp.zeros((batch, 1, 144), jnp.int32))
-    constants = {"temperature": jnp.ones([batch]), "top_k": jnp.full([batch], 40, jnp.int32)}
+    block, constants = dummy_inputs(batch)
     lm = jax.jit(lambda p, b, s: sampler.apply(p, b, s, constants, method=_depthformer_step))
     dec = jax.jit(lambda p, c, s: sampler.apply(p, c, s, constants, method=_decoder_step))
     codes, _ = lm(params, block, state)

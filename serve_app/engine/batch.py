@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
-def min_rows(backend: str | None = None) -> int:
-    """The fewest rows a step should run with on `backend` (default: JAX's).
+def min_rows() -> int:
+    """The fewest rows a step should run with on JAX's default backend.
 
     Measured on an H100 (scripts/bench_engine.py, bfloat16, random weights): a
     batch-1 step is 4-5x slower than a batch-2 step (mrt2_base 61-64 ms against
@@ -37,7 +37,7 @@ def min_rows(backend: str | None = None) -> int:
     session on a GPU therefore shares its step with one throwaway row. On CPU a
     single row is the cheapest step, so it stays 1 there.
     """
-    return 1 if (backend or jax.default_backend()) == "cpu" else 2
+    return 1 if jax.default_backend() == "cpu" else 2
 
 
 class CapacityError(RuntimeError):

@@ -1,7 +1,7 @@
 """XLA's persistent compilation cache, on by default.
 
 A replica compiles one step per batch bucket before it serves. On an H100 that is
-30-55 s a bucket cold and about 12 s from this cache (mrt2_base, measured with
+37-55 s a bucket cold and about 12 s from this cache (mrt2_base, measured with
 scripts/bench_engine.py), so a replica that restarts or is added by the autoscaler
 is ready minutes sooner.
 

@@ -65,18 +65,27 @@ def _step_forcing(sampler, block, state, constants, forced_unique, force):
     encoder_state, previous_output, (rng, previous_frame, temporal, count), delay = df_state
     df_state = (encoder_state, _with_values(previous_output, values),
                 (rng, _with_values(previous_frame, values), temporal, count), delay)
-    new_state, x = [df_state], codes
-    for layer, layer_state in zip(rest, state[1:], strict=True):
+    x, decoder_state = decode_step(rest, codes, state[1:], constants)
+    return x, values[:, 0, :], (df_state, *decoder_state)
+
+
+def decode_step(layers, codes, states, constants):
+    """The sampler's layers after the depthformer (the codec decoder): one frame of
+    codes -> audio, each layer with its own streaming state."""
+    x, new_states = codes, []
+    for layer, layer_state in zip(layers, states, strict=True):
         x, layer_state = layer.step(x, layer_state, training=False, constants=constants)
-        new_state.append(layer_state)
-    return x, values[:, 0, :], tuple(new_state)
+        new_states.append(layer_state)
+    return x, new_states
 
 
 def _input_spec() -> sl.ChannelSpec:
     return sl.ChannelSpec([CONDITIONING_TOKENS], jnp.int32)
 
 
-def _dummy_inputs(batch: int) -> tuple[sl.Sequence, dict[str, jax.Array]]:
+def dummy_inputs(batch: int) -> tuple[sl.Sequence, dict[str, jax.Array]]:
+    """A step's inputs for `batch` rows with neutral values: what init and benchmarks
+    trace with (only shapes and dtypes matter)."""
     block = sl.Sequence.from_values(jnp.zeros((batch, 1, CONDITIONING_TOKENS), jnp.int32))
     constants = {"temperature": jnp.ones([batch]), "top_k": jnp.full([batch], 40, jnp.int32)}
     return block, constants
@@ -91,7 +100,7 @@ def _init_variables(module, block, constants):
 
 def random_params(sampler, seed: int = 0) -> Params:
     """Random parameters with the exact tree of a real checkpoint (for tiny and benchmarks)."""
-    block, constants = _dummy_inputs(1)
+    block, constants = dummy_inputs(1)
     rngs = {"params": jax.random.PRNGKey(seed), "random": jax.random.PRNGKey(seed)}
     init = jax.jit(lambda r: sampler.init(r, block, constants, method=_init_variables))
     return nn.unbox(init(rngs))
@@ -99,7 +108,7 @@ def random_params(sampler, seed: int = 0) -> Params:
 
 def expected_param_shapes(sampler) -> Params:
     """The parameter tree a checkpoint must provide, as ShapeDtypeStructs (no compute)."""
-    block, constants = _dummy_inputs(1)
+    block, constants = dummy_inputs(1)
     rngs = {"params": jax.random.PRNGKey(0), "random": jax.random.PRNGKey(0)}
     shapes = jax.eval_shape(
         lambda r: sampler.init(r, block, constants, method=_init_variables), rngs
