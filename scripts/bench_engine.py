@@ -17,6 +17,7 @@ Runs without Ray: it only needs serve_app and JAX.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -34,7 +35,7 @@ import sequence_layers.jax as sl
 from tqdm import tqdm
 
 from serve_app import logs
-from serve_app.engine import BatchedEngine, Session, load_model, weights
+from serve_app.engine import BatchedEngine, Session, cpu_tuning, load_model, weights
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
 from serve_app.engine.model import StreamingModel, build_sampler, decode_step, dummy_inputs
 from serve_app.engine.variants import FRAMES_PER_SECOND
@@ -71,19 +72,26 @@ def _decoder_step(module, codes, state, constants):
 
 
 def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> dict:
-    """ms per step of the depthformer alone and of the codec decoder alone."""
+    """ms per step of the depthformer alone and of the codec decoder alone, each
+    tuned for the backend as the engine's whole step is (cpu_tuning)."""
     sampler, params = model.sampler, model.params
     state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), model.state_at(0))
     block, constants = dummy_inputs(batch)
-    lm = jax.jit(lambda p, b, s: sampler.apply(p, b, s, constants, method=_depthformer_step))
-    dec = jax.jit(lambda p, c, s: sampler.apply(p, c, s, constants, method=_decoder_step))
-    codes, _ = lm(params, block, state)
 
-    def run(fn, *args):
-        return lambda: jax.block_until_ready(fn(params, *args))
+    def jitted(method, *example):
+        fn, layout = cpu_tuning.tune(
+            lambda p, x, s: sampler.apply(p, x, s, constants, method=method),
+            params, *example, enabled=model.tune_for_cpu,
+        )
+        step = jax.jit(fn)
+        weights = layout.prepare(params)
+        return lambda *args: jax.block_until_ready(step(weights, *args))
 
-    lm_ms = statistics.median(time_steps(run(lm, block, state), frames, warmup, "depthformer"))
-    dec_ms = statistics.median(time_steps(run(dec, codes, state), frames, warmup, "decoder"))
+    lm = jitted(_depthformer_step, block, state)
+    codes, _ = lm(block, state)
+    dec = jitted(_decoder_step, codes, state)
+    lm_ms = statistics.median(time_steps(lambda: lm(block, state), frames, warmup, "depthformer"))
+    dec_ms = statistics.median(time_steps(lambda: dec(codes, state), frames, warmup, "decoder"))
     return {"depthformer_ms": round(lm_ms, 3), "decoder_ms": round(dec_ms, 3)}
 
 
@@ -134,7 +142,7 @@ def _upstream_sampler_step(loaded):
     sampler = build_sampler(
         variant, compute_dtype=variant.default_compute_dtype(), fast_sampling=False
     )
-    model = StreamingModel(variant, sampler, loaded.model.params)
+    model = StreamingModel(variant, sampler, loaded.model.params, tune_for_cpu=False)
     tokens = build_block(None, np.full(128, -1, np.int32), -1, DEFAULT_CFG)[None, None]
     import sequence_layers.jax as sl
 
@@ -168,6 +176,8 @@ def main() -> int:
     parser.add_argument("--compare-upstream", action="store_true")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the depthformer and the codec decoder alone")
+    parser.add_argument("--untuned", action="store_true",
+                        help="the step as traced, without the CPU rewrites (before/after)")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
     logs.configure()
@@ -175,6 +185,11 @@ def main() -> int:
     batches = [int(b) for b in args.batch.split(",")]
     print(f"loading {args.variant} with random weights on {device_name()} ...", flush=True)
     loaded = load_model(args.variant, random_weights_seed=0, compute_dtype=args.compute_dtype)
+    if args.untuned:
+        model = loaded.model
+        loaded = dataclasses.replace(loaded, model=StreamingModel(
+            model.variant, model.sampler, model.params, tune_for_cpu=False))
+    tuned = loaded.model.tune_for_cpu
     dtype = jnp.dtype(loaded.model.sampler.cfg.depthformer.encoder.compute_dtype).name
     results = []
     for b in batches:
@@ -188,6 +203,7 @@ def main() -> int:
         "variant": args.variant,
         "device": device_name(),
         "compute_dtype": dtype,
+        "cpu_tuned": tuned,
         "frames_timed": args.frames,
         "results": results,
     }
@@ -209,7 +225,8 @@ def main() -> int:
                 report["upstream_ms_per_frame"] / base["ms_per_frame"], 2
             )
 
-    print(f"\n{args.variant} on {report['device']} ({dtype})")
+    print(f"\n{args.variant} on {report['device']} ({dtype}"
+          f"{', CPU-tuned step' if tuned else ''})")
     print(f"{'batch':>5} {'ms/frame':>9} {'p90':>8} {'frames/s':>9} {'RTF/stream':>10} "
           f"{'RT streams':>10} {'x batch1':>8} {'compile s':>9}")
     for r in results:

@@ -37,6 +37,7 @@ def test_fast_sampler_emits_upstreams_tokens(tiny, batch):
         fast.variant,
         build_sampler(fast.variant, compute_dtype=jnp.float32, fast_sampling=False),
         fast.params,
+        tune_for_cpu=False,
     )
     rng = np.random.default_rng(batch)
     style = tiny.style.tokenize(tiny.style.embed_text("upstream parity"))
@@ -50,8 +51,8 @@ def test_fast_sampler_emits_upstreams_tokens(tiny, batch):
     active, force = np.ones(batch, bool), np.zeros(batch, bool)
     forced = np.zeros((batch, 12), np.int32)
     for _ in range(6):
-        _, _, ours = fast.step(fast.params, tokens, temperature, top_k, active, forced, force,
+        _, _, ours = fast.step(fast.weights, tokens, temperature, top_k, active, forced, force,
                                ours)
-        _, _, theirs = upstream.step(upstream.params, tokens, temperature, top_k, active,
+        _, _, theirs = upstream.step(upstream.weights, tokens, temperature, top_k, active,
                                      forced, force, theirs)
         np.testing.assert_array_equal(_tokens(ours), _tokens(theirs))

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from ..styles import StyleModel
-from .model import State, StreamingModel
+from .model import State, StreamingModel, neutral_step_inputs
 from .session import CODE_LEVELS, Session
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class BatchedEngine:
             return None
         tokens, temperature, top_k, active, forced, force = self._frame_inputs(rows)
         audio, codes, self._state = self.model.step(
-            self.model.params, tokens, temperature, top_k, active, forced, force, self._state
+            self.model.weights, tokens, temperature, top_k, active, forced, force, self._state
         )
         return PendingStep([(i, self._sessions[self._slots[i]]) for i in rows], force,
                            audio, codes)
@@ -252,16 +252,8 @@ class BatchedEngine:
             _gather_rows(previous, np.zeros(capacity, np.int32))
             _gather_rows(state, np.zeros(len(jax.tree.leaves(previous)[0]), np.int32))
             state = _put_row(state, fresh, np.int32(0))
-            tokens = np.zeros((capacity, 144), np.int32)
             audio, _, state = self.model.step(
-                self.model.params,
-                tokens,
-                np.ones(capacity, np.float32),
-                np.full(capacity, 40, np.int32),
-                np.ones(capacity, bool),
-                np.zeros((capacity, CODE_LEVELS), np.int32),
-                np.zeros(capacity, bool),
-                state,
+                self.model.weights, *neutral_step_inputs(capacity), state
             )
             jax.block_until_ready(audio)
             _gather_rows(state, np.zeros(1, np.int32))

@@ -3,7 +3,9 @@
 One `StreamingModel` holds the Flax module and its parameters. Its functions are
 pure and batch-size agnostic: `init_state` makes one session's state (batch 1, its
 own seed), `step` advances a batch of states by one frame and returns int16 audio
-and the frame's codes, never the per-layer emits upstream's system returns.
+and the frame's codes, never the per-layer emits upstream's system returns. `step`
+takes `weights`, the parameters as the step reads them: on CPU some are stored
+transposed and the transposed convolutions are rewritten (`cpu_tuning`).
 
 Teacher forcing (jamming on a loop): upstream's JAX sampler has no forced tokens,
 so `step` takes per-row forced codes. A forced row runs the temporal transformer on
@@ -23,10 +25,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import sequence_layers.jax as sl
 from magenta_rt.jax import system as upstream_system
 
+from . import cpu_tuning
 from .sampling import with_fast_sampling
+from .session import CODE_LEVELS
 from .variants import FRAME_SAMPLES, Variant
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,19 @@ def dummy_inputs(batch: int) -> tuple[sl.Sequence, dict[str, jax.Array]]:
     return block, constants
 
 
+def neutral_step_inputs(rows: int) -> tuple[np.ndarray, ...]:
+    """`StreamingModel.step`'s per-row inputs (tokens, temperature, top_k, active,
+    forced, force) for `rows` rows stepping freely: for warm-up and tracing."""
+    return (
+        np.zeros((rows, CONDITIONING_TOKENS), np.int32),
+        np.ones(rows, np.float32),
+        np.full(rows, 40, np.int32),
+        np.ones(rows, bool),
+        np.zeros((rows, CODE_LEVELS), np.int32),
+        np.zeros(rows, bool),
+    )
+
+
 def _init_variables(module, block, constants):
     state = module.get_initial_state(
         block.shape[0], _input_spec(), training=False, constants=constants
@@ -123,6 +141,9 @@ class StreamingModel:
     variant: Variant
     sampler: Any
     params: Params
+    # Rewrite the step for XLA:CPU (cpu_tuning); None: when JAX's backend is the CPU.
+    # After construction it says what was done.
+    tune_for_cpu: bool | None = None
 
     def __post_init__(self) -> None:
         sampler = self.sampler
@@ -169,7 +190,14 @@ class StreamingModel:
             return out.values, codes, jax.tree.map(keep_inactive, new_state, state)
 
         self.init_state = jax.jit(init_state)
-        self.step = jax.jit(step, donate_argnums=(7,))
+        if self.tune_for_cpu is None:
+            self.tune_for_cpu = cpu_tuning.wanted()
+        example = (*neutral_step_inputs(1), self.init_state(self.params, jnp.uint32(0)))
+        tuned, self._layout = cpu_tuning.tune(
+            step, self.params, *example, enabled=self.tune_for_cpu
+        )
+        self.weights = self._layout.prepare(self.params)
+        self.step = jax.jit(tuned, donate_argnums=(7,))
 
     @property
     def frame_samples(self) -> int:
@@ -180,6 +208,7 @@ class StreamingModel:
         are shared, so nothing recompiles: this is what makes a hot swap free."""
         other = copy.copy(self)
         other.params = params
+        other.weights = self._layout.prepare(params)
         return other
 
     def state_at(self, seed: int) -> State:

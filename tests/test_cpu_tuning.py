@@ -1,0 +1,112 @@
+"""The CPU rewrites compute what the step computes as traced (cpu_tuning)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from serve_app.engine.conv_transpose import without_lhs_dilation
+from serve_app.engine.model import StreamingModel, neutral_step_inputs, random_params
+from serve_app.engine.weight_layout import WeightLayout
+
+CONVS = [
+    # lhs shape, rhs shape, padding, lhs_dilation, rhs_dilation, dimension numbers
+    ((2, 3, 5, 8), (4, 4, 8, 6), ((3, 3), (1, 2)), (2, 2), (1, 1), ("NHWC", "HWIO", "NHWC")),
+    ((1, 2, 7, 4), (3, 6, 4, 5), ((2, 0), (4, 3)), (1, 3), (1, 1), ("NHWC", "HWIO", "NHWC")),
+    ((2, 4, 6, 3), (3, 3, 3, 5), ((0, 0), (1, 1)), (2, 1), (2, 1), ("NHWC", "HWIO", "NHWC")),
+    ((2, 5, 3), (5, 3, 4), ((-1, 2),), (3,), (1,), ("NWC", "WIO", "NWC")),
+    ((2, 3, 6, 5), (4, 3, 3, 2), ((1, 1), (2, 2)), (2, 2), (1, 1), ("NCHW", "OIHW", "NCHW")),
+]
+
+
+@pytest.mark.parametrize("lhs,rhs,padding,lhs_dilation,rhs_dilation,layout", CONVS)
+def test_transposed_conv_matches_xla(lhs, rhs, padding, lhs_dilation, rhs_dilation, layout):
+    rng = np.random.default_rng(len(lhs) + sum(lhs))
+    x = jnp.asarray(rng.normal(size=lhs), jnp.float32)
+    w = jnp.asarray(rng.normal(size=rhs), jnp.float32)
+
+    def conv(x, w):
+        return lax.conv_general_dilated(
+            x, w, (1,) * len(lhs_dilation), padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=layout,
+        )
+
+    rewritten = without_lhs_dilation(conv, min_channel_pairs=0)
+    assert "lhs_dilation" not in str(jax.make_jaxpr(rewritten)(x, w))
+    np.testing.assert_allclose(jax.jit(rewritten)(x, w), conv(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides,lhs_dilation,channels", [
+    ((2,), (1,), 64),  # a strided (encoder-like) convolution
+    ((1,), (2,), 16),  # a transposed one too small to be a real matmul
+])
+def test_other_convs_are_left_alone(strides, lhs_dilation, channels):
+    x, w = jnp.ones((1, 8, channels)), jnp.ones((3, channels, channels))
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, strides, [(0, 0)], lhs_dilation=lhs_dilation,
+                                        dimension_numbers=("NWC", "WIO", "NWC"))
+
+    assert str(jax.make_jaxpr(without_lhs_dilation(conv))(x, w)) == str(jax.make_jaxpr(conv)(x, w))
+
+
+def test_layout_stores_weights_the_way_their_dots_read_them():
+    w = {"proj": jnp.arange(24.0).reshape(2, 3, 4), "kept": jnp.ones((4, 5)), "bias": jnp.ones(5)}
+
+    def fn(p, x):  # x[..., n, h] . proj[d, n, h]: proj is read as [h, n, d]
+        y = jnp.einsum("bnh,dnh->bd", x, p["proj"]) @ jnp.ones((2, 4))
+        return y @ p["kept"] + p["bias"]
+
+    x = jnp.ones((1, 3, 4))
+    layout = WeightLayout.of(fn, w, x)
+    assert layout.perms == {2: (2, 1, 0)}  # leaves in key order: bias, kept, proj
+    prepared = layout.prepare(w)
+    assert prepared["proj"].shape == (4, 3, 2) and prepared["kept"] is w["kept"]
+    np.testing.assert_array_equal(layout.restore(prepared)["proj"], w["proj"])
+    np.testing.assert_allclose(
+        jax.jit(lambda p, x: fn(layout.restore(p), x))(prepared, x), fn(w, x))
+    with pytest.raises(ValueError, match="weights: tree differs"):
+        layout.prepare({"proj": w["proj"]})
+
+
+def _stream(model: StreamingModel, frames: int, seeds=(3, 11)) -> tuple[np.ndarray, np.ndarray]:
+    state = jax.tree.map(lambda *rows: jnp.concatenate(rows),
+                         *(model.state_at(s) for s in seeds))
+    audio, codes = [], []
+    for _ in range(frames):
+        a, c, state = model.step(model.weights, *neutral_step_inputs(len(seeds)), state)
+        audio.append(np.asarray(a))
+        codes.append(np.asarray(c))
+    return np.concatenate(audio, axis=1), np.stack(codes)
+
+
+@pytest.fixture(scope="module")
+def untuned(tiny) -> StreamingModel:
+    m = tiny.model
+    return StreamingModel(m.variant, m.sampler, m.params, tune_for_cpu=False)
+
+
+def test_tiny_streams_the_same_tuned_and_untuned(tiny, untuned):
+    """Two sessions, 6 frames (the decoder's lookahead makes the first one silent):
+    the same codes, and audio within one int16 step of the untuned step's."""
+    assert tiny.model.tune_for_cpu and not untuned.tune_for_cpu
+    tuned_audio, tuned_codes = _stream(tiny.model, 6)
+    audio, codes = _stream(untuned, 6)
+    np.testing.assert_array_equal(tuned_codes, codes)
+    assert np.abs(audio).max() > 0  # not a comparison of silences
+    np.testing.assert_allclose(tuned_audio.astype(int), audio.astype(int), atol=1)
+
+
+def test_hot_swapped_weights_are_prepared_again(tiny, untuned):
+    """with_params re-lays-out the new weights: a swapped tuned model streams what an
+    untuned model with those weights streams."""
+    other = random_params(tiny.model.sampler, seed=5)
+    swapped = tiny.model.with_params(other)
+    assert swapped.step is tiny.model.step  # nothing recompiles
+    tuned_audio, tuned_codes = _stream(swapped, 4)
+    audio, codes = _stream(untuned.with_params(other), 4)
+    np.testing.assert_array_equal(tuned_codes, codes)
+    np.testing.assert_allclose(tuned_audio.astype(int), audio.astype(int), atol=1)
