@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax import lax
 from jax.extend import core
 from jax.extend.core.primitives import conv_general_dilated_p, jit_p
@@ -53,7 +53,7 @@ def transposed_conv(
     w = lax.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
     spatial = len(lhs_spec) - 2
     kernel = w.shape[:spatial]
-    taps_total = int(np.prod(kernel))
+    taps_total = math.prod(kernel)
     # One [C, O] matrix per tap, batched: [T, M, C] x [T, C, O] -> [T, M, O]. Taps
     # lead because that is the kernel's own memory order (no weight transpose).
     rows = x.reshape(-1, x.shape[-1])

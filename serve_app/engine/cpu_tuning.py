@@ -9,6 +9,7 @@ they are not applied: their effect there has not been measured.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ def tune(
     layout = WeightLayout.of(fn, params, *example)
     rewritten = without_lhs_dilation(fn)
 
+    @functools.wraps(fn)  # keeps the name profiles and the compile cache show
     def tuned(weights: Any, *args: Any) -> Any:
         return rewritten(layout.restore(weights), *args)
 
