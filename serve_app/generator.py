@@ -420,11 +420,17 @@ class GeneratorCore:
         }
 
     async def next_chunk(self, session_id: str, timeout: float = 10.0) -> Chunk | None:
-        """The next undelivered chunk, waiting up to `timeout`; None if none came."""
+        """The next undelivered chunk, waiting up to `timeout`; None if none came, or
+        if the session was stopped while this waited: a stop racing the stream's
+        own next call ends the stream, it is no error. A session that ended for a
+        reason (expired, failed) still raises, so the client is told why."""
         self._loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
+        waited = False
         while True:
             with self._lock:
+                if waited and session_id not in self._jams and session_id not in self._ended:
+                    return None
                 jam = self._jam(session_id)
                 event = self._events[session_id]
                 event.clear()
@@ -440,6 +446,7 @@ class GeneratorCore:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 return None
+            waited = True
 
     async def consume(self, session_id: str, chunk_index: int) -> dict:
         with self._lock:

@@ -86,3 +86,30 @@ def test_settings_read_keys_and_mode_from_the_environment(monkeypatch):
     s = ApiSettings.from_config({"max_styles": 3})
     assert s.api_keys == ["a", "b"] and s.admin_keys == ["z"]
     assert s.template_mode and s.max_styles == 3
+
+
+def test_a_stop_ends_a_waiting_next_chunk_quietly(core, tiny):
+    """The WebSocket stream's next_chunk is often waiting when the client stops: it
+    ends with None (no error logged for a normal stop); asking afresh still fails."""
+    import asyncio
+
+    from serve_app.errors import UnknownSession
+    from serve_app.generator import JamSpec, StyleSpec
+    from serve_app.jam import StreamConfig
+
+    with client(core, tiny) as http:
+        wait_ready(http)
+
+    async def scenario():
+        spec = JamSpec(style=StyleSpec(), stream=StreamConfig(chunk_frames=50, pace="realtime"))
+        sid = (await core.start(spec))["session_id"]
+        assert await core.next_chunk(sid, timeout=60) is not None  # chunk 0 comes at once
+        waiting = asyncio.create_task(core.next_chunk(sid, timeout=60))
+        await asyncio.sleep(0.3)  # chunk 1 is paced ~1.8 s behind the wall clock
+        assert not waiting.done()
+        await core.stop(sid)
+        assert await asyncio.wait_for(waiting, 10) is None
+        with pytest.raises(UnknownSession):
+            await core.next_chunk(sid, timeout=1)
+
+    asyncio.run(scenario())
