@@ -144,8 +144,6 @@ def _upstream_sampler_step(loaded):
     )
     model = StreamingModel(variant, sampler, loaded.model.params, tune_for_cpu=False)
     tokens = build_block(None, np.full(128, -1, np.int32), -1, DEFAULT_CFG)[None, None]
-    import sequence_layers.jax as sl
-
     block = sl.Sequence.from_values(jnp.asarray(tokens))
     constants = {"temperature": jnp.array([1.3]), "top_k": jnp.array([40], jnp.int32)}
     jitted = jax.jit(

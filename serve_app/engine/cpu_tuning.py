@@ -19,18 +19,18 @@ from .conv_transpose import without_lhs_dilation
 from .weight_layout import WeightLayout
 
 
-def wanted(backend: str | None = None) -> bool:
-    """Whether steps on this backend (default: JAX's default) are tuned."""
-    return (backend or jax.default_backend()) == "cpu"
+def wanted() -> bool:
+    """Whether steps on JAX's default backend are tuned: on the CPU only."""
+    return jax.default_backend() == "cpu"
 
 
 def tune(
-    fn: Callable[..., Any], params: Any, *example: Any, enabled: bool | None = None
+    fn: Callable[..., Any], params: Any, *example: Any, enabled: bool
 ) -> tuple[Callable[..., Any], WeightLayout]:
     """`fn(params, *args)` -> (`tuned(weights, *args)`, the layout that makes
     `weights` from `params`). `example` are arguments of the right shapes, traced
     once to pick the layout. Disabled, `tuned` is `fn` and weights are params."""
-    if not (wanted() if enabled is None else enabled):
+    if not enabled:
         return fn, WeightLayout.identity(params)
     layout = WeightLayout.of(fn, params, *example)
     rewritten = without_lhs_dilation(fn)

@@ -81,9 +81,9 @@ class WeightLayout:
         return cls(jax.tree.structure(params), {})
 
     def _map(self, tree: Any, permute: Callable[[jax.Array, Perm], jax.Array]) -> Any:
-        leaves, treedef = jax.tree.flatten(tree)
         if not self.perms:
             return tree
+        leaves, treedef = jax.tree.flatten(tree)
         if treedef != self.treedef:
             raise ValueError("weights: tree differs from the one this layout was made for")
         leaves = [
