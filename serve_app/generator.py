@@ -682,7 +682,7 @@ class GeneratorCore:
             except BaseException as e:
                 self._switch_failed(e)
                 raise
-            kept, ended = self._hand_over(prepared, stop_active)
+            kept, ended = self._hand_over(prepared, stop_active, record)
             if record is None:
                 record = self._remember(candidate.selection)
             self.generation = record.generation if record else self.generation
@@ -696,8 +696,11 @@ class GeneratorCore:
         finally:
             self._switch_lock.release()
 
-    def _hand_over(self, prepared: Prepared, stop_active: bool) -> tuple[int, int]:
-        """The swap itself, between two steps (the step loop holds the same lock)."""
+    def _hand_over(self, prepared: Prepared, stop_active: bool,
+                   record: SelectionRecord | None) -> tuple[int, int]:
+        """The swap itself, between two steps (the step loop holds the same lock). A
+        followed switch publishes its generation with its selection, so no reader sees
+        the new model under the old generation."""
         selection = prepared.candidate.selection
         with self._lock:
             ended = 0
@@ -714,6 +717,8 @@ class GeneratorCore:
                 self.engine = prepared.engine
             else:
                 self.engine.model = prepared.loaded.model
+            if record is not None:  # first: whoever sees the new selection sees this too
+                self.generation = record.generation
             self.loaded, self.encoder, self.selection = (
                 prepared.loaded, prepared.encoder, selection)
             kept = len(self._jams)
