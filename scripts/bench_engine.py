@@ -10,7 +10,9 @@ jitted step, audio back on the host. `--compare-upstream` times magenta_rt's own
 `MagentaRT2System` streaming step (batch 1) on the same weights in the same run.
 `--breakdown` also times the step's two halves alone at each batch size (the
 depthformer that samples the frame's 12 codes, and the codec decoder that turns
-them into audio): the profile that says which one limits a batch.
+them into audio): the profile that says which one limits a batch. With XLA's
+count of each half's FLOPs and one large matmul timed on the same device, it also
+says how close each half runs to the arithmetic limit.
 Runs without Ray: it only needs serve_app and JAX.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -41,6 +44,7 @@ from serve_app.engine.model import StreamingModel, build_sampler, decode_step, d
 from serve_app.engine.variants import FRAMES_PER_SECOND
 
 FRAME_MS = 1000 / FRAMES_PER_SECOND
+PEAK_MATMUL_N = 2048
 
 
 def device_name() -> str:
@@ -71,9 +75,30 @@ def _decoder_step(module, codes, state, constants):
     return x.values, new_state
 
 
+def xla_gflop(compiled) -> float | None:
+    """XLA's own count of the floating-point work in one call (None where the backend
+    gives no cost analysis): with a time, it says how close a step runs to the device's
+    arithmetic limit (`matmul_peak_gflops`)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = (cost or {}).get("flops")
+    return round(flops / 1e9, 3) if flops else None
+
+
+def matmul_peak_gflops(dtype, n: int = PEAK_MATMUL_N, frames: int = 5) -> float:
+    """GFLOP/s of one large square matmul in the step's dtype: the best case XLA reaches
+    on this device, the ceiling against which a step's GFLOP/s is read."""
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    ms = statistics.median(time_steps(lambda: jax.block_until_ready(matmul(a, a)), frames, 1,
+                                      f"matmul {n}x{n}"))
+    return round(2 * n**3 / (ms / 1000) / 1e9, 1)
+
+
 def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> dict:
     """ms per step of the depthformer alone and of the codec decoder alone, each
-    tuned for the backend as the engine's whole step is (cpu_tuning)."""
+    tuned for the backend as the engine's whole step is (cpu_tuning), with XLA's
+    count of each half's GFLOP and the GFLOP/s that makes."""
     sampler, params = model.sampler, model.params
     state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), model.state_at(0))
     block, constants = dummy_inputs(batch)
@@ -83,16 +108,22 @@ def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> di
             lambda p, x, s: sampler.apply(p, x, s, constants, method=method),
             params, *example, enabled=model.tune_for_cpu,
         )
-        step = jax.jit(fn)
         weights = layout.prepare(params)
-        return lambda *args: jax.block_until_ready(step(weights, *args))
+        step = jax.jit(fn).lower(weights, *example).compile()
+        return (lambda *args: jax.block_until_ready(step(weights, *args))), xla_gflop(step)
 
-    lm = jitted(_depthformer_step, block, state)
+    lm, lm_gflop = jitted(_depthformer_step, block, state)
     codes, _ = lm(block, state)
-    dec = jitted(_decoder_step, codes, state)
-    lm_ms = statistics.median(time_steps(lambda: lm(block, state), frames, warmup, "depthformer"))
-    dec_ms = statistics.median(time_steps(lambda: dec(codes, state), frames, warmup, "decoder"))
-    return {"depthformer_ms": round(lm_ms, 3), "decoder_ms": round(dec_ms, 3)}
+    dec, dec_gflop = jitted(_decoder_step, codes, state)
+    row = {}
+    for name, call, args, gflop in (("depthformer", lm, (block, state), lm_gflop),
+                                    ("decoder", dec, (codes, state), dec_gflop)):
+        ms = statistics.median(time_steps(functools.partial(call, *args), frames, warmup,
+                                          name))
+        row[f"{name}_ms"] = round(ms, 3)
+        row[f"{name}_gflop"] = gflop
+        row[f"{name}_gflops"] = round(gflop / (ms / 1000), 1) if gflop else None
+    return row
 
 
 def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
@@ -205,6 +236,8 @@ def main() -> int:
         "frames_timed": args.frames,
         "results": results,
     }
+    if args.breakdown:
+        report["matmul_peak_gflops"] = matmul_peak_gflops(dtype)
     base = next((r for r in results if r["batch"] == 1), None)
     if base:
         for r in results:
@@ -232,8 +265,12 @@ def main() -> int:
               f"{r['frames_per_second']:>9.1f} {r['rtf_per_stream']:>10.2f} "
               f"{r['realtime_streams']:>10.2f} {r.get('fps_vs_batch1', 0):>8.2f} "
               f"{r['compile_seconds']:>9.1f}"
-              + (f"  depthformer {r['depthformer_ms']:.2f} decoder {r['decoder_ms']:.2f}"
+              + (f"  depthformer {r['depthformer_ms']:.2f} ({r['depthformer_gflops']} GFLOP/s)"
+                 f" decoder {r['decoder_ms']:.2f} ({r['decoder_gflops']} GFLOP/s)"
                  if "decoder_ms" in r else ""))
+    if "matmul_peak_gflops" in report:
+        print(f"one {PEAK_MATMUL_N}x{PEAK_MATMUL_N} {dtype} matmul: "
+              f"{report['matmul_peak_gflops']} GFLOP/s (this device's best case)")
     if "upstream_ms_per_frame" in report:
         print(f"upstream: {report['upstream_ms_per_frame']:.2f} ms/frame "
               f"({report['upstream_kind']}); ours at batch 1 is "

@@ -66,3 +66,11 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, tiny_repo):
     assert report["upstream_ms_per_frame"] > 0 and report["speedup_vs_upstream"] > 0
     assert "ms/frame" in result.stdout and "upstream" in result.stdout
     assert "depthformer" in result.stdout
+    # XLA's FLOP count is of the whole batched call: two rows do about twice the work
+    one, two = report["results"]
+    for half in ("depthformer", "decoder"):
+        assert one[f"{half}_gflop"] > 0
+        assert 1.7 < two[f"{half}_gflop"] / one[f"{half}_gflop"] < 2.3, half
+        assert one[f"{half}_gflops"] == pytest.approx(
+            one[f"{half}_gflop"] / one[f"{half}_ms"] * 1000, rel=0.01)
+    assert report["matmul_peak_gflops"] > 0 and "GFLOP/s" in result.stdout
