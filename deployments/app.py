@@ -122,6 +122,10 @@ def generator_options(v: VariantConfig, resources: dict, n_generators: int) -> d
         ),
         # sessions end when their replica stops: let streams finish on scale-down
         graceful_shutdown_timeout_s=60,
+        # Its callers are our own Ingress, which logs the client's requests: a line per
+        # chunk here (2 a second per 0.5 s-chunk session) would drown the replica's log.
+        # Errors are still logged.
+        logging_config={"enable_access_log": False},
     )
     if v.autoscaling_config:
         options["autoscaling_config"] = v.autoscaling_config

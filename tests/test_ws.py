@@ -293,3 +293,23 @@ def test_jam_cli_records_a_wav_with_a_scripted_style_change(serve_base, tmp_path
     info = sf.info(str(out))
     assert (info.samplerate, info.channels, info.frames) == (48000, 2, 3 * 48000)
     assert "jamming" in result.stderr  # the progress bar
+
+
+def test_the_generator_writes_no_log_line_per_chunk(ws_url):
+    """The Ingress logs the client's requests; the Generator's callers are our own, so a
+    line per chunk there is noise (two a second per session at 0.5 s chunks)."""
+    import ray
+
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
+                            "params": {"styles": "ambient", "chunk_seconds": 0.04}}))
+        recv_json(ws)
+        for _ in range(10):
+            recv_binary_chunk(ws)
+        ws.send(json.dumps({"type": "stop"}))
+    logs = pathlib.Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    generator_logs = sorted(logs.glob("replica_*Generator_*.log"))
+    assert generator_logs, sorted(p.name for p in logs.iterdir())
+    time.sleep(1)  # Serve buffers request logs briefly before writing them
+    for path in generator_logs:
+        assert "next_chunk" not in path.read_text(), path.name
