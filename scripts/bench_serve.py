@@ -55,8 +55,9 @@ class SessionResult:
 
 
 async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
-              variant: str | None, binary: bool = True) -> SessionResult:
+              variant: str | None, binary: bool = True, delay: float = 0.0) -> SessionResult:
     result = SessionResult()
+    await asyncio.sleep(delay)
     params = {"styles": STYLES[0], "pace": "realtime", "chunk_seconds": chunk_seconds,
               "seed": seed, **({"variant": variant} if variant else {})}
     try:
@@ -122,13 +123,18 @@ def p50(values: list[float]) -> float | None:
 
 
 async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
-              variant: str | None, binary: bool = True) -> dict:
+              variant: str | None, binary: bool = True, stagger: bool = False) -> dict:
+    # Staggered, session i starts i/N of a chunk after the first, as musicians who do
+    # not press start together would; otherwise all start at once, so their chunks fall
+    # due in the same step and queue behind each other on the way out (the worst case).
+    delays = [i * chunk_seconds / sessions if stagger else 0.0 for i in range(sessions)]
     results = await asyncio.gather(*(jam(url, seconds, chunk_seconds, 1000 + i, variant,
-                                         binary) for i in range(sessions)))
+                                         binary, delays[i]) for i in range(sessions)))
     overheads = [v for r in results for v in r.overhead_ms]
     to_ingress = [v for r in results for v in r.to_ingress_ms]
     return {
         "sessions": sessions,
+        "staggered": stagger,
         "underruns": sum(r.underruns for r in results),
         "failed_sessions": sum(r.error is not None for r in results),
         "errors": sorted({r.error for r in results if r.error}),
@@ -183,6 +189,9 @@ def main() -> int:
     parser.add_argument("--variant", default=None)
     parser.add_argument("--audio", choices=("binary", "json"), default="binary",
                         help="binary frames + chunk_meta (default), or base64 in one JSON")
+    parser.add_argument("--stagger", action="store_true",
+                        help="start session i i/N of a chunk after the first (default: all "
+                             "at once, so every session's chunk is ready in the same step)")
     parser.add_argument("--json", type=pathlib.Path, required=True)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     args = parser.parse_args()
@@ -191,14 +200,15 @@ def main() -> int:
         parser.error("--sessions: positive integers, e.g. 1,2,4")
     url = ws_url(args.url)
     report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
-              "variant": args.variant, "audio": args.audio, "runs": []}
+              "variant": args.variant, "audio": args.audio, "staggered": args.stagger,
+              "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
           f"{'overhead ms':>11}", flush=True)
     for n in counts:
         print(f"  running {n} session(s) for {args.seconds:g} s ...", file=sys.stderr,
               flush=True)
         r = asyncio.run(run(url, n, args.seconds, args.chunk_seconds, args.variant,
-                            args.audio == "binary"))
+                            args.audio == "binary", args.stagger))
         report["runs"].append(r)
         print(f"{n:>8} {r['underruns']:>9} {r['failed_sessions']:>6} "
               f"{r['time_to_first_audio_ms_p50']!s:>8} {r['update_latency_ms_p50']!s:>9} "

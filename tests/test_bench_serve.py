@@ -16,12 +16,13 @@ def test_bench_serve_reports_every_figure(serve_base, tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts/bench_serve.py"), "--url",
          serve_base.replace("http://", "ws://"), "--sessions", "2,1", "--seconds", "3",
-         "--chunk-seconds", "0.2", "--json", str(out)],
+         "--chunk-seconds", "0.2", "--stagger", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert [r["sessions"] for r in report["runs"]] == [1, 2]
+    assert report["staggered"] and all(r["staggered"] for r in report["runs"])
     for r in report["runs"]:
         assert r["failed_sessions"] == 0, r["errors"]
         assert r["chunks"] >= 10 * r["sessions"]  # 3 s of 0.2 s chunks per session
