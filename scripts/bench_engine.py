@@ -82,7 +82,9 @@ def xla_gflop(compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = (cost or {}).get("flops")
-    return round(flops / 1e9, 3) if flops else None
+    # to the kFLOP: tiny's halves are a few tens of MFLOP, where 3 decimals of a GFLOP
+    # would be off by up to 3%
+    return round(flops / 1e9, 6) if flops else None
 
 
 def matmul_peak_gflops(dtype, n: int = PEAK_MATMUL_N, frames: int = 5) -> float:
@@ -122,7 +124,7 @@ def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> di
                                           name))
         row[f"{name}_ms"] = round(ms, 3)
         row[f"{name}_gflop"] = gflop
-        row[f"{name}_gflops"] = round(gflop / (ms / 1000), 1) if gflop else None
+        row[f"{name}_gflops"] = round(gflop / (ms / 1000), 2) if gflop else None
     return row
 
 
