@@ -34,9 +34,16 @@ CPU_ENV = {"JAX_PLATFORMS": "cpu"}
 # 2-core box, 0.5 s chunks; median of the runs' overhead p50): 8 sessions 11.7 -> 8.7 ms
 # (4 runs before, 2 after); 1, 2 and 4 sessions within run-to-run noise. Our async
 # methods never block (slow work runs in threads: the step loop, asyncio.to_thread).
+#
+# They also reply inline up to 4 MiB (Ray's default is 100 KiB; a 2 s pcm16 stereo chunk is
+# 384 KB, a 10 s one as base64 JSON 2.6 MB): above the limit every chunk went through the
+# object store, on the generator -> ingress hop and again on the ingress -> proxy one.
+# bench_serve, 2 s chunks, overhead p50: 1 session 9.9 -> 8.4 ms, 8 sessions 24.6 -> 13.3
+# (docs/performance.md). A per-process Ray setting: only these replicas' replies change.
 CHUNK_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_max_direct_call_object_size": str(4 * 1024 * 1024),
 }
 # GPU replicas allocate as they go rather than grabbing 75% of the GPU up front.
 GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda,cpu"}
