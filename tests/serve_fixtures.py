@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 
@@ -47,6 +48,9 @@ def ray_serve():
     import ray
     from ray import serve
 
+    from deployments.proxy import PROXY_CALLBACK_ENV
+
+    os.environ.update(PROXY_CALLBACK_ENV)  # read by the proxy Ray starts, as scripts/serve does
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
     try:

@@ -12,6 +12,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from deployments.app import AppConfig, VariantConfig, build_app, generator_options
 from deployments.autoscaling import SessionsPolicy
+from deployments.proxy import PROXY_CALLBACK_ENV, without_ws_compression
 from serve_app.api.ws import WsParams
 from serve_app.audio import to_wav_bytes
 from serve_app.frames import CHANNELS, SAMPLE_RATE
@@ -94,6 +95,31 @@ def test_the_chunk_path_returns_the_largest_chunk_inline():
     for options in (ingress.ray_actor_options, *(g["ray_actor_options"] for g in generators)):
         limit = int(options["runtime_env"]["env_vars"]["RAY_max_direct_call_object_size"])
         assert limit >= largest, (limit, largest)
+
+
+def test_every_launcher_installs_the_proxy_hook():
+    """Ray reads the hook in each proxy's process, so every way we start nodes sets it."""
+    (name, path), = PROXY_CALLBACK_ENV.items()
+    assert f'{name}="${{{name}:-{path}}}"' in (ROOT / "scripts/serve").read_text()
+    cluster = yaml.safe_load((ROOT / "configs/rayservice.yaml").read_text())["spec"]
+    groups = [cluster["rayClusterConfig"]["headGroupSpec"],
+              *cluster["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert {"name": name, "value": path} in container["env"], container["name"]
+
+
+def test_the_proxy_hook_turns_deflate_off_unless_a_config_asks_for_it():
+    import uvicorn
+
+    original = uvicorn.Config.__init__
+    try:
+        assert without_ws_compression() == [] and without_ws_compression() == []
+        assert uvicorn.Config.__init__.__wrapped__ is original  # wrapped once, not twice
+        assert uvicorn.Config(app=None).ws_per_message_deflate is False
+        assert uvicorn.Config(app=None, ws_per_message_deflate=True).ws_per_message_deflate
+    finally:
+        uvicorn.Config.__init__ = original
 
 
 def test_bad_configs_name_the_problem():

@@ -98,6 +98,19 @@ def test_binary_wav_frames_are_followed_by_chunk_meta(ws_url):
         assert meta["index"] == 0 and meta["metadata"]["audio_format"] == "wav"
 
 
+def test_audio_is_sent_uncompressed_to_a_client_that_offers_deflate(ws_url):
+    """Browsers always offer permessage-deflate; PCM does not compress, so the proxy
+    declines it (deployments/proxy.py) and the audio still arrives whole."""
+    with connect(ws_url, compression="deflate") as ws:
+        assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
+                            "params": {"styles": "techno", "chunk_seconds": 0.2}}))
+        recv_json(ws)
+        payload, meta = recv_binary_chunk(ws)
+        assert len(payload) == 5 * 1920 * 2 * 2 and meta["index"] == 0
+
+
 def test_pcm16_one_frame_chunks_arrive_in_order_without_gaps(ws_url):
     with connect(ws_url) as ws:
         ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
