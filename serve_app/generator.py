@@ -683,9 +683,10 @@ class GeneratorCore:
                 self._switch_failed(e)
                 raise
             kept, ended = self._hand_over(prepared, stop_active, record)
-            if record is None:
+            if record is None:  # our own choice: stored once it serves, under a new generation
                 record = self._remember(candidate.selection)
-            self.generation = record.generation if record else self.generation
+                if record is not None:
+                    self.generation = record.generation
             self.metrics.record("mrt_model_switches")
             result = {"ok": True, "state": "serving", "sessions_kept": kept,
                       "sessions_ended": ended, "load_seconds": round(prepared.seconds, 3),
