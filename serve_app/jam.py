@@ -25,6 +25,9 @@ from .engine import Session
 from .engine.variants import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 
 PACES = ("realtime", "asap")
+# A streamed chunk is held whole in the generator and the ingress until it is sent; a
+# fixed-length render is one chunk of its whole length, bounded by the API instead.
+MAX_CHUNK_SECONDS = 50
 
 
 @dataclasses.dataclass
@@ -72,8 +75,9 @@ class StreamConfig:
     def validate(self) -> None:
         if self.pace not in PACES:
             raise ValueError(f"pace: must be one of {list(PACES)}, got {self.pace!r}")
-        if not 1 <= self.chunk_frames <= 50 * FRAMES_PER_SECOND:
-            raise ValueError("chunk_seconds: must be within 0.04..50 seconds")
+        limit = self.total_frames or MAX_CHUNK_SECONDS * FRAMES_PER_SECOND
+        if not 1 <= self.chunk_frames <= limit:
+            raise ValueError(f"chunk_seconds: must be within 0.04..{MAX_CHUNK_SECONDS} seconds")
         if self.max_backlog < 1:
             raise ValueError("max_backlog: must be >= 1")
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from serve_app.api.settings import ApiSettings
+
 from .serve_fixtures import wait_ready
 
 
@@ -182,6 +184,8 @@ def test_a_client_that_never_consumes_holds_bounded_memory(http):
         ("/jam/start", {"drums": "loud"}, 400, "drums: must be one of"),
         ("/jam/start", {"notes": "60, 200"}, 400, "notes: MIDI pitches must be 0..127"),
         ("/jam/start", {"centroid_weights": "1,1,1,1"}, 400, "centroid_weights: got 4"),
+        ("/jam/start", {"bpm": 120, "bars_per_chunk": 64}, 400,
+         "bars_per_chunk: 64 bars at 120 bpm make 128.0 s chunks; at most 50 s"),
         ("/generate_style", {"bpm": 5}, 400, "bpm: must be within"),
         ("/generate_style", {"bars": 500}, 400, "bars: at most"),
         ("/generate_style", {"target_sample_rate": 1000}, 400, "target_sample_rate:"),
@@ -255,6 +259,26 @@ def test_generate_continues_a_120bpm_loop_for_exactly_8_bars(http):
     assert meta["total_samples"] == 705600 and meta["seconds_per_bar"] == 2.0
     assert meta["loudness"]["mode"] == "lufs" and meta["loop_duration_seconds"] == 4.0
     assert http.get("/progress", params={"request_id": "curl-8"}).json()["stage"] == "done"
+
+
+def test_the_longest_loop_and_render_allowed_come_back_whole(http):
+    """The largest messages the API makes, at its default limits, cross every hop: a loop
+    of `max_loop_seconds` in (23 MB as float32 between replicas) and `max_render_seconds`
+    out (31 MB of base64 WAV), longer than any streamed chunk may be."""
+    from .test_loops import encoded, synth_loop
+
+    limits = ApiSettings()
+    loop = synth_loop(limits.max_loop_seconds, 48000, level=0.3)
+    bars = int(limits.max_render_seconds // 2)  # 2 s bars at 120 bpm
+    r = http.post("/generate", data={"bpm": "120", "bars": str(bars), "styles": "techno",
+                                     "loudness_mode": "none", "seed": "5"},
+                  files={"loop_audio": ("loop.wav", encoded(np.stack([loop, loop], 1), 48000),
+                                        "audio/wav")})
+    assert r.status_code == 200, r.text
+    audio, rate = decode(r.json()["audio_base64"])
+    assert rate == 48000 and audio.shape == (bars * 2 * 48000, 2)
+    assert r.json()["metadata"]["loop_duration_seconds"] == limits.max_loop_seconds
+    assert np.abs(audio[-48000:]).max() > 0  # the render's last second is music, not padding
 
 
 def test_killed_generator_replica_gives_a_clear_error_then_recovers(http, base):

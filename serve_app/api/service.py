@@ -16,7 +16,7 @@ from ..engine import Controls
 from ..errors import BadRequest, Unavailable, UnknownSession
 from ..frames import SAMPLE_RATE
 from ..generator import BarSpec, JamSpec, JamUpdate, StyleSpec, variant_of
-from ..jam import StreamConfig
+from ..jam import MAX_CHUNK_SECONDS, StreamConfig
 from ..styles.prompts import parse_floats, parse_styles
 from .ab import ABSplit
 from .clients import GeneratorClient, StyleClient
@@ -154,6 +154,10 @@ class JamService:
         if loudness_mode not in LOUDNESS_MODES:
             raise BadRequest(f"loudness_mode: must be one of {list(LOUDNESS_MODES)}, "
                              f"got {loudness_mode!r}")
+        seconds = bars_per_chunk * clock.seconds_per_bar
+        if seconds > MAX_CHUNK_SECONDS:
+            raise BadRequest(f"bars_per_chunk: {bars_per_chunk} bars at {clock.bpm:g} bpm make "
+                             f"{float(seconds):.1f} s chunks; at most {MAX_CHUNK_SECONDS} s")
         return BarSpec(clock, bars_per_chunk, self.output_rate(target_rate), loudness_mode,
                        headroom_db)
 
