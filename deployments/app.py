@@ -24,10 +24,13 @@ from serve_app.engine.variants import VARIANTS, variant_for_size
 from .generator import Generator
 from .ingress import Ingress
 from .style_embedder import StyleEmbedder
+from .transport import GRPC_ENV
 
 log = logging.getLogger("mrt_serve.app")
 
-CPU_ENV = {"JAX_PLATFORMS": "cpu"}
+# Every replica: JAX on CPU unless it is a GPU generator, and Serve's gRPC data plane
+# (deployments/transport.py).
+CPU_ENV = {"JAX_PLATFORMS": "cpu", **GRPC_ENV}
 # The chunk path's replicas (Ingress, Generators) run our async code on Ray Serve's own
 # event loop, and their handles' router on it too, instead of one extra thread each:
 # each chunk crosses two thread hops fewer. Measured with scripts/bench_serve.py (tiny,
@@ -40,13 +43,15 @@ CPU_ENV = {"JAX_PLATFORMS": "cpu"}
 # object store, on the generator -> ingress hop and again on the ingress -> proxy one.
 # bench_serve, 2 s chunks, overhead p50: 1 session 9.9 -> 8.4 ms, 8 sessions 24.6 -> 13.3
 # (docs/performance.md). A per-process Ray setting: only these replicas' replies change.
+# Over the gRPC data plane (deployments/transport.py) replies are no Ray objects; the
+# limit still serves a proxy started without NODE_ENV, which calls the ingress by actor.
 CHUNK_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_max_direct_call_object_size": str(4 * 1024 * 1024),
 }
 # GPU replicas allocate as they go rather than grabbing 75% of the GPU up front.
-GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda,cpu"}
+GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda,cpu", **GRPC_ENV}
 
 
 class VariantConfig(BaseModel):

@@ -48,9 +48,9 @@ def ray_serve():
     import ray
     from ray import serve
 
-    from deployments.proxy import PROXY_CALLBACK_ENV
+    from deployments.transport import NODE_ENV
 
-    os.environ.update(PROXY_CALLBACK_ENV)  # read by the proxy Ray starts, as scripts/serve does
+    os.environ.update(NODE_ENV)  # read by the proxy Ray starts, as scripts/serve sets it
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
     try:

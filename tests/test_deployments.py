@@ -13,6 +13,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from deployments.app import AppConfig, VariantConfig, build_app, generator_options
 from deployments.autoscaling import SessionsPolicy
 from deployments.proxy import PROXY_CALLBACK_ENV, without_ws_compression
+from deployments.transport import GRPC_ENV, NODE_ENV
 from serve_app.api.ws import WsParams
 from serve_app.audio import to_wav_bytes
 from serve_app.frames import CHANNELS, SAMPLE_RATE
@@ -97,16 +98,35 @@ def test_the_chunk_path_returns_the_largest_chunk_inline():
         assert limit >= largest, (limit, largest)
 
 
-def test_every_launcher_installs_the_proxy_hook():
-    """Ray reads the hook in each proxy's process, so every way we start nodes sets it."""
-    (name, path), = PROXY_CALLBACK_ENV.items()
-    assert f'{name}="${{{name}:-{path}}}"' in (ROOT / "scripts/serve").read_text()
+def test_every_launcher_starts_nodes_with_the_node_env():
+    """Ray reads these in processes it starts itself (each node's proxy), which no
+    deployment's runtime_env reaches, so every way we start nodes sets them."""
+    serve_script = (ROOT / "scripts/serve").read_text()
     cluster = yaml.safe_load((ROOT / "configs/rayservice.yaml").read_text())["spec"]
     groups = [cluster["rayClusterConfig"]["headGroupSpec"],
               *cluster["rayClusterConfig"]["workerGroupSpecs"]]
-    for group in groups:
-        for container in group["template"]["spec"]["containers"]:
-            assert {"name": name, "value": path} in container["env"], container["name"]
+    assert set(NODE_ENV) >= {*PROXY_CALLBACK_ENV, *GRPC_ENV}
+    for name, value in NODE_ENV.items():
+        assert f'{name}="${{{name}:-{value}}}"' in serve_script  # a user's own value wins
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                assert {"name": name, "value": value} in container["env"], container["name"]
+
+
+def test_every_replica_uses_the_grpc_data_plane():
+    """The ingress's calls go over gRPC whatever the cluster's own environment, and every
+    replica it calls (CPU or GPU generator, style embedder) takes messages as large as the
+    API allows."""
+    ingress = build_app({"variants": [{"name": "tiny"}]})._bound_deployment
+    generators, styles = ingress.init_args[:2]
+    gpu = generator_options(VariantConfig(name="base", variant="mrt2_base", num_gpus=1),
+                            {"CPU": 8.0, "GPU": 1.0}, 1)
+    options = [ingress.ray_actor_options, gpu["ray_actor_options"],
+               *(app._bound_deployment.ray_actor_options
+                 for app in (generators["tiny"], styles))]
+    assert len(options) == 4
+    for option in options:
+        assert GRPC_ENV.items() <= option["runtime_env"]["env_vars"].items(), option
 
 
 def test_the_proxy_hook_turns_deflate_off_unless_a_config_asks_for_it():
