@@ -81,6 +81,21 @@ def test_gpu_config_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
     assert gpu["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
 
 
+def replica_actor_options() -> dict[str, dict]:
+    """The Ray actor options of every kind of replica the builder makes (the Ingress reads
+    Serve's private `_bound_deployment`: Serve has no public accessor for them)."""
+    ingress = build_app({"variants": [{"name": "tiny"}]})._bound_deployment
+    generators, styles = ingress.init_args[:2]
+    gpu = generator_options(VariantConfig(name="base", variant="mrt2_base", num_gpus=1),
+                            {"CPU": 8.0, "GPU": 1.0}, 1)
+    return {
+        "ingress": ingress.ray_actor_options,
+        "cpu generator": generators["tiny"]._bound_deployment.ray_actor_options,
+        "gpu generator": gpu["ray_actor_options"],
+        "style embedder": styles._bound_deployment.ray_actor_options,
+    }
+
+
 def test_the_chunk_path_returns_the_largest_chunk_inline():
     """Above Ray's inline limit a reply goes through the object store (measured: 384 KB
     2 s chunks, 8 sessions, generator -> client overhead p50 about 1.8x): the Generator
@@ -90,12 +105,11 @@ def test_the_chunk_path_returns_the_largest_chunk_inline():
     seconds = next(m.le for m in longest if hasattr(m, "le"))
     pcm = np.zeros((round(seconds * SAMPLE_RATE), CHANNELS), np.int16)
     largest = len(base64.b64encode(to_wav_bytes(pcm, SAMPLE_RATE))) + 4096  # + metadata
-    ingress = build_app({"variants": [{"name": "tiny"}]})._bound_deployment
-    generators = [generator_options(VariantConfig(name="tiny", num_gpus=gpus), resources, 1)
-                  for gpus, resources in ((0, {"CPU": 2.0}), (1, {"CPU": 8.0, "GPU": 1.0}))]
-    for options in (ingress.ray_actor_options, *(g["ray_actor_options"] for g in generators)):
-        limit = int(options["runtime_env"]["env_vars"]["RAY_max_direct_call_object_size"])
-        assert limit >= largest, (limit, largest)
+    replicas = replica_actor_options()
+    for name in ("ingress", "cpu generator", "gpu generator"):
+        env = replicas[name]["runtime_env"]["env_vars"]
+        limit = int(env["RAY_max_direct_call_object_size"])
+        assert limit >= largest, (name, limit, largest)
 
 
 def test_every_launcher_starts_nodes_with_the_node_env():
@@ -117,16 +131,10 @@ def test_every_replica_uses_the_grpc_data_plane():
     """The ingress's calls go over gRPC whatever the cluster's own environment, and every
     replica it calls (CPU or GPU generator, style embedder) takes messages as large as the
     API allows."""
-    ingress = build_app({"variants": [{"name": "tiny"}]})._bound_deployment
-    generators, styles = ingress.init_args[:2]
-    gpu = generator_options(VariantConfig(name="base", variant="mrt2_base", num_gpus=1),
-                            {"CPU": 8.0, "GPU": 1.0}, 1)
-    options = [ingress.ray_actor_options, gpu["ray_actor_options"],
-               *(app._bound_deployment.ray_actor_options
-                 for app in (generators["tiny"], styles))]
-    assert len(options) == 4
-    for option in options:
-        assert GRPC_ENV.items() <= option["runtime_env"]["env_vars"].items(), option
+    replicas = replica_actor_options()
+    assert len(replicas) == 4
+    for name, options in replicas.items():
+        assert GRPC_ENV.items() <= options["runtime_env"]["env_vars"].items(), name
 
 
 def test_the_proxy_hook_turns_deflate_off_unless_a_config_asks_for_it():
