@@ -162,6 +162,7 @@ class GeneratorCore:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.steps = 0
         self.step_seconds = 0.0
+        self._last_step_done = 0.0  # perf_counter when the last step's audio reached host
         self.prefill_frames = 0
         self._thread = threading.Thread(
             target=self._boot_and_run, args=(loaded,), name=f"generator-{self.name}", daemon=True,
@@ -291,7 +292,12 @@ class GeneratorCore:
         """Waits for a dispatched step (outside the lock: API calls go on meanwhile), then
         hands each session its frame."""
         pending.fetch()
-        seconds = time.perf_counter() - pending.started
+        done = time.perf_counter()
+        # Pipelined, a step is dispatched while the one before it still runs and cannot
+        # start before that one ends: counted from its dispatch, a step of a busy loop
+        # would take in its predecessor's time too and read about twice its own.
+        seconds = done - max(pending.started, self._last_step_done)
+        self._last_step_done = done
         with self._lock:
             frames = self.engine.finish(pending)
             for sid in pending.session_ids:

@@ -21,7 +21,8 @@ METRICS = {
     "mrt_frames": ("counter", "40 ms frames generated (forced prefill frames included)"),
     "mrt_chunks": ("counter", "chunks completed"),
     "mrt_underruns": ("counter", "realtime chunks completed after the client needed them"),
-    "mrt_step_ms": ("histogram", "wall time of one batched engine step"),
+    "mrt_step_ms": ("histogram", "wall time of one batched engine step, from when it could "
+                    "start (dispatched, the step before it done) to its audio on the host"),
     "mrt_chunk_latency_ms": ("histogram", "wall time from a chunk's first frame to its last"),
     "mrt_model_switches": ("counter", "successful model selections (hot swaps)"),
 }

@@ -1,0 +1,51 @@
+"""The generator's step loop in-process, on the real tiny model.
+
+What the loop reports about its own speed (`mean_step_ms` in /health, the
+`mrt_step_ms` metric, the message a session that fell behind gets) is what an
+operator sizes replicas by, so it has to be the steps' own time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from serve_app.generator import GeneratorCore, JamSpec, StyleSpec
+from serve_app.jam import StreamConfig
+
+
+@pytest.fixture(scope="module")
+def core(tiny):
+    core = GeneratorCore("tiny", loaded=tiny, max_sessions=1, buckets=(1,))
+    deadline = time.monotonic() + 300
+    while core.state == "initializing" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert core.state == "ready", core.error
+    yield core
+    core.shutdown()
+
+
+def test_step_times_add_up_to_no_more_than_the_time_the_steps_took(core):
+    """An asap render keeps the pipelined loop busy: each step is dispatched while the
+    one before it runs. Steps on one device run one after another, so their times
+    cannot add up to more than the render took; counted from dispatch, each would
+    also hold its predecessor's time, about twice the render in all."""
+    frames = 60
+
+    async def render() -> float:
+        spec = JamSpec(style=StyleSpec(), seed=1, stream=StreamConfig(
+            chunk_frames=10, pace="asap", total_frames=frames))
+        began = time.perf_counter()
+        sid = (await core.start(spec))["session_id"]
+        for _ in range(frames // 10):
+            assert await core.next_chunk(sid, timeout=60) is not None
+        took = time.perf_counter() - began
+        await core.stop(sid)
+        return took
+
+    steps, step_seconds = core.steps, core.step_seconds
+    took = asyncio.run(render())
+    assert core.steps - steps == frames
+    assert 0 < core.step_seconds - step_seconds <= took
