@@ -2,7 +2,8 @@
 """End-to-end serving benchmark: N concurrent real-time WebSocket jams against a server.
 
     scripts/bench_serve.py --url ws://HOST:PORT --sessions 1,2,4 --seconds 20 \
-        --chunk-seconds 0.5 --json bench-results/serve.json [--png F] [--variant V]
+        --chunk-seconds 0.5 --json bench-results/serve.json [--png F] [--variant V] \
+        [--api-key K]
 
 Each session is what a musician's app does: start a `realtime` jam, play chunks as
 they come, and halfway through send a style update. Per session it measures, with
@@ -19,6 +20,12 @@ the client's clock (same machine as the server for the overhead figure):
   i.e. chunking, encoding, Ray Serve hops, WebSocket; split at the ingress's
   `metadata.sent_at` into generator -> ingress and ingress -> proxy -> client.
 
+Per run it also reads the generator's own figures from `/health` before and after:
+its steps, their mean time, the rows (sessions) they carried and the share slower
+than the 40 ms frame each one makes, i.e. the engine figure the underruns follow
+from. They are exact for a variant served by one replica; with several, /health
+may answer from another replica after the run than before, and the run has none.
+
 Runs go from the smallest N up; the JSON holds every run and the largest N held
 with zero underruns; the PNG plots them.
 """
@@ -33,12 +40,16 @@ import pathlib
 import statistics
 import sys
 import time
+import urllib.request
 
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from serve_app.client import ws_url
+from serve_app.frames import FRAMES_PER_SECOND
+
+FRAME_MS = str(1000 // FRAMES_PER_SECOND)  # a bound of the server's step-time histogram
 
 STYLES = ("synthwave", "acid jazz")
 
@@ -54,8 +65,13 @@ class SessionResult:
     error: str | None = None
 
 
+def key_headers(api_key: str | None) -> dict:
+    return {"X-API-Key": api_key} if api_key else {}
+
+
 async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
-              variant: str | None, binary: bool = True, delay: float = 0.0) -> SessionResult:
+              variant: str | None, binary: bool = True, delay: float = 0.0,
+              api_key: str | None = None) -> SessionResult:
     result = SessionResult()
     await asyncio.sleep(delay)
     params = {"styles": STYLES[0], "pace": "realtime", "chunk_seconds": chunk_seconds,
@@ -63,7 +79,8 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
     try:
         # PCM does not compress: permessage-deflate would only cost time (~5 ms a 0.5 s
         # chunk on the dev box), so this client, like ours, does not offer it.
-        async with connect(url, max_size=None, compression=None) as ws:
+        async with connect(url, max_size=None, compression=None,
+                           additional_headers=key_headers(api_key)) as ws:
             sent_at = time.monotonic()
             await ws.send(json.dumps({"type": "start", "mode": "rt", "binary_audio": binary,
                                       "audio_format": "pcm16", "params": params}))
@@ -118,18 +135,58 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
         return result
 
 
+def generator_health(url: str, variant: str | None, api_key: str | None) -> dict | None:
+    """The variant's generator entry of /health (None when the server cannot say)."""
+    base = "http" + url.removesuffix("/ws/jam")[2:]  # ws -> http, wss -> https
+    request = urllib.request.Request(base + "/health", headers=key_headers(api_key))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            health = json.load(response)
+    except (OSError, ValueError):
+        return None
+    return health.get("variants", {}).get(variant or health.get("default_variant"))
+
+
+def step_figures(before: dict | None, after: dict | None) -> dict | None:
+    """The generator's steps between two /health snapshots of the same replica, from
+    its cumulative step-time histogram (None: no such pair, or no steps between)."""
+    if not before or not after or before.get("replica") != after.get("replica"):
+        return None
+    b, a = before["metrics"], after["metrics"]
+    if "mrt_step_ms_le" not in b:  # a server without the histogram in /health
+        return None
+    le_before, le_after = b["mrt_step_ms_le"], a["mrt_step_ms_le"]
+    steps = le_after["+Inf"] - le_before["+Inf"]
+    if steps <= 0:
+        return None
+    return {
+        "replica": after["replica"],
+        "steps": steps,
+        "step_ms_mean": round((a["mrt_step_ms_sum"] - b["mrt_step_ms_sum"]) / steps, 2),
+        "rows_per_step_mean": round((a["mrt_frames"] - b["mrt_frames"]) / steps, 2),
+        # each step slower than the frame it makes puts its sessions further behind
+        "steps_over_frame_share": (
+            round(1 - (le_after[FRAME_MS] - le_before[FRAME_MS]) / steps, 4)
+            if FRAME_MS in le_after else None),
+    }
+
+
 def p50(values: list[float]) -> float | None:
     return round(statistics.median(values), 2) if values else None
 
 
 async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
-              variant: str | None, binary: bool = True, stagger: bool = False) -> dict:
+              variant: str | None, binary: bool = True, stagger: bool = False,
+              api_key: str | None = None) -> dict:
     # Staggered, session i starts i/N of a chunk after the first, as musicians who do
     # not press start together would; otherwise all start at once, so their chunks fall
     # due in the same step and queue behind each other on the way out (the worst case).
     delays = [i * chunk_seconds / sessions if stagger else 0.0 for i in range(sessions)]
+    before = await asyncio.to_thread(generator_health, url, variant, api_key)
     results = await asyncio.gather(*(jam(url, seconds, chunk_seconds, 1000 + i, variant,
-                                         binary, delays[i]) for i in range(sessions)))
+                                         binary, delays[i], api_key)
+                                     for i in range(sessions)))
+    after = await asyncio.to_thread(generator_health, url, variant, api_key)
     overheads = [v for r in results for v in r.overhead_ms]
     to_ingress = [v for r in results for v in r.to_ingress_ms]
     return {
@@ -147,6 +204,7 @@ async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
         "overhead_ms_p90": (round(statistics.quantiles(overheads, n=10)[-1], 2)
                             if len(overheads) >= 2 else None),
         "generator_to_ingress_ms_p50": p50(to_ingress),
+        "generator_steps": step_figures(before, after),
         "per_session": [dataclasses.asdict(r) | {"overhead_ms": p50(r.overhead_ms),
                                                  "to_ingress_ms": p50(r.to_ingress_ms)}
                         for r in results],
@@ -192,6 +250,8 @@ def main() -> int:
     parser.add_argument("--stagger", action="store_true",
                         help="start session i i/N of a chunk after the first (default: all "
                              "at once, so every session's chunk is ready in the same step)")
+    parser.add_argument("--api-key", default=None,
+                        help="sent as X-API-Key, for a server with API keys configured")
     parser.add_argument("--json", type=pathlib.Path, required=True)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     args = parser.parse_args()
@@ -203,16 +263,21 @@ def main() -> int:
               "variant": args.variant, "audio": args.audio, "staggered": args.stagger,
               "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
-          f"{'overhead ms':>11}", flush=True)
+          f"{'overhead ms':>11} {'step ms':>7} {'rows':>5} {'steps > ' + FRAME_MS + ' ms':>13}",
+          flush=True)
     for n in counts:
         print(f"  running {n} session(s) for {args.seconds:g} s ...", file=sys.stderr,
               flush=True)
         r = asyncio.run(run(url, n, args.seconds, args.chunk_seconds, args.variant,
-                            args.audio == "binary", args.stagger))
+                            args.audio == "binary", args.stagger, args.api_key))
         report["runs"].append(r)
+        steps = r["generator_steps"] or {}
+        late = steps.get("steps_over_frame_share")
         print(f"{n:>8} {r['underruns']:>9} {r['failed_sessions']:>6} "
               f"{r['time_to_first_audio_ms_p50']!s:>8} {r['update_latency_ms_p50']!s:>9} "
-              f"{r['overhead_ms_p50']!s:>11}", flush=True)
+              f"{r['overhead_ms_p50']!s:>11} {steps.get('step_ms_mean')!s:>7} "
+              f"{steps.get('rows_per_step_mean')!s:>5} "
+              f"{'None' if late is None else f'{100 * late:.1f}%':>13}", flush=True)
         for error in r["errors"]:
             print(f"  error: {error}", file=sys.stderr)
     held = [r["sessions"] for r in report["runs"]

@@ -8,6 +8,7 @@ tagged with the generator's name and model; without Ray nothing is exported.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from typing import Protocol
@@ -42,6 +43,8 @@ class GeneratorMetrics:
         self.sessions = 0
         self._sums = {name: [0, 0.0] for name, (kind, _) in METRICS.items()
                       if kind == "histogram"}
+        # per histogram, counts per bucket of HISTOGRAM_BOUNDARIES_MS (the last: above all)
+        self._buckets = {name: [0] * (len(HISTOGRAM_BOUNDARIES_MS) + 1) for name in self._sums}
 
     def record(self, name: str, value: float = 1.0) -> None:
         kind = METRICS[name][0]
@@ -51,6 +54,7 @@ class GeneratorMetrics:
             elif kind == "histogram":
                 self._sums[name][0] += 1
                 self._sums[name][1] += value
+                self._buckets[name][bisect.bisect_left(HISTOGRAM_BOUNDARIES_MS, value)] += 1
             else:
                 self.sessions = int(value)
         if self.sink is None:
@@ -64,8 +68,20 @@ class GeneratorMetrics:
             self._sink_failed = True
 
     def snapshot(self) -> dict:
+        """Counters, and per histogram its mean, sum and cumulative bucket counts as
+        Prometheus keeps them (`_le`: values <= each bound in ms, "+Inf" the count):
+        two snapshots' difference is what happened between them, e.g. the share of
+        steps slower than a frame during one benchmark run."""
         with self._lock:
-            means = {f"{name}_mean": (total / n if n else None)
-                     for name, (n, total) in self._sums.items()}
+            histograms = {}
+            for name, (n, total) in self._sums.items():
+                cumulative = 0
+                le = {}
+                for bound, count in zip([*HISTOGRAM_BOUNDARIES_MS, "+Inf"],
+                                        self._buckets[name], strict=True):
+                    cumulative += count
+                    le[str(bound)] = cumulative
+                histograms |= {f"{name}_mean": total / n if n else None,
+                               f"{name}_sum": total, f"{name}_le": le}
             return {"mrt_sessions": self.sessions,
-                    **{k: int(v) for k, v in self.totals.items()}, **means}
+                    **{k: int(v) for k, v in self.totals.items()}, **histograms}

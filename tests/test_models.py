@@ -260,3 +260,17 @@ def test_metrics_export_failures_never_stop_counting():
     snap = metrics.snapshot()
     assert snap["mrt_frames"] == 8 and snap["mrt_step_ms_mean"] == 20.0
     assert snap["mrt_sessions"] == 3
+
+
+def test_histograms_keep_prometheus_cumulative_buckets():
+    """/health's step-time histogram: two snapshots' difference is one benchmark run."""
+    from serve_app.metrics import GeneratorMetrics
+
+    metrics = GeneratorMetrics()
+    for ms in (3.0, 40.0, 41.0):
+        metrics.record("mrt_step_ms", ms)
+    snap = metrics.snapshot()
+    le = snap["mrt_step_ms_le"]
+    assert (le["5"], le["20"], le["40"], le["80"], le["+Inf"]) == (1, 1, 2, 3, 3)
+    assert snap["mrt_step_ms_sum"] == 84.0 and snap["mrt_step_ms_mean"] == 28.0
+    assert snap["mrt_chunk_latency_ms_le"]["+Inf"] == 0
