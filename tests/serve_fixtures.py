@@ -27,12 +27,12 @@ def tiny_config(repo, *, max_sessions: int = 4, buckets=(1, 2, 4), api: dict | N
     }
 
 
-def wait_ready(base: str, timeout: float = 300) -> dict:
+def wait_ready(base: str, timeout: float = 300, headers: dict | None = None) -> dict:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
-            last = httpx.get(f"{base}/health", timeout=10).json()
+            last = httpx.get(f"{base}/health", timeout=10, headers=headers).json()
             if last.get("status") == "ready":
                 return last
         except (httpx.HTTPError, ValueError):
@@ -69,15 +69,17 @@ def ray_serve():
         ray.shutdown()
 
 
-def deploy(root: str, config: dict, *, name: str = "mrt", route_prefix: str = "/") -> str:
-    """Deploys our graph as application `name` under `route_prefix`; its base URL once ready."""
+def deploy(root: str, config: dict, *, name: str = "mrt", route_prefix: str = "/",
+           headers: dict | None = None) -> str:
+    """Deploys our graph as application `name` under `route_prefix`; its base URL once
+    ready (asked with `headers`: an app with API keys needs one for /health too)."""
     from ray import serve
 
     from deployments.app import build_app
 
     serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
     base = root + route_prefix.rstrip("/")
-    wait_ready(base)
+    wait_ready(base, headers=headers)
     return base
 
 

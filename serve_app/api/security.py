@@ -37,6 +37,11 @@ def _is_admin_write(scope) -> bool:
 
 async def _reject(scope, receive, send, status: int, message: str) -> None:
     if scope["type"] == "websocket":
+        # Closed before the handshake, a WebSocket is refused with a bare HTTP 403 that
+        # a browser's app cannot even read; accepted and then closed, the client gets a
+        # close code (4401: no valid key) and the reason, as it gets every other error.
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
         await send({"type": "websocket.close", "code": 4401 if status == 401 else 4403,
                     "reason": message})
         return

@@ -1,0 +1,70 @@
+"""API keys through Ray Serve: an app deployed with keys refuses a WebSocket without
+one, and our own clients (the `mrt-serve jam` CLI and scripts/bench_serve.py) reach it
+with `--api-key`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from websockets.exceptions import ConnectionClosedError
+from websockets.sync.client import connect
+
+from .serve_fixtures import deploy, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KEY = "k1"
+
+
+@pytest.fixture(scope="module")
+def keyed(serve_root, tiny_repo):
+    from ray import serve
+
+    config = tiny_config(tiny_repo, max_sessions=2, buckets=(1, 2),
+                         api={"api_keys": [KEY], "admin_keys": ["root"]})
+    base = deploy(serve_root, config, name="keyed", route_prefix="/keyed",
+                  headers={"X-API-Key": KEY})
+    yield base
+    serve.delete("keyed")  # frees its replicas for the modules after this one
+
+
+def test_a_websocket_without_a_valid_key_is_told_why(keyed):
+    """Closed with code 4401 and the reason, which a browser's app can read (a refused
+    handshake would be a bare 403 it cannot)."""
+    url = keyed.replace("http://", "ws://") + "/ws/jam"
+    for headers in ({}, {"X-API-Key": "wrong"}):
+        with connect(url, additional_headers=headers) as ws, \
+                pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd.code == 4401
+        assert "api key: missing or not valid" in closed.value.rcvd.reason
+
+
+def test_the_jam_cli_and_bench_serve_send_the_key(keyed, tmp_path):
+    url = keyed.replace("http://", "ws://")
+    out = tmp_path / "jam.wav"
+    jam = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "jam", "--url", url, "--api-key", KEY,
+         "--seconds", "1", "--chunk-seconds", "0.2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert jam.returncode == 0, jam.stderr
+    assert out.stat().st_size > 0
+
+    for key in (KEY, None):
+        report = tmp_path / f"bench-{key}.json"
+        bench = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/bench_serve.py"), "--url", url,
+             "--sessions", "1", "--seconds", "1", "--chunk-seconds", "0.2",
+             "--json", str(report), *(["--api-key", key] if key else [])],
+            capture_output=True, text=True, timeout=300)
+        assert bench.returncode == 0, bench.stderr
+        run = json.loads(report.read_text())["runs"][0]
+        if key:
+            assert run["failed_sessions"] == 0, run["errors"]
+            assert run["generator_steps"]["steps"] > 0  # /health was read with the key
+        else:
+            assert run["failed_sessions"] == 1 and "api key" in run["errors"][0]
+            assert run["generator_steps"] is None
