@@ -46,7 +46,7 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from serve_app.client import ws_url
+from serve_app.client import api_key_headers, ws_url
 from serve_app.frames import FRAMES_PER_SECOND
 
 FRAME_MS = str(1000 // FRAMES_PER_SECOND)  # a bound of the server's step-time histogram
@@ -65,10 +65,6 @@ class SessionResult:
     error: str | None = None
 
 
-def key_headers(api_key: str | None) -> dict:
-    return {"X-API-Key": api_key} if api_key else {}
-
-
 async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
               variant: str | None, binary: bool = True, delay: float = 0.0,
               api_key: str | None = None) -> SessionResult:
@@ -80,7 +76,7 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
         # PCM does not compress: permessage-deflate would only cost time (~5 ms a 0.5 s
         # chunk on the dev box), so this client, like ours, does not offer it.
         async with connect(url, max_size=None, compression=None,
-                           additional_headers=key_headers(api_key)) as ws:
+                           additional_headers=api_key_headers(api_key)) as ws:
             sent_at = time.monotonic()
             await ws.send(json.dumps({"type": "start", "mode": "rt", "binary_audio": binary,
                                       "audio_format": "pcm16", "params": params}))
@@ -138,7 +134,7 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
 def generator_health(url: str, variant: str | None, api_key: str | None) -> dict | None:
     """The variant's generator entry of /health (None when the server cannot say)."""
     base = "http" + url.removesuffix("/ws/jam")[2:]  # ws -> http, wss -> https
-    request = urllib.request.Request(base + "/health", headers=key_headers(api_key))
+    request = urllib.request.Request(base + "/health", headers=api_key_headers(api_key))
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             health = json.load(response)

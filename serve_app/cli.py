@@ -53,7 +53,7 @@ def _jam(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .audio import write_wav
-    from .client import JamError, run
+    from .client import JamError, api_key_headers, run
 
     params = {"styles": args.styles, "style_weights": args.style_weights,
               "temperature": args.temperature, "topk": args.topk,
@@ -64,13 +64,12 @@ def _jam(args: argparse.Namespace) -> int:
     if args.update_at is not None:
         update = {"styles": args.update_styles, "style_ramp_seconds": args.update_ramp}
         update = {k: v for k, v in update.items() if v is not None}
-    headers = {"X-API-Key": args.api_key} if args.api_key else None
     with tqdm(total=args.seconds, desc="jamming", unit="s",
               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s") as bar:
         try:
             rec = run(args.url, params, args.seconds, update_at=args.update_at, update=update,
                       on_audio=lambda s: bar.update(min(s, bar.total - bar.n)),
-                      headers=headers)
+                      headers=api_key_headers(args.api_key))
         except (JamError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

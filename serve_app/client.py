@@ -47,6 +47,11 @@ class JamRecording:
         }
 
 
+def api_key_headers(api_key: str | None) -> dict:
+    """What a server with API keys reads the key from (the WebSocket and every route)."""
+    return {"X-API-Key": api_key} if api_key else {}
+
+
 def ws_url(url: str) -> str:
     url = url.rstrip("/")
     if url.startswith("http"):
