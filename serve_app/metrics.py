@@ -9,6 +9,7 @@ tagged with the generator's name and model; without Ray nothing is exported.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import threading
 from typing import Protocol
@@ -41,9 +42,9 @@ class GeneratorMetrics:
         self._lock = threading.Lock()
         self.totals = {name: 0.0 for name, (kind, _) in METRICS.items() if kind == "counter"}
         self.sessions = 0
-        self._sums = {name: [0, 0.0] for name, (kind, _) in METRICS.items()
-                      if kind == "histogram"}
-        # per histogram, counts per bucket of HISTOGRAM_BOUNDARIES_MS (the last: above all)
+        # per histogram: the sum of its values, and counts per bucket of
+        # HISTOGRAM_BOUNDARIES_MS (the last: above them all), whose total is the count
+        self._sums = {name: 0.0 for name, (kind, _) in METRICS.items() if kind == "histogram"}
         self._buckets = {name: [0] * (len(HISTOGRAM_BOUNDARIES_MS) + 1) for name in self._sums}
 
     def record(self, name: str, value: float = 1.0) -> None:
@@ -52,8 +53,7 @@ class GeneratorMetrics:
             if kind == "counter":
                 self.totals[name] += value
             elif kind == "histogram":
-                self._sums[name][0] += 1
-                self._sums[name][1] += value
+                self._sums[name] += value
                 self._buckets[name][bisect.bisect_left(HISTOGRAM_BOUNDARIES_MS, value)] += 1
             else:
                 self.sessions = int(value)
@@ -74,13 +74,10 @@ class GeneratorMetrics:
         steps slower than a frame during one benchmark run."""
         with self._lock:
             histograms = {}
-            for name, (n, total) in self._sums.items():
-                cumulative = 0
-                le = {}
-                for bound, count in zip([*HISTOGRAM_BOUNDARIES_MS, "+Inf"],
-                                        self._buckets[name], strict=True):
-                    cumulative += count
-                    le[str(bound)] = cumulative
+            for name, total in self._sums.items():
+                le = dict(zip([*map(str, HISTOGRAM_BOUNDARIES_MS), "+Inf"],
+                              itertools.accumulate(self._buckets[name]), strict=True))
+                n = le["+Inf"]
                 histograms |= {f"{name}_mean": total / n if n else None,
                                f"{name}_sum": total, f"{name}_le": le}
             return {"mrt_sessions": self.sessions,
