@@ -15,14 +15,13 @@ import pytest
 from serve_app.generator import GeneratorCore, JamSpec, StyleSpec
 from serve_app.jam import StreamConfig
 
+from .generator_cores import wait_until_ready
+
 
 @pytest.fixture(scope="module")
 def core(tiny):
     core = GeneratorCore("tiny", loaded=tiny, max_sessions=1, buckets=(1,))
-    deadline = time.monotonic() + 300
-    while core.state == "initializing" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert core.state == "ready", core.error
+    wait_until_ready(core)
     yield core
     core.shutdown()
 

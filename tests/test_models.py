@@ -30,6 +30,8 @@ from serve_app.selection import (
 )
 from serve_app.styles.service import StyleService
 
+from .generator_cores import wait_until_ready
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -187,11 +189,7 @@ def test_a_new_replica_serves_the_stored_selection_and_follows_changes(core, sto
     replica = GeneratorCore("tiny", max_sessions=1, buckets=(1,), store=store,
                             selection_poll_seconds=0.2)
     try:
-        deadline = time.monotonic() + 300
-        while replica.state != "ready":
-            assert replica.state != "error", replica.error
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_ready(replica)
         assert replica.selection == selected.selection
         assert replica.generation == selected.generation
         # a switch made on the first replica reaches this one
