@@ -13,6 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
 
+from .browser import open_page
 from .serve_fixtures import deploy, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,6 +42,21 @@ def test_a_websocket_without_a_valid_key_is_told_why(keyed):
             ws.recv(timeout=30)
         assert closed.value.rcvd.code == 4401
         assert "api key: missing or not valid" in closed.value.rcvd.reason
+
+
+def test_the_tester_page_shows_why_the_server_refused_it(keyed, serve_base, tmp_path):
+    """A musician who typed a wrong key reads the reason on the page, not only a code."""
+    url = keyed.replace("http://", "ws://") + "/ws/jam"
+    with open_page(f"{serve_base}/tester", tmp_path / "tester.png") as (page, errors):
+        page.wait_for_function("document.querySelector('#variant').options.length > 0")
+        page.fill("#url", url)
+        page.fill("#apikey", "wrong")
+        page.click("#start")
+        page.wait_for_function("window.mrtStats.errors.length > 0", timeout=60_000)
+        assert page.text_content("#state") == "closed 4401"
+        assert "closed 4401: api key: missing or not valid" in page.text_content("#log")
+        assert not page.evaluate("window.mrtStats.started") and not errors
+        assert page.is_enabled("#start")  # ready to try again with the right key
 
 
 def test_the_jam_cli_and_bench_serve_send_the_key(keyed, tmp_path):

@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--no-first-run", "--disable-quic",
-]
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert path, "Chromium is needed for this test: scripts/test installs Debian's chromium"
-    return path
+from .browser import open_page
 
 
 @pytest.fixture
 def page(serve_base, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), headless=True,
-                                    args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"{serve_base}/tester")
-        yield page, errors
-        page.screenshot(path=str(tmp_path / "tester.png"), full_page=True)
-        browser.close()
+    with open_page(f"{serve_base}/tester", tmp_path / "tester.png") as opened:
+        yield opened
 
 
 def stats(page) -> dict:
