@@ -9,17 +9,12 @@ variables MRT_CKPT_REPO, MRT_CKPT_STEP and MRT_SIZE set the default variant's mo
 from __future__ import annotations
 
 import logging
-import os
-import re
-from collections.abc import Mapping
 
 import ray
-from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from serve_app.api.ab import ABSplit
-from serve_app.engine.variants import VARIANTS, variant_for_size
+from serve_app.config import VariantConfig, load_app_config
 
 from .generator import Generator
 from .ingress import Ingress
@@ -54,47 +49,6 @@ CHUNK_PATH_ENV = {
 GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda,cpu", **GRPC_ENV}
 
 
-class VariantConfig(BaseModel):
-    name: str
-    variant: str | None = None  # model variant; defaults to `name`
-    repo: str | None = None
-    step: int | None = Field(None, ge=0)
-    compute_dtype: str = "auto"
-    max_sessions: int = Field(16, ge=1)
-    buckets: list[int] | None = None
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, ge=0)
-    num_replicas: int | str = 1
-    autoscaling_config: dict | None = None
-    max_ongoing_requests: int = Field(256, ge=1)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", v):
-            raise ValueError("variant names use letters, digits, '_' and '-' only")
-        return v
-
-    @field_validator("variant")
-    @classmethod
-    def _variant(cls, v: str | None) -> str | None:
-        return None if v is None else variant_for_size(v)
-
-    @property
-    def model_variant(self) -> str:
-        return self.variant or self.name
-
-
-class AppConfig(BaseModel):
-    variants: list[VariantConfig]
-    default_variant: str | None = None
-    # A/B split of sessions that name no variant: weight per variant, sticky per client id
-    ab_split: dict[str, float] | None = None
-    style_embedder: dict = Field(default_factory=dict)  # {mock: bool, repo: str}
-    ingress: dict = Field(default_factory=dict)  # {num_replicas, max_ongoing_requests}
-    api: dict = Field(default_factory=dict)
-
-
 SIDE_CPUS = 1.0  # Ingress and StyleEmbedder, 0.5 each
 
 
@@ -107,8 +61,6 @@ def _cluster_resources() -> dict:
 
 def generator_options(v: VariantConfig, resources: dict, n_generators: int) -> dict:
     """Serve options of one variant's Generator deployment on a cluster with `resources`."""
-    if v.model_variant not in VARIANTS:
-        raise ValueError(f"variants[{v.name}].variant: unknown model variant {v.model_variant!r}")
     num_gpus, num_cpus = v.num_gpus, v.num_cpus
     if num_gpus and not resources.get("GPU"):
         # CPU requests in a GPU config are sized for a GPU host; scale them to what this
@@ -147,60 +99,23 @@ def generator_options(v: VariantConfig, resources: dict, n_generators: int) -> d
 
 
 def _generator(v: VariantConfig, resources: dict, n_generators: int):
+    core_options = v.core_options()  # checks the variant before any Serve option
     options = generator_options(v, resources, n_generators)
-    core_options = {
-        "repo": v.repo, "step": v.step, "max_sessions": v.max_sessions,
-        "compute_dtype": v.compute_dtype,
-        "buckets": tuple(v.buckets) if v.buckets else None,
-    }
     return Generator.options(**options).bind(v.name, v.model_variant, core_options)
 
 
-def apply_boot_env(config: AppConfig, environ: Mapping[str, str] = os.environ) -> None:
-    """MRT_CKPT_REPO / MRT_CKPT_STEP / MRT_SIZE choose the default variant's boot model
-    (the prototype's way to boot a finetune); a later /model/select overrides them."""
-    repo, step, size = (environ.get(k, "").strip()
-                        for k in ("MRT_CKPT_REPO", "MRT_CKPT_STEP", "MRT_SIZE"))
-    if not (repo or step or size):
-        return
-    target = next(v for v in config.variants if v.name == config.default_variant)
-    if repo:
-        target.repo = repo
-    if step:
-        if not step.isdigit():
-            raise ValueError(f"MRT_CKPT_STEP: a checkpoint step number, got {step!r}")
-        target.step = int(step)
-    if size:
-        target.variant = variant_for_size(size)
-    log.info("boot model of %s from the environment: size %s, repo %s, step %s",
-             target.name, target.model_variant, target.repo, target.step)
-
-
 def build_app(args: dict) -> serve.Application:
-    config = AppConfig(**args)
-    if not config.variants:
-        raise ValueError("variants: list at least one model variant to serve")
-    names = [v.name for v in config.variants]
-    config.default_variant = config.default_variant or names[0]
-    if config.default_variant not in names:
-        raise ValueError(f"default_variant: {config.default_variant!r} is not among {names}")
-    if config.ab_split is not None:
-        ABSplit(config.ab_split, names)  # validates names and weights
-    apply_boot_env(config)
+    config = load_app_config(args)
     resources = _cluster_resources()
     generators = {
         v.name: _generator(v, resources, len(config.variants)) for v in config.variants
     }
-    api = {"default_variant": config.default_variant, "ab_split": config.ab_split, **config.api}
-    mock = config.style_embedder.get(
-        "mock", all(v.model_variant == "tiny" for v in config.variants)
-    )
     styles = StyleEmbedder.options(
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": CPU_ENV}},
-    ).bind(mock, config.style_embedder.get("repo"))
+    ).bind(config.style_mock, config.style_embedder.get("repo"))
     ingress_opts = {"max_ongoing_requests": 2000, "num_replicas": 1, **config.ingress}
     return Ingress.options(
         ray_actor_options={"num_cpus": 0.5,
                            "runtime_env": {"env_vars": {**CPU_ENV, **CHUNK_PATH_ENV}}},
         **ingress_opts,
-    ).bind(generators, styles, api)
+    ).bind(generators, styles, config.api_config)

@@ -10,12 +10,13 @@ import pytest
 import yaml
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from deployments.app import AppConfig, VariantConfig, build_app, generator_options
+from deployments.app import build_app, generator_options
 from deployments.autoscaling import SessionsPolicy
 from deployments.proxy import PROXY_CALLBACK_ENV, without_ws_compression
 from deployments.transport import GRPC_ENV, NODE_ENV
 from serve_app.api.ws import WsParams
 from serve_app.audio import to_wav_bytes
+from serve_app.config import AppConfig, VariantConfig
 from serve_app.frames import CHANNELS, SAMPLE_RATE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

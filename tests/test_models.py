@@ -17,10 +17,10 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from deployments.app import AppConfig, apply_boot_env
 from serve_app.api.ab import ABSplit
 from serve_app.api.app import create_app
 from serve_app.api.settings import ApiSettings
+from serve_app.config import AppConfig, apply_boot_env
 from serve_app.generator import GeneratorCore
 from serve_app.selection import (
     FileSelectionStore,

@@ -1,0 +1,151 @@
+"""The serving graph's configuration: the `args:` of an application in configs/*.yaml.
+
+Ray-free, so that the Ray Serve graph (`deployments.app:build_app`) and the one-process
+server (`serve_app.standalone`) read the same files the same way. Fields that only mean
+something to Ray (replicas, CPUs, GPUs, autoscaling) are kept here and ignored by the
+one-process server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from .api.ab import ABSplit
+from .engine.variants import VARIANTS, variant_for_size
+
+log = logging.getLogger("mrt_serve.config")
+
+
+class VariantConfig(BaseModel):
+    name: str
+    variant: str | None = None  # model variant; defaults to `name`
+    repo: str | None = None
+    step: int | None = Field(None, ge=0)
+    compute_dtype: str = "auto"
+    max_sessions: int = Field(16, ge=1)
+    buckets: list[int] | None = None
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_replicas: int | str = 1
+    autoscaling_config: dict | None = None
+    max_ongoing_requests: int = Field(256, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", v):
+            raise ValueError("variant names use letters, digits, '_' and '-' only")
+        return v
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str | None) -> str | None:
+        return None if v is None else variant_for_size(v)
+
+    @property
+    def model_variant(self) -> str:
+        return self.variant or self.name
+
+    def core_options(self) -> dict:
+        """Keyword arguments of this variant's GeneratorCore, wherever it runs."""
+        if self.model_variant not in VARIANTS:
+            raise ValueError(
+                f"variants[{self.name}].variant: unknown model variant {self.model_variant!r}")
+        return {
+            "repo": self.repo, "step": self.step, "max_sessions": self.max_sessions,
+            "compute_dtype": self.compute_dtype,
+            "buckets": tuple(self.buckets) if self.buckets else None,
+        }
+
+
+class AppConfig(BaseModel):
+    variants: list[VariantConfig]
+    default_variant: str | None = None
+    # A/B split of sessions that name no variant: weight per variant, sticky per client id
+    ab_split: dict[str, float] | None = None
+    style_embedder: dict = Field(default_factory=dict)  # {mock: bool, repo: str}
+    ingress: dict = Field(default_factory=dict)  # {num_replicas, max_ongoing_requests}
+    api: dict = Field(default_factory=dict)
+
+    @property
+    def api_config(self) -> dict:
+        """The API's settings (`ApiSettings.from_config`): the `api:` section plus the
+        graph-level choices the API acts on."""
+        return {"default_variant": self.default_variant, "ab_split": self.ab_split, **self.api}
+
+    @property
+    def style_mock(self) -> bool:
+        """Mock style embeddings unless told otherwise when only `tiny` is served (it has
+        no MusicCoCa of its own); real MusicCoCa for real models."""
+        return self.style_embedder.get(
+            "mock", all(v.model_variant == "tiny" for v in self.variants))
+
+
+def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ) -> AppConfig:
+    """An application's `args:`, checked as a whole and with the boot variables applied;
+    every mistake is a ValueError naming the field."""
+    try:
+        config = AppConfig(**args)
+    except ValidationError as e:
+        raise ValueError("; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors())) from None
+    if not config.variants:
+        raise ValueError("variants: list at least one model variant to serve")
+    names = [v.name for v in config.variants]
+    config.default_variant = config.default_variant or names[0]
+    if config.default_variant not in names:
+        raise ValueError(f"default_variant: {config.default_variant!r} is not among {names}")
+    if config.ab_split is not None:
+        ABSplit(config.ab_split, names)  # validates names and weights
+    apply_boot_env(config, environ)
+    return config
+
+
+def apply_boot_env(config: AppConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """MRT_CKPT_REPO / MRT_CKPT_STEP / MRT_SIZE choose the default variant's boot model
+    (the prototype's way to boot a finetune); a later /model/select overrides them."""
+    repo, step, size = (environ.get(k, "").strip()
+                        for k in ("MRT_CKPT_REPO", "MRT_CKPT_STEP", "MRT_SIZE"))
+    if not (repo or step or size):
+        return
+    target = next(v for v in config.variants if v.name == config.default_variant)
+    if repo:
+        target.repo = repo
+    if step:
+        if not step.isdigit():
+            raise ValueError(f"MRT_CKPT_STEP: a checkpoint step number, got {step!r}")
+        target.step = int(step)
+    if size:
+        target.variant = variant_for_size(size)
+    log.info("boot model of %s from the environment: size %s, repo %s, step %s",
+             target.name, target.model_variant, target.repo, target.step)
+
+
+def read_config_file(path: str | os.PathLike, app: str | None = None) -> tuple[dict, dict]:
+    """(the application's `args:`, the file's `http_options:`) of a Serve config file,
+    for running it without `serve run`; `app` names the application when there are
+    several (default: the first)."""
+    import yaml
+
+    file = pathlib.Path(path)
+    try:
+        document = yaml.safe_load(file.read_text())
+    except OSError as e:
+        raise ValueError(f"config: cannot read {file}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config: {file} is not valid YAML ({e})") from None
+    apps = (document or {}).get("applications") if isinstance(document, dict) else None
+    if not apps or not isinstance(apps, list):
+        raise ValueError(f"config: {file} lists no `applications:`")
+    names = [a.get("name") for a in apps]
+    chosen = apps[0] if app is None else next((a for a in apps if a.get("name") == app), None)
+    if chosen is None:
+        raise ValueError(f"app: {app!r} is not among the config's applications {names}")
+    return dict(chosen.get("args") or {}), dict(document.get("http_options") or {})
