@@ -1,4 +1,5 @@
-"""`mrt-serve` command line: offline rendering and a WebSocket jam client."""
+"""`mrt-serve` command line: offline rendering, a WebSocket jam client, and the API served
+from one process without Ray."""
 
 from __future__ import annotations
 
@@ -79,6 +80,18 @@ def _jam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local(args: argparse.Namespace) -> int:
+    from .standalone import serve
+
+    try:
+        serve(args.config, app_name=args.app, host=args.host, port=args.port,
+              random_weights=args.random_weights)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrt-serve", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default)")
@@ -123,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     jam.add_argument("--api-key", default=None)
     jam.add_argument("--out", type=pathlib.Path, required=True)
     jam.set_defaults(func=_jam)
+
+    local = sub.add_parser(
+        "local", help="serve a config's application from this one process, without Ray",
+        description="The same API and config files as `scripts/serve`, with every variant "
+                    "in this process: for one machine, and to measure what Ray's hops cost. "
+                    "Replicas, autoscaling and GPU/CPU counts in the config are ignored.")
+    local.add_argument("config", nargs="?", default="configs/tiny.yaml")
+    local.add_argument("--app", default=None, help="application name (default: the first)")
+    local.add_argument("--host", default=None, help="default: the config's http_options")
+    local.add_argument("--port", type=int, default=None, help="default: the config's, or 8000")
+    local.add_argument("--random-weights", action="store_true",
+                       help="read no checkpoint files: random model weights and mock style "
+                            "embeddings (benchmarks on a bare machine: speed does not depend "
+                            "on weight values)")
+    local.set_defaults(func=_local)
     return parser
 
 

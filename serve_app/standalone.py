@@ -1,0 +1,132 @@
+"""One process, no Ray: the same API and the same configs over in-process generators.
+
+`mrt-serve local [config]` serves a config's application from this one process: the
+FastAPI app the Ingress builds, each variant's GeneratorCore and the style embedder as
+plain objects, uvicorn in front. It is for one machine (a workstation, a GPU box without
+Ray) and for measuring what Ray Serve's hops cost; it gives up what Ray is there for:
+replicas, autoscaling, a cluster, a model switch that outlives the process. The Ray-only
+fields of a config (replicas, CPUs, GPUs, autoscaling, ingress) are ignored.
+
+Measured with scripts/bench_serve.py (tiny, 2-core box, sessions started together, the two
+alternated; docs/performance.md): serving overhead p50 0.7-1.6 ms at 1-8 sessions with 0.5 s
+chunks and 1.5-2.9 ms with 2 s chunks, against 3.4-8.1 and 5.6-13.2 ms through Ray Serve's
+proxy, ingress and generator replicas; the engine's step time is the same in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from fastapi import FastAPI
+
+from .api.app import create_app
+from .api.settings import ApiSettings
+from .config import AppConfig, load_app_config, read_config_file
+from .generator import GeneratorCore
+from .styles.service import StyleEmbedderCore
+
+log = logging.getLogger("mrt_serve.standalone")
+
+
+def build_generators(config: AppConfig, *, random_weights: bool = False
+                     ) -> dict[str, GeneratorCore]:
+    """One GeneratorCore per variant, each loading and compiling in its own thread.
+    `random_weights` skips checkpoints (benchmarks: speed does not depend on weights)."""
+    cores = {}
+    for v in config.variants:
+        options = v.core_options()
+        loaded = None
+        if random_weights:
+            from .engine import load_model
+
+            loaded = load_model(v.model_variant, random_weights_seed=0,
+                                compute_dtype=v.compute_dtype)
+        cores[v.name] = GeneratorCore(v.model_variant, name=v.name, loaded=loaded, **options)
+    return cores
+
+
+def build_app(config: AppConfig, generators: dict[str, GeneratorCore], *,
+              random_weights: bool = False) -> FastAPI:
+    """The API over in-process generators; with `random_weights` no MusicCoCa files are
+    read either (mock style embeddings)."""
+    styles = StyleEmbedderCore(config.style_mock or random_weights,
+                               config.style_embedder.get("repo"))
+    return create_app(generators, styles, ApiSettings.from_config(config.api_config))
+
+
+def report_readiness(generators: dict[str, GeneratorCore], out=sys.stderr) -> None:
+    """Says on `out` when each generator is ready to serve (or why it is not): loading
+    and compiling every batch bucket takes from seconds (tiny) to minutes."""
+    started = time.monotonic()
+
+    def watch(name: str, core: GeneratorCore) -> None:
+        while core.state == "initializing":
+            time.sleep(0.5)
+        took = time.monotonic() - started
+        if core.state == "error":
+            print(f"mrt-serve local: {name} failed to start after {took:.0f} s: {core.error}",
+                  file=out, flush=True)
+        else:
+            print(f"mrt-serve local: {name} ready after {took:.0f} s "
+                  f"(buckets {list(core.engine.buckets)})", file=out, flush=True)
+
+    for name, core in generators.items():
+        threading.Thread(target=watch, args=(name, core), daemon=True,
+                         name=f"ready-{name}").start()
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM ends the process through SystemExit, so that `finally` blocks run. uvicorn
+    shuts the server down gracefully on SIGTERM and then raises the signal again with the
+    handler it found installed: by default a kill that would skip stopping the step loops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
+          host: str | None = None, port: int | None = None,
+          random_weights: bool = False) -> None:
+    """Serves until SIGINT/SIGTERM, then stops every generator's step loop. Raises
+    ValueError, naming the field, for a config that cannot be served."""
+    import uvicorn
+
+    args, http = read_config_file(config_path, app_name)
+    config = load_app_config(args)
+    host = host or http.get("host", "127.0.0.1")
+    port = port if port is not None else int(http.get("port", 8000))
+    generators: dict[str, GeneratorCore] = {}
+    with _sigterm_exits():
+        try:
+            generators = build_generators(config, random_weights=random_weights)
+            app = build_app(config, generators, random_weights=random_weights)
+            print(f"mrt-serve local: http://{host}:{port} serving {', '.join(generators)} "
+                  "(/health shows readiness)", file=sys.stderr, flush=True)
+            report_readiness(generators)
+            # PCM does not compress: no permessage-deflate (deployments/proxy.py does the
+            # same for Serve's proxy). log_config=None keeps our quiet key=value logging.
+            uvicorn.run(app, host=host, port=port, ws_per_message_deflate=False,
+                        log_config=None, access_log=False)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C: uvicorn has already shut the server down gracefully
+        finally:
+            for core in generators.values():
+                core.shutdown()
+            if generators:
+                print("mrt-serve local: stopped", file=sys.stderr, flush=True)
