@@ -99,9 +99,8 @@ def generator_options(v: VariantConfig, resources: dict, n_generators: int) -> d
 
 
 def _generator(v: VariantConfig, resources: dict, n_generators: int):
-    core_options = v.core_options()  # checks the variant before any Serve option
     options = generator_options(v, resources, n_generators)
-    return Generator.options(**options).bind(v.name, v.model_variant, core_options)
+    return Generator.options(**options).bind(v.name, v.model_variant, v.core_options())
 
 
 def build_app(args: dict) -> serve.Application:

@@ -54,9 +54,6 @@ class VariantConfig(BaseModel):
 
     def core_options(self) -> dict:
         """Keyword arguments of this variant's GeneratorCore, wherever it runs."""
-        if self.model_variant not in VARIANTS:
-            raise ValueError(
-                f"variants[{self.name}].variant: unknown model variant {self.model_variant!r}")
         return {
             "repo": self.repo, "step": self.step, "max_sessions": self.max_sessions,
             "compute_dtype": self.compute_dtype,
@@ -98,6 +95,10 @@ def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ) -> A
             for err in e.errors())) from None
     if not config.variants:
         raise ValueError("variants: list at least one model variant to serve")
+    for v in config.variants:  # a name doubles as the model variant when none is given
+        if v.model_variant not in VARIANTS:
+            raise ValueError(f"variants[{v.name}].variant: unknown model variant "
+                             f"{v.model_variant!r}; choose one of {sorted(VARIANTS)}")
     names = [v.name for v in config.variants]
     config.default_variant = config.default_variant or names[0]
     if config.default_variant not in names:

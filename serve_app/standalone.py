@@ -16,7 +16,6 @@ proxy, ingress and generator replicas; the engine's step time is the same in bot
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -30,8 +29,6 @@ from .api.settings import ApiSettings
 from .config import AppConfig, load_app_config, read_config_file
 from .generator import GeneratorCore
 from .styles.service import StyleEmbedderCore
-
-log = logging.getLogger("mrt_serve.standalone")
 
 
 def build_generators(config: AppConfig, *, random_weights: bool = False
@@ -114,6 +111,10 @@ def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
     generators: dict[str, GeneratorCore] = {}
     with _sigterm_exits():
         try:
+            if random_weights:
+                print("mrt-serve local: random weights, no checkpoint files: initialising "
+                      f"{', '.join(v.model_variant for v in config.variants)} ...",
+                      file=sys.stderr, flush=True)
             generators = build_generators(config, random_weights=random_weights)
             app = build_app(config, generators, random_weights=random_weights)
             print(f"mrt-serve local: http://{host}:{port} serving {', '.join(generators)} "

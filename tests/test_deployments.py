@@ -156,6 +156,8 @@ def test_bad_configs_name_the_problem():
         build_app({"variants": []})
     with pytest.raises(ValueError, match=r"variants\.0\.variant[\s\S]*unknown model size 'mrt3'"):
         build_app({"variants": [{"name": "x", "variant": "mrt3"}]})
+    with pytest.raises(ValueError, match=r"variants\[x\]\.variant: unknown model variant 'x'"):
+        build_app({"variants": [{"name": "x"}]})  # a name without `variant` must be a model
     with pytest.raises(ValueError, match="default_variant: 'b' is not among"):
         build_app({"variants": [{"name": "tiny"}], "default_variant": "b"})
     with pytest.raises(ValueError, match="ab_split: 'b' is not a served variant"):
