@@ -5,7 +5,8 @@ FastAPI app the Ingress builds, each variant's GeneratorCore and the style embed
 plain objects, uvicorn in front. It is for one machine (a workstation, a GPU box without
 Ray) and for measuring what Ray Serve's hops cost; it gives up what Ray is there for:
 replicas, autoscaling, a cluster, a model switch that outlives the process. The Ray-only
-fields of a config (replicas, CPUs, GPUs, autoscaling, ingress) are ignored.
+fields of a config (replicas, CPUs, GPUs, autoscaling, ingress) are ignored, and
+the application is served at `/` whatever its `route_prefix`.
 
 Measured with scripts/bench_serve.py (tiny, 2-core box, sessions started together, the two
 alternated; docs/performance.md): serving overhead p50 0.7-1.6 ms at 1-8 sessions with 0.5 s
