@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from .api.app import create_app
 from .api.settings import ApiSettings
 from .config import AppConfig, load_app_config, read_config_file
+from .engine import load_model
 from .generator import GeneratorCore
 from .styles.service import StyleEmbedderCore
 
@@ -41,8 +42,6 @@ def build_generators(config: AppConfig, *, random_weights: bool = False
         options = v.core_options()
         loaded = None
         if random_weights:
-            from .engine import load_model
-
             loaded = load_model(v.model_variant, random_weights_seed=0,
                                 compute_dtype=v.compute_dtype)
         cores[v.name] = GeneratorCore(v.model_variant, name=v.name, loaded=loaded, **options)

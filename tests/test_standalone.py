@@ -3,12 +3,12 @@ starts it, from a config file of the same format `serve run` reads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -17,7 +17,7 @@ from serve_app.client import run as record_jam
 from serve_app.config import load_app_config
 from serve_app.standalone import build_app, build_generators
 
-from .generator_cores import wait_until_ready
+from .generator_cores import wait_for_boot, wait_until_ready
 from .serve_fixtures import free_port, tiny_config, wait_ready
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,6 +101,17 @@ def test_a_config_it_cannot_serve_is_refused_naming_the_field(tmp_path, args, er
     assert f"error: {error}" in err
 
 
+@contextlib.contextmanager
+def generators(config, **options):
+    """build_generators' cores, their step loops stopped after."""
+    cores = build_generators(config, **options)
+    try:
+        yield cores
+    finally:
+        for core in cores.values():
+            core.shutdown()
+
+
 def test_random_weights_read_no_checkpoint_files(tmp_path):
     """What a benchmark on a bare GPU box needs: a variant whose repo is not there serves
     random weights and mock styles, where it would otherwise fail naming the repo."""
@@ -110,22 +121,14 @@ def test_random_weights_read_no_checkpoint_files(tmp_path):
     config = load_app_config({"variants": [{"name": "tiny", "repo": str(missing),
                                             "max_sessions": 1, "buckets": [1]}],
                               "style_embedder": {"mock": False, "repo": str(missing)}})
-    for random_weights in (False, True):
-        cores = build_generators(config, random_weights=random_weights)
-        try:
-            if not random_weights:
-                while cores["tiny"].state == "initializing":
-                    time.sleep(0.1)
-                assert cores["tiny"].state == "error" and "no-such-repo" in cores["tiny"].error
-                continue
-            wait_until_ready(cores["tiny"])
-            with TestClient(build_app(config, cores, random_weights=True)) as http:
-                health = http.get("/health").json()
-                assert health["status"] == "ready" and health["styles"]["mock"]
-                render = http.post("/generate_style", data={"styles": "ambient", "bpm": 240,
-                                                            "bars": 1, "seed": 1})
-                assert render.status_code == 200, render.text
-                assert render.json()["metadata"]["styles"] == ["ambient"]
-        finally:
-            for core in cores.values():
-                core.shutdown()
+    with generators(config) as cores:
+        assert wait_for_boot(cores["tiny"]) == "error" and "no-such-repo" in cores["tiny"].error
+    with generators(config, random_weights=True) as cores:
+        wait_until_ready(cores["tiny"])
+        with TestClient(build_app(config, cores, random_weights=True)) as http:
+            health = http.get("/health").json()
+            assert health["status"] == "ready" and health["styles"]["mock"]
+            render = http.post("/generate_style", data={"styles": "ambient", "bpm": 240,
+                                                        "bars": 1, "seed": 1})
+            assert render.status_code == 200, render.text
+            assert render.json()["metadata"]["styles"] == ["ambient"]
