@@ -36,7 +36,8 @@ class Generator:
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"sessions": float(self.core.session_count)}
 
-    async def start(self, spec: JamSpec) -> dict:
+    async def start(self, spec: JamSpec, avoid: tuple[str, ...] = ()) -> dict:
+        # `avoid` is read by the router (deployments/routing.py), not here.
         return await self.core.start(spec)
 
     async def next_chunk(self, *, session_id: str, timeout: float):

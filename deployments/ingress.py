@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from serve_app import logs
 from serve_app.api.app import create_app
 from serve_app.api.settings import ApiSettings
-from serve_app.errors import ApiError, UnknownSession
+from serve_app.errors import ApiError, OverCapacity, Unavailable, UnknownSession
+
+log = logging.getLogger("mrt_serve.ingress")
 
 
 async def _remote(handle, method: str, **kwargs):
@@ -49,7 +53,19 @@ class HandleGenerator:
         return await self._call("health")
 
     async def start(self, spec):
-        return await self._call("start", spec=spec)
+        """Starts a session on a replica that takes it: one that refuses because it is
+        full or still loading its model (a replica added by autoscaling compiles for
+        minutes) is left out of the next try, until every replica has said no."""
+        avoid: list[str] = []
+        while True:
+            try:
+                return await self._call("start", spec=spec, avoid=tuple(avoid))
+            except (OverCapacity, Unavailable) as e:
+                if e.replica is None or e.replica in avoid:
+                    raise
+                log.info("start refused by generator replica %s (%s); trying another",
+                         e.replica, e.message)
+                avoid.append(e.replica)
 
     async def next_chunk(self, session_id, timeout):
         return await self._call("next_chunk", session_id=session_id, timeout=timeout)

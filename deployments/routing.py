@@ -3,7 +3,13 @@
 Session ids end in `@<replica id>` (the replica mints them). Calls that carry a
 `session_id` keyword go to that replica while it is among the running replicas.
 If it is gone, the call goes to any replica, which answers "unknown session" —
-never audio from an empty state. New sessions use Serve's power-of-two choice.
+never audio from an empty state.
+
+New sessions use Serve's power-of-two choice among the replicas not named in the
+call's `avoid` keyword: the replicas that already refused this start because they
+were full or still loading (the ingress retries such a start elsewhere, see
+`deployments/ingress.py`). Pow-2 alone sends a start to the least busy replica,
+which is the one still compiling its model after a scale-up.
 """
 
 from __future__ import annotations
@@ -20,10 +26,16 @@ class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        session_id = (pending_request.kwargs or {}).get("session_id") if pending_request else None
+        kwargs = (pending_request.kwargs or {}) if pending_request else {}
+        session_id = kwargs.get("session_id")
         if session_id:
             owner = replica_of(session_id)
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == owner]
             if pinned:
                 return [pinned]
+        avoid = kwargs.get("avoid")
+        if avoid:
+            others = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
+            # every replica refused once: ask again rather than fail without an answer
+            candidate_replicas = others or candidate_replicas
         return await super().choose_replicas(candidate_replicas, pending_request)

@@ -11,9 +11,12 @@ from __future__ import annotations
 class ApiError(Exception):
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, replica: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # The generator replica that refused, when another replica might not: a new
+        # session refused for capacity or readiness is tried elsewhere by the ingress.
+        self.replica = replica
 
 
 class BadRequest(ApiError):

@@ -351,7 +351,8 @@ class GeneratorCore:
     def _require_ready(self) -> None:
         if self.state != "ready":
             detail = f": {self.error}" if self.error else " (loading and compiling the model)"
-            raise Unavailable(f"generator {self.name} is {self.state}{detail}")
+            raise Unavailable(f"generator {self.name} is {self.state}{detail}",
+                              replica=self.replica_tag)
 
     def _jam(self, session_id: str) -> JamStream:
         jam = self._jams.get(session_id)
@@ -405,7 +406,8 @@ class GeneratorCore:
             except CapacityError as e:
                 raise OverCapacity(
                     f"generator {self.name} is full ({self.max_sessions} sessions per "
-                    "replica); retry shortly or stop another session"
+                    "replica); retry shortly or stop another session",
+                    replica=self.replica_tag,
                 ) from e
             self._jams[session_id] = jam
             self._events[session_id] = asyncio.Event()

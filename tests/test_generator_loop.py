@@ -12,10 +12,11 @@ import time
 
 import pytest
 
+from serve_app.errors import OverCapacity, Unavailable
 from serve_app.generator import GeneratorCore, JamSpec, StyleSpec
 from serve_app.jam import StreamConfig
 
-from .generator_cores import wait_until_ready
+from .generator_cores import wait_for_boot, wait_until_ready
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +49,29 @@ def test_step_times_add_up_to_no_more_than_the_time_the_steps_took(core):
     took = asyncio.run(render())
     assert core.steps - steps == frames
     assert 0 < core.step_seconds - step_seconds <= took
+
+
+def test_a_refused_start_names_the_replica_that_refused(core, tmp_path):
+    """The ingress tries a start refused for capacity or readiness on another replica
+    (deployments/ingress.py), leaving out the one named in the refusal."""
+    spec = JamSpec(style=StyleSpec(), seed=1, stream=StreamConfig(chunk_frames=10))
+
+    async def start_past_capacity() -> OverCapacity:
+        sid = (await core.start(spec))["session_id"]
+        try:
+            with pytest.raises(OverCapacity) as full:
+                await core.start(spec)
+        finally:
+            await core.stop(sid)
+        return full.value
+
+    assert asyncio.run(start_past_capacity()).replica == core.replica_tag
+    broken = GeneratorCore("tiny", repo=str(tmp_path / "missing"), max_sessions=1,
+                           buckets=(1,), replica_tag="r2")
+    try:
+        assert wait_for_boot(broken) == "error"
+        with pytest.raises(Unavailable) as down:
+            asyncio.run(broken.start(spec))
+        assert down.value.replica == "r2"
+    finally:
+        broken.shutdown()

@@ -1,0 +1,129 @@
+"""Two generator replicas of one variant through real Ray Serve: every call for a
+session reaches the replica that holds it, a new session goes to a replica that can
+take it, and a replica that dies takes only its own sessions with it.
+
+A third application ("pool", under /pool) on the test session's Ray Serve instance:
+tiny, two replicas of one session each, so that after the first start exactly one
+replica can take the next, and a blind choice between the two misses half the time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from serve_app.generator import replica_of
+
+from .serve_fixtures import deploy, tiny_config
+
+
+def start(http, expect: int = 200) -> dict:
+    r = http.post("/jam/start", data={"styles": "ambient", "chunk_seconds": 0.2})
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
+def next_index(http, sid: str) -> int:
+    r = http.get("/jam/next", params={"session_id": sid})
+    assert r.status_code == 200, r.text
+    return r.json()["chunk"]["index"]
+
+
+def stop(http, *sids: str) -> None:
+    for sid in sids:
+        assert http.post("/jam/stop", json={"session_id": sid}).status_code == 200
+
+
+def one_on_each(http, timeout: float = 240) -> tuple[str, str]:
+    """Two sessions, one per replica, once both replicas have loaded their model."""
+    deadline = time.monotonic() + timeout
+    while True:
+        first = start(http)["session_id"]
+        r = http.post("/jam/start", data={"styles": "ambient", "chunk_seconds": 0.2})
+        if r.status_code == 200:
+            return first, r.json()["session_id"]
+        stop(http, first)
+        assert time.monotonic() < deadline, f"no second replica took a session: {r.text}"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def http(serve_root, tiny_repo):
+    from ray import serve
+
+    config = tiny_config(tiny_repo, max_sessions=1, buckets=(1,))
+    config["variants"][0].update(num_replicas=2, num_cpus=0.5)
+    base = deploy(serve_root, config, name="pool", route_prefix="/pool")
+    with httpx.Client(base_url=base, timeout=120) as client:
+        stop(client, *one_on_each(client))  # both replicas serve from here on
+        yield client
+    serve.delete("pool")  # frees its replicas for the modules after this one
+
+
+@pytest.fixture(autouse=True)
+def no_sessions_left(http):
+    """A failed test leaves no session behind to fill a replica for the next one."""
+    yield
+    http.post("/jam/stop_all")
+
+
+def test_a_new_session_goes_to_the_replica_with_room(http):
+    for _ in range(4):
+        first, second = start(http)["session_id"], start(http)["session_id"]
+        assert replica_of(first) != replica_of(second)
+        refused = start(http, expect=429)
+        assert "full" in refused["error"], refused
+        stop(http, first, second)
+
+
+def test_every_call_for_a_session_reaches_its_replica(http):
+    sessions = one_on_each(http)
+    try:
+        for expected in range(6):
+            for sid in sessions:
+                assert next_index(http, sid) == expected
+                assert http.post("/jam/consume", data={"session_id": sid,
+                                                       "chunk_index": expected}).status_code == 200
+                status = http.get("/jam/status", params={"session_id": sid})
+                assert status.status_code == 200, status.text
+                assert status.json()["last_consumed"] == expected
+        update = http.post("/jam/update", data={"session_id": sessions[0], "temperature": 0.9})
+        assert update.status_code == 200, update.text
+    finally:
+        stop(http, *sessions)
+
+
+def test_a_dead_replica_loses_only_its_own_sessions(http):
+    import ray
+
+    doomed, survivor = one_on_each(http)
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+              if "Generator_tiny" in a["name"] and replica_of(doomed) in a["name"]]
+    assert len(actors) == 1, actors
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]))
+
+    deadline = time.monotonic() + 120
+    survivor_index = next_index(http, survivor)
+    while True:  # the survivor streams on while the dead replica's session fails loudly
+        r = http.get("/jam/next", params={"session_id": doomed, "timeout": 1})
+        if r.status_code == 404:
+            break
+        assert time.monotonic() < deadline, r.text
+        survivor_index, last = next_index(http, survivor), survivor_index
+        assert survivor_index == last + 1
+    assert "start a new session" in r.json()["error"]
+    assert next_index(http, survivor) == survivor_index + 1
+
+    # Serve replaces the dead replica; while it loads, starts are refused (the survivor
+    # is full), then the replacement takes the next one.
+    deadline = time.monotonic() + 240
+    while (r := http.post("/jam/start", data={"styles": "ambient"})).status_code != 200:
+        assert r.status_code in (429, 503), r.text
+        assert time.monotonic() < deadline, r.text
+        time.sleep(1)
+    fresh = r.json()["session_id"]
+    assert replica_of(fresh) not in (replica_of(doomed), replica_of(survivor))
+    assert next_index(http, fresh) == 0
+    stop(http, fresh, survivor)
