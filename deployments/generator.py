@@ -24,8 +24,10 @@ class Generator:
             metrics=GeneratorMetrics(RayServeMetricsSink(name)), **options,
         )
 
-    async def health(self) -> dict:
-        return await self.core.health()
+    async def health(self, avoid: tuple[str, ...] = ()) -> dict:
+        # This replica's report; the ingress merges every replica's (serve_app/health.py),
+        # calling with `avoid` those it has heard from (read by the router, not here).
+        return await self.core.replica_health()
 
     def check_health(self) -> None:
         # A model that failed to load is reported by /health (no crash loop);
@@ -37,7 +39,7 @@ class Generator:
         return {"sessions": float(self.core.session_count)}
 
     async def start(self, spec: JamSpec, avoid: tuple[str, ...] = ()) -> dict:
-        # `avoid` is read by the router (deployments/routing.py), not here.
+        # `avoid`: replicas that refused this start, read by the router, not here.
         return await self.core.start(spec)
 
     async def next_chunk(self, *, session_id: str, timeout: float):

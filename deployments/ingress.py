@@ -11,6 +11,7 @@ from serve_app import logs
 from serve_app.api.app import create_app
 from serve_app.api.settings import ApiSettings
 from serve_app.errors import ApiError, OverCapacity, Unavailable, UnknownSession
+from serve_app.health import variant_health
 
 log = logging.getLogger("mrt_serve.ingress")
 
@@ -50,7 +51,20 @@ class HandleGenerator:
             raise
 
     async def health(self):
-        return await self._call("health")
+        """The variant's health over all its replicas (serve_app/health.py): each call
+        leaves out the replicas heard from, until the router has no other to offer."""
+        reports: dict[str, dict] = {}
+        while True:
+            try:
+                report = await self._call("health", avoid=tuple(reports))
+            except (ActorDiedError, ActorUnavailableError):
+                if not reports:
+                    raise
+                break  # a replica going away between two calls: report the others
+            if report["replica"] in reports:
+                break
+            reports[report["replica"]] = report
+        return variant_health(list(reports.values()))
 
     async def start(self, spec):
         """Starts a session on a replica that takes it: one that refuses because it is

@@ -5,11 +5,11 @@ Session ids end in `@<replica id>` (the replica mints them). Calls that carry a
 If it is gone, the call goes to any replica, which answers "unknown session" —
 never audio from an empty state.
 
-New sessions use Serve's power-of-two choice among the replicas not named in the
-call's `avoid` keyword: the replicas that already refused this start because they
-were full or still loading (the ingress retries such a start elsewhere, see
-`deployments/ingress.py`). Pow-2 alone sends a start to the least busy replica,
-which is the one still compiling its model after a scale-up.
+Calls without a session (a start, a health report) use Serve's power-of-two choice
+among the replicas not named in the call's `avoid` keyword, which the ingress
+(`deployments/ingress.py`) fills with the replicas that refused this start, being
+full or still loading (pow-2 alone prefers the least busy replica: the one still
+compiling after a scale-up), or that already gave their health report.
 """
 
 from __future__ import annotations

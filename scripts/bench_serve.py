@@ -23,8 +23,7 @@ the client's clock (same machine as the server for the overhead figure):
 Per run it also reads the generator's own figures from `/health` before and after:
 its steps, their mean time, the rows (sessions) they carried and the share slower
 than the 40 ms frame each one makes, i.e. the engine figure the underruns follow
-from. They are exact for a variant served by one replica; with several, /health
-may answer from another replica after the run than before, and the run has none.
+from, added up over the variant's replicas (those up both before and after).
 
 Runs go from the smallest N up; the JSON holds every run and the largest N held
 with zero underruns; the PNG plots them.
@@ -144,27 +143,39 @@ def generator_health(url: str, variant: str | None, api_key: str | None) -> dict
 
 
 def step_figures(before: dict | None, after: dict | None) -> dict | None:
-    """The generator's steps between two /health snapshots of the same replica, from
-    its cumulative step-time histogram (None: no such pair, or no steps between)."""
-    if not before or not after or before.get("replica") != after.get("replica"):
+    """The generator's steps between two /health snapshots, from each replica's
+    cumulative step-time histogram, added up over the replicas in both (None: no
+    such replica, or no steps between)."""
+    if not before or not after:
         return None
-    b, a = before["metrics"], after["metrics"]
-    if "mrt_step_ms_le" not in b:  # a server without the histogram in /health
+    earlier = {r["replica"]: r["metrics"] for r in replica_reports(before)}
+    pairs = [(earlier[r["replica"]], r["metrics"]) for r in replica_reports(after)
+             if r["replica"] in earlier and "mrt_step_ms_le" in r["metrics"]]
+    if not pairs:  # other replicas, or a server without the histogram in /health
         return None
-    le_before, le_after = b["mrt_step_ms_le"], a["mrt_step_ms_le"]
-    steps = le_after["+Inf"] - le_before["+Inf"]
+
+    def added(key) -> float:
+        return sum(key(a) - key(b) for b, a in pairs)
+
+    steps = added(lambda m: m["mrt_step_ms_le"]["+Inf"])
     if steps <= 0:
         return None
+    in_time = (added(lambda m: m["mrt_step_ms_le"][FRAME_MS])
+               if all(FRAME_MS in a["mrt_step_ms_le"] for _, a in pairs) else None)
     return {
-        "replica": after["replica"],
+        "replicas": sorted(r["replica"] for r in replica_reports(after)
+                           if r["replica"] in earlier),
         "steps": steps,
-        "step_ms_mean": round((a["mrt_step_ms_sum"] - b["mrt_step_ms_sum"]) / steps, 2),
-        "rows_per_step_mean": round((a["mrt_frames"] - b["mrt_frames"]) / steps, 2),
+        "step_ms_mean": round(added(lambda m: m["mrt_step_ms_sum"]) / steps, 2),
+        "rows_per_step_mean": round(added(lambda m: m["mrt_frames"]) / steps, 2),
         # each step slower than the frame it makes puts its sessions further behind
-        "steps_over_frame_share": (
-            round(1 - (le_after[FRAME_MS] - le_before[FRAME_MS]) / steps, 4)
-            if FRAME_MS in le_after else None),
+        "steps_over_frame_share": round(1 - in_time / steps, 4) if in_time is not None else None,
     }
+
+
+def replica_reports(variant: dict) -> list[dict]:
+    """Each replica's own report (a server from before `replicas` has one, the variant)."""
+    return variant.get("replicas") or [variant]
 
 
 def p50(values: list[float]) -> float | None:

@@ -29,6 +29,7 @@ from .engine.batch import DEFAULT_BUCKETS, PendingStep
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
+from .health import variant_health
 from .jam import Chunk, JamStream, StreamConfig
 from .loop_encoder import NoLoopEncoder, build_loop_encoder
 from .metrics import GeneratorMetrics
@@ -597,6 +598,11 @@ class GeneratorCore:
         return len(self._jams)
 
     async def health(self) -> dict:
+        """The variant's health as the API reports it (serve_app/health.py): in-process
+        this core is the variant's one replica."""
+        return variant_health([await self.replica_health()])
+
+    async def replica_health(self) -> dict:
         with self._lock:
             return {
                 "variant": self.name,

@@ -30,7 +30,7 @@ def test_bench_serve_reports_every_figure(serve_base, tmp_path):
                     "overhead_ms_p50"):
             assert r[key] is not None and r[key] > 0, key
         assert len(r["per_session"]) == r["sessions"]
-        steps = r["generator_steps"]  # the app's one generator replica, from /health
+        steps = r["generator_steps"]  # from /health, before and after the run
         assert steps["steps"] >= 3 * 25  # 3 s of 40 ms frames (and more at the start)
         assert steps["step_ms_mean"] > 0 and 0 <= steps["steps_over_frame_share"] <= 1
         assert 1 <= steps["rows_per_step_mean"] <= r["sessions"]

@@ -1,6 +1,7 @@
 """Two generator replicas of one variant through real Ray Serve: every call for a
 session reaches the replica that holds it, a new session goes to a replica that can
-take it, and a replica that dies takes only its own sessions with it.
+take it, /health and the benchmark count every replica, and a replica that dies
+takes only its own sessions with it.
 
 A third application ("pool", under /pool) on the test session's Ray Serve instance:
 tiny, two replicas of one session each, so that after the first start exactly one
@@ -9,6 +10,10 @@ replica can take the next, and a blind choice between the two misses half the ti
 
 from __future__ import annotations
 
+import json
+import pathlib
+import subprocess
+import sys
 import time
 
 import httpx
@@ -95,6 +100,35 @@ def test_every_call_for_a_session_reaches_its_replica(http):
         stop(http, *sessions)
 
 
+def test_health_counts_every_replica(http):
+    sessions = one_on_each(http)
+    try:
+        tiny = http.get("/health").json()["variants"]["tiny"]
+        assert tiny["state"] == "ready"
+        assert (tiny["sessions"], tiny["max_sessions"]) == (2, 2)
+        replicas = {r["replica"]: r for r in tiny["replicas"]}
+        assert set(replicas) == {replica_of(sid) for sid in sessions}
+        assert all(r["state"] == "ready" and r["sessions"] == 1 for r in replicas.values())
+        assert http.get("/model/variants").json()["variants"]["tiny"]["sessions"] == 2
+    finally:
+        stop(http, *sessions)
+
+
+def test_the_benchmark_adds_up_the_steps_of_both_replicas(http, tmp_path):
+    out = tmp_path / "bench.json"
+    url = str(http.base_url).rstrip("/").replace("http://", "ws://")
+    bench = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).parents[1] / "scripts/bench_serve.py"),
+         "--url", url, "--sessions", "2", "--seconds", "2", "--chunk-seconds", "0.2",
+         "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["failed_sessions"] == 0, run["errors"]
+    steps = run["generator_steps"]  # one session per replica, each in its own 1-row steps
+    assert len(steps["replicas"]) == 2 and steps["rows_per_step_mean"] == 1.0
+    assert steps["steps"] >= 2 * 2 * 25  # 2 s of 40 ms frames on each replica
+
+
 def test_a_dead_replica_loses_only_its_own_sessions(http):
     import ray
 
@@ -122,8 +156,11 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
     while (r := http.post("/jam/start", data={"styles": "ambient"})).status_code != 200:
         assert r.status_code in (429, 503), r.text
         assert time.monotonic() < deadline, r.text
+        assert http.get("/health").json()["status"] == "ready"  # the survivor is
         time.sleep(1)
     fresh = r.json()["session_id"]
     assert replica_of(fresh) not in (replica_of(doomed), replica_of(survivor))
     assert next_index(http, fresh) == 0
+    replicas = http.get("/health").json()["variants"]["tiny"]["replicas"]
+    assert {r["replica"] for r in replicas} == {replica_of(fresh), replica_of(survivor)}
     stop(http, fresh, survivor)

@@ -73,7 +73,7 @@ def test_serves_a_jam_and_the_benchmark_from_one_process(local_server, tmp_path)
     assert run["failed_sessions"] == 0, run["errors"]
     assert run["overhead_ms_p50"] is not None and run["overhead_ms_p50"] >= 0
     steps = run["generator_steps"]  # the in-process generator's histogram, via /health
-    assert steps["replica"] == "local" and 1 <= steps["rows_per_step_mean"] <= 2
+    assert steps["replicas"] == ["local"] and 1 <= steps["rows_per_step_mean"] <= 2
 
 
 def test_says_when_it_is_ready_and_stops_cleanly_on_sigterm(local_server):
