@@ -24,9 +24,8 @@ class Generator:
             metrics=GeneratorMetrics(RayServeMetricsSink(name)), **options,
         )
 
-    async def health(self, avoid: tuple[str, ...] = ()) -> dict:
-        # This replica's report; the ingress merges every replica's (serve_app/health.py),
-        # calling with `avoid` those it has heard from (read by the router, not here).
+    async def health(self) -> dict:
+        # This replica's report; the ingress merges every replica's (serve_app/health.py).
         return await self.core.replica_health()
 
     def check_health(self) -> None:
@@ -56,6 +55,9 @@ class Generator:
 
     async def stop(self, *, session_id: str) -> dict:
         return await self.core.stop(session_id)
+
+    async def stop_all(self) -> dict:
+        return await self.core.stop_all()
 
     async def progress(self, *, session_id: str) -> dict:
         return await self.core.progress(session_id)

@@ -6,6 +6,7 @@ import logging
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from serve_app import logs
 from serve_app.api.app import create_app
@@ -50,27 +51,39 @@ class HandleGenerator:
                 ) from e
             raise
 
+    async def _each_replica(self, method: str) -> list[dict]:
+        """`method`'s answer from every running replica, called in parallel (Serve's
+        broadcast); a replica that fails the call (dying meanwhile) is left out,
+        unless every one does."""
+        answers = await self.handle.broadcast(method).results_async(return_exceptions=True)
+        good = [a for a in answers if not isinstance(a, BaseException)]
+        if not good:
+            raise answers[0]
+        return good
+
     async def health(self):
-        """The variant's health over all its replicas (serve_app/health.py): each call
-        leaves out the replicas heard from, until the router has no other to offer."""
-        reports: dict[str, dict] = {}
-        while True:
-            try:
-                report = await self._call("health", avoid=tuple(reports))
-            except (ActorDiedError, ActorUnavailableError):
-                if not reports:
-                    raise
-                break  # a replica going away between two calls: report the others
-            if report["replica"] in reports:
-                break
-            reports[report["replica"]] = report
-        return variant_health(list(reports.values()))
+        """The variant's health over all its replicas (serve_app/health.py)."""
+        try:
+            return variant_health(await self._each_replica("health"))
+        except DeploymentUnavailableError:  # none running: starting, or failed to deploy
+            return {"state": "initializing", "sessions": 0, "max_sessions": 0, "replicas": [],
+                    "error": "no generator replica is running yet (`serve status` says why "
+                             "if this lasts)"}
+
+    async def stop_all(self):
+        try:
+            answers = await self._each_replica("stop_all")
+        except DeploymentUnavailableError:  # no replica, no session
+            answers = []
+        return {"stopped": sum(a["stopped"] for a in answers)}
 
     async def start(self, spec):
         """Starts a session on a replica that takes it: one that refuses because it is
         full or still loading its model (a replica added by autoscaling compiles for
-        minutes) is left out of the next try, until every replica has said no."""
+        minutes) is left out of the next try, until every replica has said no. A
+        replica found dead is dropped by Serve's router, so the start is tried once more."""
         avoid: list[str] = []
+        died = False
         while True:
             try:
                 return await self._call("start", spec=spec, avoid=tuple(avoid))
@@ -80,6 +93,10 @@ class HandleGenerator:
                 log.info("start refused by generator replica %s (%s); trying another",
                          e.replica, e.message)
                 avoid.append(e.replica)
+            except (ActorDiedError, ActorUnavailableError) as e:
+                if died:
+                    raise Unavailable("generator replicas are restarting; retry shortly") from e
+                died = True
 
     async def next_chunk(self, session_id, timeout):
         return await self._call("next_chunk", session_id=session_id, timeout=timeout)

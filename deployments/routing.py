@@ -5,14 +5,15 @@ Session ids end in `@<replica id>` (the replica mints them). Calls that carry a
 If it is gone, the call goes to any replica, which answers "unknown session" —
 never audio from an empty state.
 
-Calls without a session (a start, a health report) use Serve's power-of-two choice
-among the replicas not named in the call's `avoid` keyword, which the ingress
-(`deployments/ingress.py`) fills with the replicas that refused this start, being
-full or still loading (pow-2 alone prefers the least busy replica: the one still
-compiling after a scale-up), or that already gave their health report.
+New sessions use Serve's power-of-two choice among the replicas not named in the
+call's `avoid` keyword: those that already refused this start, being full or still
+loading (pow-2 alone prefers the least busy replica, which after a scale-up is the
+one still compiling). The ingress retries such a start (`deployments/ingress.py`).
 """
 
 from __future__ import annotations
+
+import random
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
@@ -33,9 +34,11 @@ class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == owner]
             if pinned:
                 return [pinned]
-        avoid = kwargs.get("avoid")
-        if avoid:
-            others = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
-            # every replica refused once: ask again rather than fail without an answer
-            candidate_replicas = others or candidate_replicas
+        avoid = kwargs.get("avoid") or ()
+        others = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
+        if avoid and others:
+            # Pow-2 among the others (its own choose_replicas reads every replica it
+            # knows, not `candidate_replicas`): Serve takes the less busy of the two.
+            return [random.sample(others, min(2, len(others)))]
+        # no avoid, or every replica was avoided: ask again rather than fail unanswered
         return await super().choose_replicas(candidate_replicas, pending_request)

@@ -88,6 +88,7 @@ class JamSpec:
     loop: np.ndarray | None = None  # float32 [n, 2] at 48 kHz: context to continue
     bar: BarSpec | None = None
     tempo_guidance_bpm: float | None = None  # experimental drum pulses on the beat
+    polled: bool = False  # a /jam/start jam, which no connection holds: /jam/stop_all ends it
 
 
 @dataclasses.dataclass
@@ -153,6 +154,7 @@ class GeneratorCore:
         self._jams: dict[str, JamStream] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._polled: set[str] = set()  # sessions started with JamSpec.polled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.RLock()
         self._switch_lock = threading.Lock()
@@ -355,6 +357,11 @@ class GeneratorCore:
             raise Unavailable(f"generator {self.name} is {self.state}{detail}",
                               replica=self.replica_tag)
 
+    def _full(self) -> OverCapacity:
+        return OverCapacity(f"generator {self.name} is full ({self.max_sessions} sessions per "
+                            "replica); retry shortly or stop another session",
+                            replica=self.replica_tag)
+
     def _jam(self, session_id: str) -> JamStream:
         jam = self._jams.get(session_id)
         if jam is not None:
@@ -384,6 +391,8 @@ class GeneratorCore:
     async def start(self, spec: JamSpec) -> dict:
         self._loop = asyncio.get_running_loop()
         self._require_ready()
+        if self.session_count >= self.max_sessions:  # before encoding a loop for nothing
+            raise self._full()
         seed = spec.seed if spec.seed is not None else int(np.random.default_rng().integers(2**31))
         session_id = make_session_id(self.name, self.replica_tag)
         try:
@@ -405,13 +414,11 @@ class GeneratorCore:
             try:
                 self.engine.add(session)
             except CapacityError as e:
-                raise OverCapacity(
-                    f"generator {self.name} is full ({self.max_sessions} sessions per "
-                    "replica); retry shortly or stop another session",
-                    replica=self.replica_tag,
-                ) from e
+                raise self._full() from e
             self._jams[session_id] = jam
             self._events[session_id] = asyncio.Event()
+            if spec.polled:
+                self._polled.add(session_id)
             self.metrics.record("mrt_sessions", len(self._jams))
         self.metrics.record("mrt_sessions_started")
         self._wake.set()
@@ -567,6 +574,7 @@ class GeneratorCore:
         are told why it ended. A waiting next_chunk wakes and sees it gone."""
         self.engine.remove(session_id)
         del self._jams[session_id]
+        self._polled.discard(session_id)
         event = self._events.pop(session_id)
         if reason is not None:
             self._ended[session_id] = reason
@@ -578,11 +586,12 @@ class GeneratorCore:
                 self._loop.call_soon_threadsafe(event.set)
 
     async def stop_all(self) -> dict:
+        """Ends this replica's polled jams; later calls for them are told why."""
         with self._lock:
-            ids = list(self._jams)
-        for sid in ids:
-            await self.stop(sid)
-        return {"stopped": len(ids)}
+            ids = list(self._polled)
+            for sid in ids:
+                self._drop(sid, "stopped by /jam/stop_all")
+        return {"stopped": len(ids), "replica": self.replica_tag}
 
     async def progress(self, session_id: str) -> dict:
         with self._lock:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from serve_app.errors import OverCapacity, Unavailable
+from serve_app.errors import OverCapacity, Unavailable, UnknownSession
 from serve_app.generator import GeneratorCore, JamSpec, StyleSpec
 from serve_app.jam import StreamConfig
 
@@ -49,6 +49,23 @@ def test_step_times_add_up_to_no_more_than_the_time_the_steps_took(core):
     took = asyncio.run(render())
     assert core.steps - steps == frames
     assert 0 < core.step_seconds - step_seconds <= took
+
+
+def test_stop_all_ends_polled_jams_and_leaves_the_others(core):
+    """/jam/stop_all is for jams no connection holds; a WebSocket jam or a render ends
+    with its own request."""
+    async def stop_all_twice() -> None:
+        spec = JamSpec(style=StyleSpec(), seed=1, stream=StreamConfig(chunk_frames=10))
+        held = (await core.start(spec))["session_id"]
+        assert (await core.stop_all())["stopped"] == 0
+        await core.stop(held)
+        spec.polled = True
+        polled = (await core.start(spec))["session_id"]
+        assert await core.stop_all() == {"stopped": 1, "replica": core.replica_tag}
+        with pytest.raises(UnknownSession, match="stopped by /jam/stop_all"):
+            await core.status(polled)
+
+    asyncio.run(stop_all_twice())
 
 
 def test_a_refused_start_names_the_replica_that_refused(core, tmp_path):

@@ -1,11 +1,12 @@
 """Two generator replicas of one variant through real Ray Serve: every call for a
 session reaches the replica that holds it, a new session goes to a replica that can
-take it, /health and the benchmark count every replica, and a replica that dies
-takes only its own sessions with it.
+take it, /health, /jam/stop_all and the benchmark reach every replica, and a
+replica that dies takes only its own sessions with it.
 
 A third application ("pool", under /pool) on the test session's Ray Serve instance:
-tiny, two replicas of one session each, so that after the first start exactly one
-replica can take the next, and a blind choice between the two misses half the time.
+tiny, two generator replicas of one session each, so that after the first start
+exactly one replica can take the next, and a blind choice between the two misses half
+the time; and two ingress replicas, as configs/serve.yaml has.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def http(serve_root, tiny_repo):
 
     config = tiny_config(tiny_repo, max_sessions=1, buckets=(1,))
     config["variants"][0].update(num_replicas=2, num_cpus=0.5)
+    config["ingress"] = {"num_replicas": 2}
     base = deploy(serve_root, config, name="pool", route_prefix="/pool")
     with httpx.Client(base_url=base, timeout=120) as client:
         stop(client, *one_on_each(client))  # both replicas serve from here on
@@ -75,7 +77,7 @@ def no_sessions_left(http):
 
 
 def test_a_new_session_goes_to_the_replica_with_room(http):
-    for _ in range(4):
+    for _ in range(10):
         first, second = start(http)["session_id"], start(http)["session_id"]
         assert replica_of(first) != replica_of(second)
         refused = start(http, expect=429)
@@ -103,15 +105,25 @@ def test_every_call_for_a_session_reaches_its_replica(http):
 def test_health_counts_every_replica(http):
     sessions = one_on_each(http)
     try:
-        tiny = http.get("/health").json()["variants"]["tiny"]
-        assert tiny["state"] == "ready"
-        assert (tiny["sessions"], tiny["max_sessions"]) == (2, 2)
-        replicas = {r["replica"]: r for r in tiny["replicas"]}
-        assert set(replicas) == {replica_of(sid) for sid in sessions}
-        assert all(r["state"] == "ready" and r["sessions"] == 1 for r in replicas.values())
-        assert http.get("/model/variants").json()["variants"]["tiny"]["sessions"] == 2
+        for _ in range(5):  # whichever replica the router asks first
+            tiny = http.get("/health").json()["variants"]["tiny"]
+            assert tiny["state"] == "ready"
+            assert (tiny["sessions"], tiny["max_sessions"]) == (2, 2)
+            replicas = {r["replica"]: r for r in tiny["replicas"]}
+            assert set(replicas) == {replica_of(sid) for sid in sessions}
+            assert all(r["state"] == "ready" and r["sessions"] == 1 for r in replicas.values())
+            assert http.get("/model/variants").json()["variants"]["tiny"]["sessions"] == 2
     finally:
         stop(http, *sessions)
+
+
+def test_stop_all_ends_the_polled_jams_of_every_replica_whichever_ingress_is_asked(http):
+    for _ in range(4):  # each time through either ingress replica, to either generator first
+        sessions = one_on_each(http)
+        assert http.post("/jam/stop_all").json()["stopped"] == 2
+        for sid in sessions:
+            r = http.get("/jam/status", params={"session_id": sid})
+            assert r.status_code == 404 and "stopped by /jam/stop_all" in r.json()["error"]
 
 
 def test_the_benchmark_adds_up_the_steps_of_both_replicas(http, tmp_path):
@@ -137,6 +149,9 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
               if "Generator_tiny" in a["name"] and replica_of(doomed) in a["name"]]
     assert len(actors) == 1, actors
     ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]))
+    # a start now finds the survivor full and the other replica dead: refused, clearly
+    refused = start(http, expect=429)
+    assert "full" in refused["error"], refused
 
     deadline = time.monotonic() + 120
     survivor_index = next_index(http, survivor)
@@ -149,18 +164,27 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
         assert survivor_index == last + 1
     assert "start a new session" in r.json()["error"]
     assert next_index(http, survivor) == survivor_index + 1
+    stop(http, survivor)
 
-    # Serve replaces the dead replica; while it loads, starts are refused (the survivor
-    # is full), then the replacement takes the next one.
+    # Serve replaces the dead replica. While the replacement loads its model the
+    # service stays ready and new sessions go to the survivor, which has room again.
     deadline = time.monotonic() + 240
-    while (r := http.post("/jam/start", data={"styles": "ambient"})).status_code != 200:
-        assert r.status_code in (429, 503), r.text
-        assert time.monotonic() < deadline, r.text
-        assert http.get("/health").json()["status"] == "ready"  # the survivor is
-        time.sleep(1)
-    fresh = r.json()["session_id"]
-    assert replica_of(fresh) not in (replica_of(doomed), replica_of(survivor))
-    assert next_index(http, fresh) == 0
-    replicas = http.get("/health").json()["variants"]["tiny"]["replicas"]
-    assert {r["replica"] for r in replicas} == {replica_of(fresh), replica_of(survivor)}
-    stop(http, fresh, survivor)
+    loading_starts = 0
+    while True:
+        tiny = http.get("/health").json()["variants"]["tiny"]
+        assert tiny["state"] == "ready", tiny  # the survivor is
+        states = {r["replica"]: r["state"] for r in tiny["replicas"]}
+        if sorted(states.values()) == ["ready", "ready"]:
+            break
+        if "initializing" in states.values():
+            sid = start(http)["session_id"]
+            assert replica_of(sid) == replica_of(survivor)
+            stop(http, sid)
+            loading_starts += 1
+        assert time.monotonic() < deadline, states
+        time.sleep(0.1)
+    assert loading_starts, "the replacement replica was never seen loading"
+    assert set(states) - {replica_of(survivor), replica_of(doomed)}  # a new replica
+    fresh = one_on_each(http)
+    assert {replica_of(sid) for sid in fresh} == set(states)
+    assert [next_index(http, sid) for sid in fresh] == [0, 0]

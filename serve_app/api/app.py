@@ -192,7 +192,7 @@ def create_app(
         stream = StreamConfig(chunk_frames=frames, pace="asap", max_backlog=1,
                               total_frames=frames)
         started, spec = await service.start(
-            controls, stream, render.seed, render.variant, track=False, loop=loop,
+            controls, stream, render.seed, render.variant, loop=loop,
             loop_weight=loop_weight, client_id=render.client_id,
             tempo_guidance_bpm=clock.bpm if tempo_guidance else None)
         sid = started["session_id"]
@@ -317,7 +317,8 @@ def create_app(
                               max_backlog=settings.max_backlog_chunks)
         started, _ = await service.start(
             controls, stream, seed, variant, loop=loop, loop_weight=loop_weight, bar=bar,
-            tempo_guidance_bpm=clock.bpm if tempo_guidance else None, client_id=client_id)
+            tempo_guidance_bpm=clock.bpm if tempo_guidance else None, client_id=client_id,
+            polled=True)
         if bar is not None:
             started.update(mode="bar", chunk_seconds=chunk_seconds,
                            bars_per_chunk=bar.bars_per_chunk, bpm=clock.bpm,

@@ -92,7 +92,6 @@ class JamService:
         self.styles = styles
         self.settings = settings
         self.ab = ABSplit(settings.ab_split, generators) if settings.ab_split else None
-        self.sessions: dict[str, str] = {}  # started here: id -> variant (/jam/stop_all)
 
     def assign(self, variant: str | None, client_id: str | None = None) -> tuple[str, str]:
         """The variant a new session runs on, and why: named in the request, drawn by the
@@ -192,20 +191,19 @@ class JamService:
         return JamSpec(await self.style_spec(fields), controls, stream, notes, seed)
 
     async def start(self, fields: ControlFields, stream: StreamConfig, seed: int | None,
-                    variant: str | None, *, track: bool = True, loop: np.ndarray | None = None,
+                    variant: str | None, *, polled: bool = False, loop: np.ndarray | None = None,
                     loop_weight: float = 1.0, bar: BarSpec | None = None,
                     tempo_guidance_bpm: float | None = None,
                     client_id: str | None = None) -> tuple[dict, JamSpec]:
         variant, assigned_by = self.assign(variant, client_id)
-        name, client = self.generator(variant)
+        _, client = self.generator(variant)
         if not 0 <= loop_weight <= 10:
             raise BadRequest(f"loop_weight: must be within 0..10, got {loop_weight:g}")
         spec = await self.jam_spec(fields, stream, seed)
         spec.style = await self.with_audio_style(spec.style, loop, loop_weight, "loop")
         spec.loop, spec.bar, spec.tempo_guidance_bpm = loop, bar, tempo_guidance_bpm
+        spec.polled = polled
         started = {**await client.start(spec), "assigned_by": assigned_by}
-        if track:
-            self.sessions[started["session_id"]] = name
         return started, spec
 
     async def update(self, session_id: str, fields: ControlFields,
@@ -244,16 +242,11 @@ class JamService:
         return await client.reseed(session_id, await self.decode_loop(data), anchor_bars)
 
     async def stop(self, session_id: str) -> dict:
-        result = await self.of_session(session_id).stop(session_id)
-        self.sessions.pop(session_id, None)
-        return result
+        return await self.of_session(session_id).stop(session_id)
 
     async def stop_all(self) -> int:
-        stopped = 0
-        for sid in list(self.sessions):
-            try:
-                await self.stop(sid)
-                stopped += 1
-            except UnknownSession:
-                self.sessions.pop(sid, None)
-        return stopped
+        """Ends every polled jam (`/jam/start`) of every variant, on every replica, so
+        that any ingress replica can be asked; WebSocket jams and renders end with the
+        request that holds them."""
+        results = await asyncio.gather(*(g.stop_all() for g in self.generators.values()))
+        return sum(r["stopped"] for r in results)

@@ -183,7 +183,7 @@ class JamSocket:
             max_backlog=service.settings.max_backlog_chunks,
         )
         started, _ = await service.start(params.control_fields(), stream, params.seed,
-                                         params.variant, track=False, loop=loop,
+                                         params.variant, loop=loop,
                                          loop_weight=params.loop_weight, bar=bar,
                                          tempo_guidance_bpm=tempo, client_id=params.client_id)
         if bar is not None:
