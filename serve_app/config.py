@@ -35,6 +35,9 @@ class VariantConfig(BaseModel):
     num_replicas: int | str = 1
     autoscaling_config: dict | None = None
     max_ongoing_requests: int = Field(256, ge=1)
+    # a session nobody has asked about for this long is ended (its client is gone);
+    # None: the generator's default (serve_app.generator.IDLE_SESSION_SECONDS)
+    idle_session_seconds: float | None = Field(None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -54,11 +57,14 @@ class VariantConfig(BaseModel):
 
     def core_options(self) -> dict:
         """Keyword arguments of this variant's GeneratorCore, wherever it runs."""
-        return {
+        options = {
             "repo": self.repo, "step": self.step, "max_sessions": self.max_sessions,
             "compute_dtype": self.compute_dtype,
             "buckets": tuple(self.buckets) if self.buckets else None,
         }
+        if self.idle_session_seconds is not None:
+            options["idle_seconds"] = self.idle_session_seconds
+        return options
 
 
 class AppConfig(BaseModel):

@@ -43,6 +43,9 @@ SESSION_SEPARATOR = "@"
 RECENT_AUDIO_SECONDS = 10.0
 SELECTION_POLL_SECONDS = 2.0  # how soon other replicas follow a model switch
 ENDED_SESSIONS_REMEMBERED = 1024
+# A session nobody has asked about for this long is ended (its client is gone): a
+# WebSocket stream asks at least every few seconds, a polling client every chunk.
+IDLE_SESSION_SECONDS = 300.0
 
 
 @dataclasses.dataclass
@@ -133,8 +136,10 @@ class GeneratorCore:
         store: SelectionStore | None = None,
         metrics: GeneratorMetrics | None = None,
         selection_poll_seconds: float = SELECTION_POLL_SECONDS,
+        idle_seconds: float = IDLE_SESSION_SECONDS,
     ) -> None:
         self.name = name or variant
+        self.idle_seconds = idle_seconds
         self.replica_tag = replica_tag
         self.max_sessions = max_sessions
         self.buckets = tuple(buckets or DEFAULT_BUCKETS)
@@ -166,6 +171,7 @@ class GeneratorCore:
         self.steps = 0
         self.step_seconds = 0.0
         self._last_step_done = 0.0  # perf_counter when the last step's audio reached host
+        self._next_expiry_check = 0.0
         self.prefill_frames = 0
         self._thread = threading.Thread(
             target=self._boot_and_run, args=(loaded,), name=f"generator-{self.name}", daemon=True,
@@ -250,7 +256,11 @@ class GeneratorCore:
         while not self._stopping:
             try:
                 with self._lock:
-                    due = self._due(time.monotonic())
+                    now = time.monotonic()
+                    if now >= self._next_expiry_check:
+                        self._next_expiry_check = now + 1.0
+                        self.expire_idle(now)
+                    due = self._due(now)
                     following = self._dispatch(due) if due else None
                 if pending is not None:
                     self._deliver(pending)
@@ -267,6 +277,21 @@ class GeneratorCore:
                     wait = self._seconds_until_due(now)
                 self._wake.wait(timeout=wait)
                 self._wake.clear()
+
+    def expire_idle(self, now: float | None = None) -> list[str]:
+        """Ends the sessions nobody has asked about for `idle_seconds` (a polled jam
+        whose client crashed would hold its slot for good) and returns their ids.
+        The step loop calls it about once a second."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [sid for sid, jam in self._jams.items()
+                    if not jam.waiting and now - jam.last_request > self.idle_seconds]
+            for sid in idle:
+                log.info("generator %s: session %s expired (no request for %g s)", self.name,
+                         sid, self.idle_seconds)
+                self._drop(sid, f"expired: no request for {self.idle_seconds:g} s; "
+                                "start a new session")
+        return idle
 
     def _due(self, now: float) -> set[str]:
         due = {sid for sid, jam in self._jams.items() if jam.due(now)}
@@ -365,6 +390,7 @@ class GeneratorCore:
     def _jam(self, session_id: str) -> JamStream:
         jam = self._jams.get(session_id)
         if jam is not None:
+            jam.last_request = time.monotonic()
             return jam
         if session_id in self._ended:
             raise UnknownSession(f"session {session_id} ended: {self._ended[session_id]}")
@@ -458,10 +484,13 @@ class GeneratorCore:
             remaining = deadline - time.monotonic()
             if finished or remaining <= 0:
                 return None
+            jam.waiting += 1
             try:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 return None
+            finally:
+                jam.waiting -= 1
             waited = True
 
     async def consume(self, session_id: str, chunk_index: int) -> dict:

@@ -110,6 +110,10 @@ class JamStream:
         self.last_chunk_latency: float | None = None  # seconds, first frame -> complete
         self.last_batch_size = 0  # sessions in the last step that advanced this one
         self.in_flight = 0  # frames dispatched to the device and not yet delivered here
+        # For the generator's idle expiry: the last call for this session, and the calls
+        # waiting on it now (a long-poll or a render is a client still there).
+        self.last_request = self.started
+        self.waiting = 0
 
     # -- generation side ----------------------------------------------------
     @property

@@ -164,3 +164,6 @@ def test_bad_configs_name_the_problem():
         build_app({"variants": [{"name": "tiny"}], "ab_split": {"tiny": 1, "b": 1}})
     with pytest.raises(ValueError, match="letters, digits"):
         build_app({"variants": [{"name": "a.b"}]})
+    with pytest.raises(ValueError, match=r"variants\.0\.idle_session_seconds: Input should be "
+                                         "greater than 0"):
+        build_app({"variants": [{"name": "tiny", "idle_session_seconds": 0}]})

@@ -92,3 +92,40 @@ def test_a_refused_start_names_the_replica_that_refused(core, tmp_path):
         assert down.value.replica == "r2"
     finally:
         broken.shutdown()
+
+
+def test_a_session_nobody_asks_about_expires_and_a_waiting_one_does_not(core):
+    """A polled jam whose client is gone would hold its replica's slot for good."""
+    spec = JamSpec(style=StyleSpec(), seed=1, stream=StreamConfig(chunk_frames=250))
+
+    async def scenario() -> None:
+        sid = (await core.start(spec))["session_id"]
+        assert core.expire_idle(time.monotonic() + core.idle_seconds / 2) == []
+        await core.status(sid)  # any call for the session counts
+        assert core.expire_idle(time.monotonic() + core.idle_seconds + 1) == [sid]
+        with pytest.raises(UnknownSession, match="expired: no request for 300 s"):
+            await core.status(sid)
+
+        # a long-poll is a client still there: 10 s chunks, the second is ~8 s away
+        sid = (await core.start(spec))["session_id"]
+        assert await core.next_chunk(sid, timeout=60) is not None
+        waiting = asyncio.create_task(core.next_chunk(sid, timeout=60))
+        await asyncio.sleep(0.5)
+        assert core.expire_idle(time.monotonic() + core.idle_seconds + 1) == []
+        await core.stop(sid)
+        assert await waiting is None
+
+        # and the step loop expires idle sessions by itself
+        core.idle_seconds = 1.0
+        try:
+            sid = (await core.start(spec))["session_id"]
+            deadline = time.monotonic() + 30
+            while core.session_count:
+                assert time.monotonic() < deadline, "the idle session never expired"
+                await asyncio.sleep(0.2)
+            with pytest.raises(UnknownSession, match="expired"):
+                await core.status(sid)
+        finally:
+            core.idle_seconds = 300.0
+
+    asyncio.run(scenario())
