@@ -25,7 +25,8 @@ class Generator:
         )
 
     async def health(self) -> dict:
-        # This replica's report; the ingress merges every replica's (serve_app/health.py).
+        # This replica's; the ingress merges every replica's (serve_app/replicas.py), as
+        # for model_status.
         return await self.core.replica_health()
 
     def check_health(self) -> None:
@@ -75,7 +76,7 @@ class Generator:
         return await self.core.load_assets(repo, revision)
 
     async def model_status(self) -> dict:
-        return await self.core.model_status()
+        return await self.core.replica_model_status()
 
     def __del__(self) -> None:
         core = getattr(self, "core", None)

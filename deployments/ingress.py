@@ -12,9 +12,11 @@ from serve_app import logs
 from serve_app.api.app import create_app
 from serve_app.api.settings import ApiSettings
 from serve_app.errors import ApiError, OverCapacity, Unavailable, UnknownSession
-from serve_app.health import variant_health
+from serve_app.replicas import variant_health, variant_model_status
 
 log = logging.getLogger("mrt_serve.ingress")
+
+NO_REPLICA = "no generator replica is running yet (`serve status` says why if this lasts)"
 
 
 async def _remote(handle, method: str, **kwargs):
@@ -62,13 +64,18 @@ class HandleGenerator:
         return good
 
     async def health(self):
-        """The variant's health over all its replicas (serve_app/health.py)."""
+        """The variant's health over all its replicas (serve_app/replicas.py)."""
         try:
             return variant_health(await self._each_replica("health"))
         except DeploymentUnavailableError:  # none running: starting, or failed to deploy
             return {"state": "initializing", "sessions": 0, "max_sessions": 0, "replicas": [],
-                    "error": "no generator replica is running yet (`serve status` says why "
-                             "if this lasts)"}
+                    "error": NO_REPLICA}
+
+    async def model_status(self):
+        try:
+            return variant_model_status(await self._each_replica("model_status"))
+        except DeploymentUnavailableError as e:
+            raise Unavailable(NO_REPLICA) from e
 
     async def stop_all(self):
         try:
@@ -129,8 +136,6 @@ class HandleGenerator:
     async def load_assets(self, repo, revision=None):
         return await self._call("load_assets", repo=repo, revision=revision)
 
-    async def model_status(self):
-        return await self._call("model_status")
 
 
 class HandleStyles:

@@ -29,11 +29,11 @@ from .engine.batch import DEFAULT_BUCKETS, PendingStep
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
-from .health import variant_health
 from .jam import Chunk, JamStream, StreamConfig
 from .loop_encoder import NoLoopEncoder, build_loop_encoder
 from .metrics import GeneratorMetrics
 from .model_switch import Candidate, Prepared, prepare, validate
+from .replicas import variant_health, variant_model_status
 from .selection import ModelSelection, SelectionRecord, SelectionStore, stored_for_boot
 from .styles import blend
 
@@ -636,7 +636,7 @@ class GeneratorCore:
         return len(self._jams)
 
     async def health(self) -> dict:
-        """The variant's health as the API reports it (serve_app/health.py): in-process
+        """The variant's health as the API reports it (serve_app/replicas.py): in-process
         this core is the variant's one replica."""
         return variant_health([await self.replica_health()])
 
@@ -848,6 +848,11 @@ class GeneratorCore:
                 "steering_assets": steering.describe()}
 
     async def model_status(self) -> dict:
+        """The variant's model status as the API reports it (serve_app/replicas.py):
+        in-process this core is the variant's one replica."""
+        return variant_model_status([await self.replica_model_status()])
+
+    async def replica_model_status(self) -> dict:
         """What this replica serves, the last switch, and what the store says."""
         record = await asyncio.to_thread(self._stored)
         with self._lock:
@@ -863,6 +868,7 @@ class GeneratorCore:
                 "steering_assets": loaded.steering.describe() if loaded else None,
                 "loop_encoder": not isinstance(self.encoder, NoLoopEncoder),
                 "sessions": len(self._jams),
+                "max_sessions": self.max_sessions,
                 "switch": dict(self.switch),
                 "selection_generation": self.generation,
                 "stored_selection": (

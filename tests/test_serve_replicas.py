@@ -188,3 +188,18 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
     fresh = one_on_each(http)
     assert {replica_of(sid) for sid in fresh} == set(states)
     assert [next_index(http, sid) for sid in fresh] == [0, 0]
+
+
+def test_a_model_switch_shows_on_every_replica(http, finetunes):
+    """A switch is made on one replica and followed by the other; /model/status shows
+    each one's model. (Last in the module: the pool serves the finetune from here.)"""
+    r = http.post("/model/select", json={"repo_id": str(finetunes["a"]), "step": 100})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while True:
+        tiny = http.get("/model/status").json()["variants"]["tiny"]
+        if [rep["model"]["step"] for rep in tiny["replicas"]] == [100, 100]:
+            break
+        assert time.monotonic() < deadline, tiny["replicas"]
+        time.sleep(0.5)
+    assert tiny["model"]["step"] == 100 and tiny["max_sessions"] == 2

@@ -1,11 +1,11 @@
-"""A variant's health over its replicas (serve_app/health.py); the same through real
-Ray Serve with two replicas is in tests/test_serve_replicas.py."""
+"""A variant's reports made of its replicas' (serve_app/replicas.py); the same through
+real Ray Serve with two replicas is in tests/test_serve_replicas.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from serve_app.health import variant_health
+from serve_app.replicas import variant_health, variant_model_status
 
 
 def replica(tag: str, state: str, sessions: int = 0, error: str | None = None) -> dict:
@@ -34,3 +34,11 @@ def test_sessions_add_up_and_the_fields_are_a_ready_replicas():
     assert [r["replica"] for r in merged["replicas"]] == ["a", "b", "c"]
     failed = variant_health([replica("a", "error", error="no weights")])
     assert failed["error"] == "no weights" and failed["replicas"][0]["state"] == "error"
+
+
+def test_model_status_shows_the_replica_furthest_along_and_every_replica():
+    behind, ahead = replica("a", "ready", 1), replica("b", "ready", 2)
+    behind["selection_generation"], ahead["selection_generation"] = 3, 4
+    merged = variant_model_status([ahead, behind])
+    assert merged["model"] == {"step": "b"} and merged["selection_generation"] == 4
+    assert merged["sessions"] == 3 and [r["replica"] for r in merged["replicas"]] == ["a", "b"]
