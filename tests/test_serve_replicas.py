@@ -1,7 +1,8 @@
 """Two generator replicas of one variant through real Ray Serve: every call for a
 session reaches the replica that holds it, a new session goes to a replica that can
-take it, /health, /jam/stop_all and the benchmark reach every replica, and a
-replica that dies takes only its own sessions with it.
+take it, /health, /model/status, /jam/stop_all and the benchmark reach every
+replica, a model switch reaches both, and a replica that dies takes only its own
+sessions with it.
 
 A third application ("pool", under /pool) on the test session's Ray Serve instance:
 tiny, two generator replicas of one session each, so that after the first start
@@ -25,8 +26,12 @@ from serve_app.generator import replica_of
 from .serve_fixtures import deploy, tiny_config
 
 
+def post_start(http) -> httpx.Response:
+    return http.post("/jam/start", data={"styles": "ambient", "chunk_seconds": 0.2})
+
+
 def start(http, expect: int = 200) -> dict:
-    r = http.post("/jam/start", data={"styles": "ambient", "chunk_seconds": 0.2})
+    r = post_start(http)
     assert r.status_code == expect, r.text
     return r.json()
 
@@ -47,7 +52,7 @@ def one_on_each(http, timeout: float = 240) -> tuple[str, str]:
     deadline = time.monotonic() + timeout
     while True:
         first = start(http)["session_id"]
-        r = http.post("/jam/start", data={"styles": "ambient", "chunk_seconds": 0.2})
+        r = post_start(http)
         if r.status_code == 200:
             return first, r.json()["session_id"]
         stop(http, first)
