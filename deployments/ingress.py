@@ -36,6 +36,17 @@ async def _remote(handle, method: str, **kwargs):
         raise
 
 
+def _every_refusal(refusals: list[ApiError]) -> ApiError:
+    """One answer for a start that every replica refused: 429 when all were full (retry
+    later), else 503 (some are still loading)."""
+    if len(refusals) == 1:
+        return refusals[0]
+    kind = OverCapacity if all(isinstance(r, OverCapacity) for r in refusals) else Unavailable
+    reasons = "; ".join(f"replica {r.replica}: {r.message}" for r in refusals)
+    return kind(f"no generator replica can take a session now ({len(refusals)} tried: "
+                f"{reasons})")
+
+
 class HandleGenerator:
     """GeneratorClient over a Generator deployment handle (session calls are pinned)."""
 
@@ -89,17 +100,19 @@ class HandleGenerator:
         full or still loading its model (a replica added by autoscaling compiles for
         minutes) is left out of the next try, until every replica has said no. A
         replica found dead is dropped by Serve's router, so the start is tried once more."""
-        avoid: list[str] = []
+        refusals: dict[str, ApiError] = {}
         died = False
         while True:
             try:
-                return await self._call("start", spec=spec, avoid=tuple(avoid))
+                return await self._call("start", spec=spec, avoid=tuple(refusals))
             except (OverCapacity, Unavailable) as e:
-                if e.replica is None or e.replica in avoid:
+                if e.replica is None:
                     raise
+                if e.replica in refusals:  # the router had no other replica to offer
+                    raise _every_refusal(list(refusals.values())) from None
                 log.info("start refused by generator replica %s (%s); trying another",
                          e.replica, e.message)
-                avoid.append(e.replica)
+                refusals[e.replica] = e
             except (ActorDiedError, ActorUnavailableError) as e:
                 if died:
                     raise Unavailable("generator replicas are restarting; retry shortly") from e
