@@ -150,7 +150,6 @@ class HandleGenerator:
         return await self._call("load_assets", repo=repo, revision=revision)
 
 
-
 class HandleStyles:
     def __init__(self, handle) -> None:
         self.handle = handle

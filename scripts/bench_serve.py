@@ -149,22 +149,21 @@ def step_figures(before: dict | None, after: dict | None) -> dict | None:
     if not before or not after:
         return None
     earlier = {r["replica"]: r["metrics"] for r in replica_reports(before)}
-    pairs = [(earlier[r["replica"]], r["metrics"]) for r in replica_reports(after)
-             if r["replica"] in earlier and "mrt_step_ms_le" in r["metrics"]]
+    pairs = {r["replica"]: (earlier[r["replica"]], r["metrics"]) for r in replica_reports(after)
+             if r["replica"] in earlier and "mrt_step_ms_le" in r["metrics"]}
     if not pairs:  # other replicas, or a server without the histogram in /health
         return None
 
     def added(key) -> float:
-        return sum(key(a) - key(b) for b, a in pairs)
+        return sum(key(a) - key(b) for b, a in pairs.values())
 
     steps = added(lambda m: m["mrt_step_ms_le"]["+Inf"])
     if steps <= 0:
         return None
     in_time = (added(lambda m: m["mrt_step_ms_le"][FRAME_MS])
-               if all(FRAME_MS in a["mrt_step_ms_le"] for _, a in pairs) else None)
+               if all(FRAME_MS in a["mrt_step_ms_le"] for _, a in pairs.values()) else None)
     return {
-        "replicas": sorted(r["replica"] for r in replica_reports(after)
-                           if r["replica"] in earlier),
+        "replicas": sorted(pairs),
         "steps": steps,
         "step_ms_mean": round(added(lambda m: m["mrt_step_ms_sum"]) / steps, 2),
         "rows_per_step_mean": round(added(lambda m: m["mrt_frames"]) / steps, 2),
