@@ -3,7 +3,7 @@
 
     scripts/bench_serve.py --url ws://HOST:PORT --sessions 1,2,4 --seconds 20 \
         --chunk-seconds 0.5 --json bench-results/serve.json [--png F] [--variant V] \
-        [--api-key K]
+        [--api-key K] [--wait-ready SECONDS]
 
 Each session is what a musician's app does: start a `realtime` jam, play chunks as
 they come, and halfway through send a style update. Per session it measures, with
@@ -130,16 +130,57 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
         return result
 
 
-def generator_health(url: str, variant: str | None, api_key: str | None) -> dict | None:
-    """The variant's generator entry of /health (None when the server cannot say)."""
+def server_health(url: str, api_key: str | None) -> dict | None:
+    """The server's /health (None when it does not answer)."""
     base = "http" + url.removesuffix("/ws/jam")[2:]  # ws -> http, wss -> https
     request = urllib.request.Request(base + "/health", headers=api_key_headers(api_key))
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            health = json.load(response)
+            return json.load(response)
     except (OSError, ValueError):
         return None
+
+
+def generator_health(url: str, variant: str | None, api_key: str | None) -> dict | None:
+    """The variant's generator entry of /health (None when the server cannot say)."""
+    health = server_health(url, api_key) or {}
     return health.get("variants", {}).get(variant or health.get("default_variant"))
+
+
+def wait_until_ready(url: str, variant: str | None, api_key: str | None,
+                     timeout: float) -> None:
+    """Waits for the variant's generator to take sessions, saying where it stands every
+    15 s: a server just started loads and compiles every batch bucket first (seconds for
+    tiny, minutes for mrt2_base), and a run started before would only measure refusals.
+    Exits naming the reason when the variant failed, is not served, or is not ready in
+    `timeout` seconds."""
+    started = time.monotonic()
+    said = started
+    name = variant or "the default variant"
+    while True:
+        health = server_health(url, api_key)
+        if health is None:
+            state = "no answer from /health"
+        else:
+            served = health.get("variants", {})
+            entry = served.get(variant or health.get("default_variant"))
+            if entry is None:
+                raise SystemExit(f"--variant: {name!r} is not served here ({sorted(served)})")
+            state = entry.get("state")
+            if state == "ready":
+                print(f"  {name} ready after {time.monotonic() - started:.0f} s",
+                      file=sys.stderr, flush=True)
+                return
+            if state == "error":
+                raise SystemExit(f"--wait-ready: {name} failed to start: {entry.get('error')}")
+        waited = time.monotonic() - started
+        if waited > timeout:
+            raise SystemExit(f"--wait-ready: {name} not ready after {timeout:g} s ({state})")
+        if time.monotonic() - said >= 15:
+            print(f"  waiting for {name}: {state} ({waited:.0f} s)", file=sys.stderr,
+                  flush=True)
+            said = time.monotonic()
+        time.sleep(1)
 
 
 def step_figures(before: dict | None, after: dict | None) -> dict | None:
@@ -258,6 +299,9 @@ def main() -> int:
                              "at once, so every session's chunk is ready in the same step)")
     parser.add_argument("--api-key", default=None,
                         help="sent as X-API-Key, for a server with API keys configured")
+    parser.add_argument("--wait-ready", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to this long for the variant to be ready (a "
+                             "server just started compiles its buckets; default: no wait)")
     parser.add_argument("--json", type=pathlib.Path, required=True)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     args = parser.parse_args()
@@ -265,6 +309,8 @@ def main() -> int:
     if not counts or counts[0] < 1:
         parser.error("--sessions: positive integers, e.g. 1,2,4")
     url = ws_url(args.url)
+    if args.wait_ready > 0:
+        wait_until_ready(url, args.variant, args.api_key, args.wait_ready)
     report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
               "variant": args.variant, "audio": args.audio, "staggered": args.stagger,
               "runs": []}

@@ -85,7 +85,7 @@ def _local(args: argparse.Namespace) -> int:
 
     try:
         serve(args.config, app_name=args.app, host=args.host, port=args.port,
-              random_weights=args.random_weights)
+              random_weights=args.random_weights, variants=args.variants)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--app", default=None, help="application name (default: the first)")
     local.add_argument("--host", default=None, help="default: the config's http_options")
     local.add_argument("--port", type=int, default=None, help="default: the config's, or 8000")
+    local.add_argument("--variant", action="append", default=[], dest="variants",
+                       metavar="NAME", help="serve only this variant of the config "
+                                            "(repeatable; default: every variant)")
     local.add_argument("--random-weights", action="store_true",
                        help="read no checkpoint files: random model weights and mock style "
                             "embeddings (benchmarks on a bare machine: speed does not depend "

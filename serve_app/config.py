@@ -12,7 +12,7 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -90,9 +90,11 @@ class AppConfig(BaseModel):
             "mock", all(v.model_variant == "tiny" for v in self.variants))
 
 
-def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ) -> AppConfig:
-    """An application's `args:`, checked as a whole and with the boot variables applied;
-    every mistake is a ValueError naming the field."""
+def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ, *,
+                    only: Sequence[str] = ()) -> AppConfig:
+    """An application's `args:`, checked as a whole, narrowed to the variants named in
+    `only` (all when empty) and with the boot variables applied; every mistake is a
+    ValueError naming the field."""
     try:
         config = AppConfig(**args)
     except ValidationError as e:
@@ -111,8 +113,28 @@ def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ) -> A
         raise ValueError(f"default_variant: {config.default_variant!r} is not among {names}")
     if config.ab_split is not None:
         ABSplit(config.ab_split, names)  # validates names and weights
+    if only:
+        keep_only(config, only)
     apply_boot_env(config, environ)
     return config
+
+
+def keep_only(config: AppConfig, only: Sequence[str]) -> None:
+    """Serves only the variants named in `only` (`mrt-serve local --variant`): one model
+    of a config that lists several, on a box with one GPU. The config is checked whole
+    first, so a mistake in it is not hidden by leaving its variant out. The default and
+    the A/B split follow: a default left out becomes the first kept variant, and the
+    split keeps the weights of the kept variants (no split when none of them is left)."""
+    names = [v.name for v in config.variants]
+    for name in only:
+        if name not in names:
+            raise ValueError(f"--variant: {name!r} is not among the config's variants {names}")
+    config.variants = [v for v in config.variants if v.name in only]
+    if config.default_variant not in only:
+        config.default_variant = config.variants[0].name
+    if config.ab_split is not None:
+        kept = {name: w for name, w in config.ab_split.items() if name in only}
+        config.ab_split = kept if sum(kept.values()) > 0 else None
 
 
 def apply_boot_env(config: AppConfig, environ: Mapping[str, str] = os.environ) -> None:

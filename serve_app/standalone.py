@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 
@@ -99,13 +100,14 @@ def _sigterm_exits():
 
 def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
           host: str | None = None, port: int | None = None,
-          random_weights: bool = False) -> None:
-    """Serves until SIGINT/SIGTERM, then stops every generator's step loop. Raises
-    ValueError, naming the field, for a config that cannot be served."""
+          random_weights: bool = False, variants: Sequence[str] = ()) -> None:
+    """Serves until SIGINT/SIGTERM, then stops every generator's step loop; `variants`
+    names the config's variants to serve (default: all). Raises ValueError, naming the
+    field, for a config that cannot be served."""
     import uvicorn
 
     args, http = read_config_file(config_path, app_name)
-    config = load_app_config(args)
+    config = load_app_config(args, only=variants)
     host = host or http.get("host", "127.0.0.1")
     port = port if port is not None else int(http.get("port", 8000))
     generators: dict[str, GeneratorCore] = {}

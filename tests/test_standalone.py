@@ -132,3 +132,74 @@ def test_random_weights_read_no_checkpoint_files(tmp_path):
                                                         "bars": 1, "seed": 1})
             assert render.status_code == 200, render.text
             assert render.json()["metadata"]["styles"] == ["ambient"]
+
+
+def test_variant_narrows_the_config_and_the_default_and_split_follow():
+    args = {"variants": [{"name": "a", "variant": "tiny"}, {"name": "b", "variant": "tiny"},
+                         {"name": "c", "variant": "tiny"}],
+            "default_variant": "a", "ab_split": {"a": 1, "b": 1, "c": 2}}
+    whole = load_app_config(args)
+    assert [v.name for v in whole.variants] == ["a", "b", "c"]
+    config = load_app_config(args, only=["c", "b"])
+    assert [v.name for v in config.variants] == ["b", "c"]  # the config's order
+    assert config.default_variant == "b" and config.ab_split == {"b": 1, "c": 2}
+    kept_default = load_app_config(args, only=["a"])
+    assert kept_default.default_variant == "a" and kept_default.ab_split == {"a": 1}
+    no_split = load_app_config({**args, "ab_split": {"a": 1}}, only=["b"])
+    assert no_split.ab_split is None
+
+
+@pytest.mark.parametrize(("args", "only", "error"), [
+    ({"variants": [{"name": "tiny"}]}, ["tiny_ft"],
+     "--variant: 'tiny_ft' is not among the config's variants ['tiny']"),
+    # the config is checked whole: leaving its bad part out does not hide it
+    ({"variants": [{"name": "tiny"}, {"name": "x", "variant": "tiny"}],
+      "default_variant": "y"}, ["tiny"], "default_variant: 'y' is not among"),
+])
+def test_variant_is_checked_against_a_whole_valid_config(args, only, error):
+    with pytest.raises(ValueError) as raised:
+        load_app_config(args, only=only)
+    assert error in str(raised.value)
+
+
+def bench_local(config: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts/bench_local.py"), str(config),
+                           *args], capture_output=True, text=True, timeout=600)
+
+
+def test_bench_local_serves_one_variant_of_a_config_and_measures_it(tiny_repo, tmp_path):
+    """What a GPU box without Ray runs: one command that starts `mrt-serve local` on one
+    variant of a config, benchmarks it and stops it. The other variant's checkpoint is
+    missing, so serving it too would fail its boot."""
+    args = {"variants": [{"name": "broken", "variant": "tiny",
+                          "repo": str(tmp_path / "no-such-repo")},
+                         tiny_config(tiny_repo, max_sessions=1, buckets=(1,))["variants"][0]],
+            "default_variant": "broken"}
+    config = write_config(tmp_path / "two.yaml", args, free_port())
+    report = tmp_path / "bench.json"
+    done = bench_local(config, "--variant", "tiny", "--", "--sessions", "1", "--seconds",
+                       "1", "--chunk-seconds", "0.2", "--json", str(report))
+    assert done.returncode == 0, done.stderr
+    assert "serving tiny (" in done.stderr and "broken" not in done.stderr
+    assert "tiny ready after" in done.stderr
+    assert done.stderr.rstrip().endswith("mrt-serve local: stopped")  # stopped after
+    bench = json.loads(report.read_text())
+    assert bench["variant"] == "tiny" and bench["max_sessions_zero_underruns"] == 1
+    assert bench["runs"][0]["generator_steps"]["replicas"] == ["local"]
+
+    # the variant that cannot boot: the benchmark says why, at once, not at its timeout
+    failed = bench_local(config, "--variant", "broken", "--", "--json", str(report))
+    assert failed.returncode == 1
+    assert "--wait-ready: broken failed to start" in failed.stderr
+    assert "no-such-repo" in failed.stderr
+
+
+def test_bench_local_fails_fast_when_the_server_dies(tmp_path):
+    config = write_config(tmp_path / "one.yaml", {"variants": [{"name": "tiny"}]}, free_port())
+    died = bench_local(config, "--variant", "tiny_ft", "--", "--json",
+                       str(tmp_path / "never.json"))
+    assert died.returncode == 1
+    assert "error: --variant: 'tiny_ft' is not among the config's variants ['tiny']" \
+        in died.stderr
+    assert "bench_local: the server exited (status 2)" in died.stderr
+    assert not (tmp_path / "never.json").exists()

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Serving benchmark end to end on this one machine, without Ray: starts `mrt-serve local`
+on a config, waits until the variant is ready, runs scripts/bench_serve.py against it,
+and stops the server.
+
+    scripts/bench_local.py configs/serve.yaml --variant mrt2_base --random-weights \\
+        -- --sessions 1,8,16,32 --seconds 20 --chunk-seconds 2.0 --json out.json
+
+Everything after `--` goes to bench_serve.py (its `--url`, `--variant` and `--wait-ready`
+are set here). This is how serving is measured on a GPU box that has JAX but no Ray (the
+device machines; `--random-weights` reads no checkpoint files): one command that fails in
+seconds, with the server's last words, when the server dies while its model compiles,
+where a benchmark started beside it would wait out its whole timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 1800.0  # a cold mrt2_base replica compiles 5 buckets in 4-5 min
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM (the server stops its step loops first), then a kill if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        usage="%(prog)s [CONFIG] [--variant NAME] [--random-weights] -- BENCH_SERVE_ARGS")
+    parser.add_argument("config", nargs="?", type=pathlib.Path,
+                        default=ROOT / "configs/tiny.yaml")
+    parser.add_argument("--variant", default=None,
+                        help="the config's variant to serve and measure (default: the "
+                             "config's default variant, every variant served)")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
+                        metavar="SECONDS")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, bench_args = parser.parse_args(argv[:split]), argv[split + 1:]
+
+    port = free_port()
+    server_cmd = [sys.executable, "-m", "serve_app.cli", "local", str(args.config.resolve()),
+                  "--host", "127.0.0.1", "--port", str(port)]
+    if args.variant:
+        server_cmd += ["--variant", args.variant]
+    if args.random_weights:
+        server_cmd.append("--random-weights")
+    bench_cmd = [sys.executable, str(ROOT / "scripts/bench_serve.py"),
+                 "--url", f"ws://127.0.0.1:{port}", "--wait-ready", str(args.ready_timeout),
+                 *(["--variant", args.variant] if args.variant else []), *bench_args]
+
+    # The server's progress (initialising, "ready after N s") goes to our stderr as is;
+    # it runs from the checkout (serve_app importable), the benchmark from here (its paths).
+    server = subprocess.Popen(server_cmd, cwd=ROOT)
+    bench = None
+    try:
+        bench = subprocess.Popen(bench_cmd)
+        while bench.poll() is None:
+            if server.poll() is not None:
+                print(f"bench_local: the server exited (status {server.returncode}) before "
+                      "the benchmark ended; its output is above", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return bench.returncode
+    finally:
+        if bench is not None:
+            stop(bench, grace_s=5)
+        stop(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
