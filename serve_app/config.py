@@ -114,14 +114,14 @@ def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ, *,
     if config.ab_split is not None:
         ABSplit(config.ab_split, names)  # validates names and weights
     if only:
-        keep_only(config, only)
+        _keep_only(config, only)
     apply_boot_env(config, environ)
     return config
 
 
-def keep_only(config: AppConfig, only: Sequence[str]) -> None:
-    """Serves only the variants named in `only` (`mrt-serve local --variant`): one model
-    of a config that lists several, on a box with one GPU. The config is checked whole
+def _keep_only(config: AppConfig, only: Sequence[str]) -> None:
+    """Narrows the config to the variants named in `only` (`mrt-serve local --variant`):
+    one model of a config that lists several, on a box with one GPU. The config is checked whole
     first, so a mistake in it is not hidden by leaving its variant out. The default and
     the A/B split follow: a default left out becomes the first kept variant, and the
     split keeps the weights of the kept variants (no split when none of them is left)."""
