@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .api.ab import ABSplit
 from .engine.variants import VARIANTS, variant_for_size
+from .errors import field_problems
 
 log = logging.getLogger("mrt_serve.config")
 
@@ -98,9 +99,7 @@ def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ, *,
     try:
         config = AppConfig(**args)
     except ValidationError as e:
-        raise ValueError("; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors())) from None
+        raise ValueError("; ".join(field_problems(e.errors()))) from None
     if not config.variants:
         raise ValueError("variants: list at least one model variant to serve")
     for v in config.variants:  # a name doubles as the model variant when none is given

@@ -7,6 +7,8 @@ they were raised.
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable, Mapping
+
 
 class ApiError(Exception):
     status = 500
@@ -57,3 +59,17 @@ class Conflict(ApiError):
     """The request cannot be done in the server's current state (HTTP 409)."""
 
     status = 409
+
+
+def field_problems(errors: Iterable[Mapping], *, skip: Container[str] = ()) -> list[str]:
+    """"field: reason" for each of pydantic's validation errors, the form every bad input
+    is answered in (HTTP forms and bodies, WebSocket params, config files). `skip` drops
+    location parts that name no field of the client's (FastAPI's "body", "query", "form").
+    Our own validators' reasons lose pydantic's "Value error, " prefix, and a whole-model
+    validator's (no field to name) is its reason alone: it names its fields itself."""
+    problems = []
+    for err in errors:
+        field = ".".join(str(p) for p in err["loc"] if p not in skip)
+        reason = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {reason}" if field else reason)
+    return problems

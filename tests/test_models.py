@@ -121,6 +121,11 @@ def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_r
         assert r.status_code == status, (body, r.text)
         assert text in r.json()["error"], (body, r.json()["error"])
     assert model_of(http) == before
+    # a check of the whole request names its fields itself, with nothing of pydantic's
+    r = http.post("/model/select", json={"ckpt_repo": "a", "repo_id": "b"})
+    assert r.json()["error"].startswith("ckpt_repo and repo_id name the same thing"), r.text
+    r = http.post("/model/select", json={"ckpt_step": -1})
+    assert r.json()["error"] == "ckpt_step: must be >= 0", r.text
 
 
 def test_corrupt_checkpoint_rolls_back(http, bad_repos):

@@ -137,6 +137,8 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
             (json.dumps({"type": "dance"}), "type: unknown message type 'dance'"),
             (json.dumps({"type": "update", "topk": 0}), "topk:"),
             (json.dumps({"type": "update", "temperature": "hot"}), "temperature:"),
+            (json.dumps({"type": "update", "temperature": "hot", "topk": 0}),  # both named
+             "; topk: Input should be greater than or equal to 1"),
             (json.dumps({"type": "update", "notes": [300]}), "notes: MIDI pitches"),
             (json.dumps({"type": "update", "chunk_seconds": 1}), "chunk_seconds: cannot change"),
             (json.dumps({"type": "update", "styles": "a", "style_weights": "1,2"}),

@@ -26,7 +26,7 @@ from ..audio.bars import to_int16
 from ..audio.loudness import LoudnessMatcher, fade_edges
 from ..audio.resample import check_rate, resample, resample_int16
 from ..engine import CHANNELS, SAMPLE_RATE
-from ..errors import ApiError, BadRequest, NotReady, Unavailable, UnknownSession
+from ..errors import ApiError, BadRequest, NotReady, Unavailable, UnknownSession, field_problems
 from ..generator import variant_of
 from ..jam import StreamConfig, frames_for
 from ..web import page
@@ -132,10 +132,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "form"))
-            problems.append(f"{field}: {err['msg']}")
+        problems = field_problems(exc.errors(), skip=("body", "query", "form"))
         detail = [{k: err[k] for k in ("loc", "msg", "type")} for err in exc.errors()]
         return JSONResponse({"error": "; ".join(problems), "detail": detail},
                             status_code=422, headers={})

@@ -23,7 +23,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
-from ..errors import ApiError, BadRequest
+from ..errors import ApiError, BadRequest, field_problems
 from ..frames import SAMPLE_RATE
 from ..jam import Chunk, StreamConfig, frames_for
 from .flow import FlowControl
@@ -109,9 +109,7 @@ def parse_params(raw) -> WsParams:
     try:
         return WsParams(**raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"{field}: {first['msg']}") from None
+        raise BadRequest("; ".join(field_problems(e.errors()))) from None
 
 
 class JamSocket:
