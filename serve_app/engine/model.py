@@ -89,11 +89,11 @@ def _input_spec() -> sl.ChannelSpec:
 
 
 def dummy_inputs(batch: int) -> tuple[sl.Sequence, dict[str, jax.Array]]:
-    """A step's inputs for `batch` rows with neutral values: what init and benchmarks
-    trace with (only shapes and dtypes matter)."""
-    block = sl.Sequence.from_values(jnp.zeros((batch, 1, CONDITIONING_TOKENS), jnp.int32))
-    constants = {"temperature": jnp.ones([batch]), "top_k": jnp.full([batch], 40, jnp.int32)}
-    return block, constants
+    """`neutral_step_inputs` in upstream's form (a one-frame block and the sampling
+    constants): what init and benchmarks trace with (only shapes and dtypes matter)."""
+    tokens, temperature, top_k, *_ = neutral_step_inputs(batch)
+    block = sl.Sequence.from_values(jnp.asarray(tokens)[:, None, :])
+    return block, {"temperature": jnp.asarray(temperature), "top_k": jnp.asarray(top_k)}
 
 
 def neutral_step_inputs(rows: int) -> tuple[np.ndarray, ...]:
