@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -146,13 +147,17 @@ def test_weights_check_reads_headers_only(tiny, tiny_repo, tmp_path):
         weights.load(cut, expected)
 
 
-def test_make_tiny_checkpoint_script_writes_a_finetune_step(tmp_path):
+def test_make_tiny_checkpoint_script_writes_a_finetune_step(tmp_path, tiny_repo):
+    """Its two initialisers come from the compilation cache: the session's tiny repo
+    compiled the same ones (for another seed). JAX_LOG_COMPILES logs each hit."""
     out = tmp_path / "ft"
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(ROOT / "scripts/make_tiny_checkpoint.py"),
          "--out", str(out), "--seed", "3", "--step", "1200"],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env={**os.environ, "JAX_LOG_COMPILES": "1"},
     )
+    assert done.stderr.count("Persistent compilation cache hit for 'jit__lambda'") == 2, \
+        done.stderr[-3000:]
     assert (out / "checkpoint_1200.safetensors").is_file()
     loaded = load_model("tiny", repo=str(out), step=1200)
     assert loaded.files.step == 1200
