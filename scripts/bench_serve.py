@@ -141,10 +141,14 @@ def server_health(url: str, api_key: str | None) -> dict | None:
         return None
 
 
+def variant_entry(health: dict, variant: str | None) -> dict | None:
+    """The variant's generator entry of a /health answer (None: not served there)."""
+    return health.get("variants", {}).get(variant or health.get("default_variant"))
+
+
 def generator_health(url: str, variant: str | None, api_key: str | None) -> dict | None:
     """The variant's generator entry of /health (None when the server cannot say)."""
-    health = server_health(url, api_key) or {}
-    return health.get("variants", {}).get(variant or health.get("default_variant"))
+    return variant_entry(server_health(url, api_key) or {}, variant)
 
 
 def wait_until_ready(url: str, variant: str | None, api_key: str | None,
@@ -162,10 +166,10 @@ def wait_until_ready(url: str, variant: str | None, api_key: str | None,
         if health is None:
             state = "no answer from /health"
         else:
-            served = health.get("variants", {})
-            entry = served.get(variant or health.get("default_variant"))
+            entry = variant_entry(health, variant)
             if entry is None:
-                raise SystemExit(f"--variant: {name!r} is not served here ({sorted(served)})")
+                raise SystemExit(f"--variant: {name!r} is not served here "
+                                 f"({sorted(health.get('variants', {}))})")
             state = entry.get("state")
             if state == "ready":
                 print(f"  {name} ready after {time.monotonic() - started:.0f} s",
