@@ -1,14 +1,14 @@
 """The application builder named by configs/*.yaml (`import_path: deployments.app:build_app`).
 
 One Generator deployment per configured variant, a StyleEmbedder and the Ingress.
-A config that asks for GPUs on a cluster without any runs on CPU and says so
-(nothing hangs waiting for a GPU that will never come). The prototype's boot
-variables MRT_CKPT_REPO, MRT_CKPT_STEP and MRT_SIZE set the default variant's model.
+Generators ask Ray for the config's CPUs and GPUs fitted to the cluster
+(`deployments/placement.py`): a config sized for GPU hosts runs on one GPU box, or on
+none, and says so, instead of leaving replicas waiting for resources that never come.
+The prototype's boot variables MRT_CKPT_REPO, MRT_CKPT_STEP and MRT_SIZE set the default
+variant's model.
 """
 
 from __future__ import annotations
-
-import logging
 
 import ray
 from ray import serve
@@ -18,10 +18,15 @@ from serve_app.config import VariantConfig, load_app_config
 
 from .generator import Generator
 from .ingress import Ingress
+from .placement import (
+    INGRESS_CPUS,
+    STYLE_EMBEDDER_CPUS,
+    Placement,
+    as_configured,
+    fit_to_cluster,
+)
 from .style_embedder import StyleEmbedder
 from .transport import GRPC_ENV
-
-log = logging.getLogger("mrt_serve.app")
 
 # Every replica: JAX on CPU unless it is a GPU generator, and Serve's gRPC data plane
 # (deployments/transport.py).
@@ -49,9 +54,6 @@ CHUNK_PATH_ENV = {
 GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda,cpu", **GRPC_ENV}
 
 
-SIDE_CPUS = 1.0  # Ingress and StyleEmbedder, 0.5 each
-
-
 def _cluster_resources() -> dict:
     try:
         return ray.cluster_resources() if ray.is_initialized() else {}
@@ -59,26 +61,12 @@ def _cluster_resources() -> dict:
         return {}
 
 
-def generator_options(v: VariantConfig, resources: dict, n_generators: int) -> dict:
-    """Serve options of one variant's Generator deployment on a cluster with `resources`."""
-    num_gpus, num_cpus = v.num_gpus, v.num_cpus
-    if num_gpus and not resources.get("GPU"):
-        # CPU requests in a GPU config are sized for a GPU host; scale them to what this
-        # cluster has so that every replica can be placed instead of waiting forever.
-        cpus = resources.get("CPU")
-        if cpus:
-            num_cpus = min(num_cpus, max(0.1, (cpus - SIDE_CPUS) / n_generators))
-        log.warning(
-            "config asks for %s GPU(s) for Generator_%s but this Ray cluster has no GPU: "
-            "running it on CPU with %.2g CPU(s) (expect it to be far slower than real time "
-            "for real models)",
-            num_gpus, v.name, num_cpus,
-        )
-        num_gpus = 0.0
-    env = {**(GPU_ENV if num_gpus else CPU_ENV), **CHUNK_PATH_ENV}
+def generator_options(v: VariantConfig, placement: Placement) -> dict:
+    """Serve options of one variant's Generator deployment, its replicas placed as given."""
+    env = {**(GPU_ENV if placement.num_gpus else CPU_ENV), **CHUNK_PATH_ENV}
     options = dict(
         name=f"Generator_{v.name}",
-        ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus,
+        ray_actor_options={"num_gpus": placement.num_gpus, "num_cpus": placement.num_cpus,
                            "runtime_env": {"env_vars": env}},
         max_ongoing_requests=v.max_ongoing_requests,
         request_router_config=RequestRouterConfig(
@@ -98,23 +86,23 @@ def generator_options(v: VariantConfig, resources: dict, n_generators: int) -> d
     return options
 
 
-def _generator(v: VariantConfig, resources: dict, n_generators: int):
-    options = generator_options(v, resources, n_generators)
+def _generator(v: VariantConfig, placement: Placement):
+    options = generator_options(v, placement)
     return Generator.options(**options).bind(v.name, v.model_variant, v.core_options())
 
 
 def build_app(args: dict) -> serve.Application:
     config = load_app_config(args)
-    resources = _cluster_resources()
-    generators = {
-        v.name: _generator(v, resources, len(config.variants)) for v in config.variants
-    }
+    placements = (fit_to_cluster(config, _cluster_resources()) if config.fit_to_cluster
+                  else as_configured(config))
+    generators = {v.name: _generator(v, placements[v.name]) for v in config.variants}
     styles = StyleEmbedder.options(
-        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": CPU_ENV}},
+        ray_actor_options={"num_cpus": STYLE_EMBEDDER_CPUS,
+                           "runtime_env": {"env_vars": CPU_ENV}},
     ).bind(config.style_mock, config.style_embedder.get("repo"))
     ingress_opts = {"max_ongoing_requests": 2000, "num_replicas": 1, **config.ingress}
     return Ingress.options(
-        ray_actor_options={"num_cpus": 0.5,
+        ray_actor_options={"num_cpus": INGRESS_CPUS,
                            "runtime_env": {"env_vars": {**CPU_ENV, **CHUNK_PATH_ENV}}},
         **ingress_opts,
     ).bind(generators, styles, config.api_config)

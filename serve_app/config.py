@@ -76,6 +76,9 @@ class AppConfig(BaseModel):
     style_embedder: dict = Field(default_factory=dict)  # {mock: bool, repo: str}
     ingress: dict = Field(default_factory=dict)  # {num_replicas, max_ongoing_requests}
     api: dict = Field(default_factory=dict)
+    # Ask Ray for the generators' CPUs and GPUs as the cluster can place them when the app
+    # is built (deployments/placement.py); false on a cluster that adds nodes on demand.
+    fit_to_cluster: bool = True
 
     @property
     def api_config(self) -> dict:

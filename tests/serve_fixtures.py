@@ -44,14 +44,16 @@ def wait_ready(base: str, timeout: float = 300, headers: dict | None = None) -> 
 @contextlib.contextmanager
 def ray_serve():
     """Ray and Serve, started once per test session (Ray start costs ~10 s); apps are
-    deployed onto it with `deploy`. Logical CPUs are accounting only: 8 fit two apps."""
+    deployed onto it with `deploy`. Logical CPUs are accounting only: 8 fit two apps. The
+    one logical GPU is Ray's accounting too (JAX in a replica placed on it runs on CPU):
+    it makes the cluster a one-GPU box for `test_serve_placement`."""
     import ray
     from ray import serve
 
     from deployments.transport import NODE_ENV
 
     os.environ.update(NODE_ENV)  # read by the proxy Ray starts, as scripts/serve sets it
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
     try:
         for attempt in range(3):  # a free port can be taken by Ray itself before Serve binds

@@ -12,6 +12,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from deployments.app import build_app, generator_options
 from deployments.autoscaling import SessionsPolicy
+from deployments.placement import Placement, as_configured, fit_to_cluster
 from deployments.proxy import PROXY_CALLBACK_ENV, without_ws_compression
 from deployments.transport import GRPC_ENV, NODE_ENV
 from serve_app.api.ws import WsParams
@@ -69,17 +70,76 @@ def test_rayservice_serves_the_graph_of_serve_yaml():
         assert variant == by_name[variant["name"]], variant["name"]
 
 
-def test_gpu_config_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
-    config = VariantConfig(name="tiny", num_gpus=1, num_cpus=4)
+def serve_yaml(**changes) -> AppConfig:
+    app = yaml.safe_load((ROOT / "configs/serve.yaml").read_text())["applications"][0]
+    return AppConfig(**{**app["args"], **changes})
+
+
+def placed(config: AppConfig, resources: dict) -> dict[str, tuple[float, float]]:
+    return {name: (p.num_gpus, p.num_cpus)
+            for name, p in fit_to_cluster(config, resources).items()}
+
+
+def test_serve_yaml_fits_one_gpu_box_both_variants_sharing_the_gpu(caplog):
+    """serve.yaml asks for a GPU per variant; on a one-GPU box Ray would leave one variant
+    (maybe the default) waiting for a GPU for good."""
     with caplog.at_level("WARNING", logger="mrt_serve.app"):
-        cpu = generator_options(config, {"CPU": 2.0}, n_generators=2)["ray_actor_options"]
-    assert "has no GPU: running it on CPU with 0.5 CPU(s)" in caplog.text
-    assert cpu["num_gpus"] == 0 and cpu["num_cpus"] == 0.5
-    assert cpu["runtime_env"]["env_vars"]["JAX_PLATFORMS"] == "cpu"
-    gpu = generator_options(config, {"CPU": 16.0, "GPU": 1.0}, 1)["ray_actor_options"]
-    assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 4
-    assert gpu["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert gpu["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+        assert placed(serve_yaml(), {"CPU": 16.0, "GPU": 1.0}) == {
+            "mrt2_base": (0.5, 4.0), "mrt2_small": (0.5, 4.0)}
+    assert ("asks for 2 GPU(s) for its generators' minimum replicas but this Ray cluster has 1: "
+            "up to 2 replicas share each GPU (Generator_mrt2_base 0.5 GPU, Generator_mrt2_small "
+            "0.5 GPU)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mrt_serve.app"):  # enough: as configured
+        assert placed(serve_yaml(), {"CPU": 16.0, "GPU": 2.0}) == {
+            "mrt2_base": (1.0, 4.0), "mrt2_small": (1.0, 4.0)}
+    assert caplog.text == ""
+    # 8 CPUs, less the ingress's 2 replicas and the style embedder (1.5): 3.25 each
+    assert placed(serve_yaml(), {"CPU": 8.0, "GPU": 2.0}) == {
+        "mrt2_base": (1.0, 3.25), "mrt2_small": (1.0, 3.25)}
+
+
+def test_serve_yaml_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="mrt_serve.app"):
+        placements = fit_to_cluster(serve_yaml(), {"CPU": 2.0})
+    assert {name: (p.num_gpus, p.num_cpus) for name, p in placements.items()} == {
+        "mrt2_base": (0.0, 0.25), "mrt2_small": (0.0, 0.25)}
+    assert "this Ray cluster has no GPU: running them on CPU" in caplog.text
+    assert ("asks for 8 CPU(s) for its generators' minimum replicas and this Ray cluster has "
+            "0.5 beside the ingress and style embedder") in caplog.text
+    cpu = generator_options(VariantConfig(name="mrt2_base", num_gpus=1), placements["mrt2_base"])
+    env = cpu["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_PREALLOCATE" not in env
+    gpu = generator_options(VariantConfig(name="mrt2_base", num_gpus=1), Placement(0.5, 4.0))
+    assert gpu["ray_actor_options"]["num_gpus"] == 0.5
+    assert gpu["ray_actor_options"]["runtime_env"]["env_vars"]["JAX_PLATFORMS"] == "cuda,cpu"
+
+
+def test_shared_gpus_hold_whole_shares_of_every_minimum_replica():
+    def variants(*mins: int) -> AppConfig:
+        return AppConfig(variants=[
+            {"name": f"v{i}", "variant": "tiny", "num_gpus": 1,
+             "autoscaling_config": {"min_replicas": m, "max_replicas": 4}}
+            for i, m in enumerate(mins)])
+
+    # 3 replicas on 2 GPUs: 2 per GPU, so that no GPU is asked for a share and a half
+    assert {g for g, _ in placed(variants(1, 1, 1), {"GPU": 2.0}).values()} == {0.5}
+    # a variant at 2 replicas counts twice; one that may scale to zero needs room for one
+    assert {g for g, _ in placed(variants(2, 0), {"GPU": 1.0}).values()} == {0.3333}
+    six = placed(variants(*[1] * 6), {"GPU": 1.0})
+    assert sum(g for g, _ in six.values()) <= 1.0  # Ray counts 1e-4 of a GPU
+    assert placed(variants(1), {"GPU": 1.0}) == {"v0": (1.0, 1.0)}
+
+
+def test_fit_to_cluster_false_asks_for_the_config_as_written():
+    """For a cluster that adds GPU nodes on demand: a fit made before they join would run
+    the generators on CPU for good (configs/rayservice.yaml sets it)."""
+    config = serve_yaml(fit_to_cluster=False)
+    assert {name: (p.num_gpus, p.num_cpus) for name, p in as_configured(config).items()} == {
+        "mrt2_base": (1.0, 4.0), "mrt2_small": (1.0, 4.0)}
+    manifest = yaml.safe_load((ROOT / "configs/rayservice.yaml").read_text())
+    kube = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]
+    assert kube["args"]["fit_to_cluster"] is False
 
 
 def replica_actor_options() -> dict[str, dict]:
@@ -88,7 +148,7 @@ def replica_actor_options() -> dict[str, dict]:
     ingress = build_app({"variants": [{"name": "tiny"}]})._bound_deployment
     generators, styles = ingress.init_args[:2]
     gpu = generator_options(VariantConfig(name="base", variant="mrt2_base", num_gpus=1),
-                            {"CPU": 8.0, "GPU": 1.0}, 1)
+                            Placement(1.0, 4.0))
     return {
         "ingress": ingress.ray_actor_options,
         "cpu generator": generators["tiny"]._bound_deployment.ray_actor_options,
