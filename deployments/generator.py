@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ray
 from ray import serve
 
 from serve_app import logs
@@ -23,11 +24,14 @@ class Generator:
             store=RayKVSelectionStore(context.app_name),
             metrics=GeneratorMetrics(RayServeMetricsSink(name)), **options,
         )
+        # What Ray placed this replica with: a replica sharing a GPU, or moved to CPU by
+        # deployments/placement.py, shows it in /health, not only in a worker's log.
+        self.ray_resources = ray.get_runtime_context().get_assigned_resources()
 
     async def health(self) -> dict:
         # This replica's; the ingress merges every replica's (serve_app/replicas.py), as
         # for model_status.
-        return await self.core.replica_health()
+        return {**await self.core.replica_health(), "ray_resources": self.ray_resources}
 
     def check_health(self) -> None:
         # A model that failed to load is reported by /health (no crash loop);

@@ -40,16 +40,12 @@ from tqdm import tqdm
 from serve_app import logs
 from serve_app.engine import BatchedEngine, Session, cpu_tuning, load_model, weights
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
+from serve_app.engine.device import device_name
 from serve_app.engine.model import StreamingModel, build_sampler, decode_step, dummy_inputs
 from serve_app.engine.variants import FRAMES_PER_SECOND
 
 FRAME_MS = 1000 / FRAMES_PER_SECOND
 PEAK_MATMUL_N = 2048
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
 
 
 def time_steps(step, frames: int, warmup: int, desc: str) -> list[float]:

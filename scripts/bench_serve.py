@@ -315,9 +315,13 @@ def main() -> int:
     url = ws_url(args.url)
     if args.wait_ready > 0:
         wait_until_ready(url, args.variant, args.api_key, args.wait_ready)
+    # Where the generator computes (JAX's device, from /health): a figure taken on a GPU
+    # box from a server that fell back to CPU must not pass for a GPU figure.
+    device = (generator_health(url, args.variant, args.api_key) or {}).get("device")
+    print(f"  generator device: {device or 'unknown'}", file=sys.stderr, flush=True)
     report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
               "variant": args.variant, "audio": args.audio, "staggered": args.stagger,
-              "runs": []}
+              "device": device, "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
           f"{'overhead ms':>11} {'step ms':>7} {'rows':>5} {'steps > ' + FRAME_MS + ' ms':>13}",
           flush=True)

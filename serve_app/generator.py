@@ -26,6 +26,7 @@ from .audio.bars import BarChunker
 from .audio.loudness import LoudnessMatcher
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
 from .engine.batch import DEFAULT_BUCKETS, PendingStep
+from .engine.device import device_name
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
@@ -153,6 +154,7 @@ class GeneratorCore:
         self.state = "initializing"
         self.error: str | None = None
         self.warmed: list[int] = []
+        self.device: str | None = None  # where JAX computes, once the model is loaded
         self.loaded: LoadedModel | None = None
         self.engine: BatchedEngine | None = None
         self.encoder = NoLoopEncoder(self.name, "not loaded yet")
@@ -210,10 +212,12 @@ class GeneratorCore:
                 log.info("generator %s: loading model", self.name)
                 loaded = self._load(self.boot_selection)
             self.loaded = loaded
+            self.device = device_name()
             self.engine = self._make_engine(loaded, progress=self._warmed)
             self.encoder = build_loop_encoder(loaded, self.name)
             self.state = "ready"
-            log.info("generator %s: ready (buckets %s)", self.name, self.engine.buckets)
+            log.info("generator %s: ready on %s (buckets %s)", self.name, self.device,
+                     self.engine.buckets)
         except Exception as e:  # reported by /health instead of a crash loop
             log.exception("generator %s failed to start", self.name)
             self.state, self.error = "error", f"{type(e).__name__}: {e}"
@@ -648,6 +652,7 @@ class GeneratorCore:
                 "replica": self.replica_tag,
                 "state": self.state,
                 "error": self.error,
+                "device": self.device,
                 "sessions": len(self._jams),
                 "max_sessions": self.max_sessions,
                 "compiled_buckets": list(self.warmed),

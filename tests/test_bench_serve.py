@@ -22,6 +22,7 @@ def test_bench_serve_reports_every_figure(serve_base, tmp_path):
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert [r["sessions"] for r in report["runs"]] == [1, 2]
+    assert report["device"].startswith("cpu:")  # where the generator computed, from /health
     assert report["staggered"] and all(r["staggered"] for r in report["runs"])
     for r in report["runs"]:
         assert r["failed_sessions"] == 0, r["errors"]

@@ -50,6 +50,8 @@ def test_health_ping_landing_docs(http):
     health = http.get("/health").json()
     assert health["status"] == "ready" and health["variants"]["tiny"]["state"] == "ready"
     assert health["variants"]["tiny"]["compiled_buckets"] == [1, 2, 4]
+    replica = health["variants"]["tiny"]["replicas"][0]
+    assert replica["device"].startswith("cpu:") and replica["ray_resources"] == {"CPU": 1.0}
     assert http.get("/ping").json()["ok"] is True
     page = http.get("/")
     assert page.status_code == 200 and "Magenta RealTime 2" in page.text

@@ -39,9 +39,14 @@ def test_both_variants_share_the_gpu_and_stream(http):
     health = http.get("/health").json()
     assert {name: v["state"] for name, v in health["variants"].items()} == {
         "tiny": "ready", "tiny_b": "ready"}
-    # Both replicas hold a share of the one GPU (nothing else here asks for one): none
-    # was moved to CPU and none waits.
+    # Both replicas hold half of the one GPU (nothing else here asks for one): none was
+    # moved to CPU and none waits. /health says so.
     assert ray.cluster_resources()["GPU"] == 1 and ray.available_resources().get("GPU", 0) == 0
+    for name in VARIANTS:
+        replicas = health["variants"][name]["replicas"]
+        assert [r["ray_resources"] for r in replicas] == [{"CPU": 1.0, "GPU": 0.5}], name
+        # Ray's GPU here is logical: JAX finds no CUDA and computes on CPU.
+        assert replicas[0]["device"].startswith("cpu:"), replicas[0]["device"]
     for name in VARIANTS:
         r = http.post("/jam/start", data={"styles": "ambient", "chunk_seconds": 0.2,
                                           "variant": name})

@@ -186,6 +186,7 @@ def test_bench_local_serves_one_variant_of_a_config_and_measures_it(tiny_repo, t
     bench = json.loads(report.read_text())
     assert bench["variant"] == "tiny" and bench["max_sessions_zero_underruns"] == 1
     assert bench["runs"][0]["generator_steps"]["replicas"] == ["local"]
+    assert bench["device"].startswith("cpu:")  # on a GPU box: "gpu:NVIDIA H100 ..."
 
     # the variant that cannot boot: the benchmark says why, at once, not at its timeout
     failed = bench_local(config, "--variant", "broken", "--", "--json", str(report))
