@@ -21,10 +21,11 @@ import importlib.metadata as metadata
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
+
+from packaging.utils import canonicalize_name
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,10 +48,6 @@ def _dump():
 
 atexit.register(_dump)
 """
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def imported_files() -> set[str]:
@@ -80,11 +77,12 @@ def needed_distributions(files: set[str]) -> dict[str, str]:
     """{distribution: version installed here} of the distributions that own the files,
     less the device image's packages and this project (the standard library is owned by
     none)."""
-    device_has = {normalize(line.strip()) for line in DEVICE_PACKAGES.read_text().splitlines()
+    lines = DEVICE_PACKAGES.read_text().splitlines()
+    device_has = {canonicalize_name(line.strip()) for line in lines
                   if line.strip() and not line.startswith("#")}
     needed = {}
     for dist in metadata.distributions():
-        name = normalize(dist.metadata["Name"])
+        name = canonicalize_name(dist.metadata["Name"])
         if name in device_has or name == OURS:
             continue
         owned = {os.path.realpath(dist.locate_file(f)) for f in dist.files or ()}
