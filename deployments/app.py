@@ -80,7 +80,9 @@ def generator_options(v: VariantConfig, placement: Placement) -> dict:
         logging_config={"enable_access_log": False},
     )
     if v.autoscaling_config:
-        options["autoscaling_config"] = v.autoscaling_config
+        options["autoscaling_config"] = dict(v.autoscaling_config)
+        if placement.max_replicas is not None:
+            options["autoscaling_config"]["max_replicas"] = placement.max_replicas
     else:
         options["num_replicas"] = v.num_replicas
     return options

@@ -11,7 +11,11 @@ when the application is built:
 - fewer GPUs than the minimum replicas ask for: those replicas share the GPUs (Ray's
   fractional GPUs; one GPU box serves both variants of serve.yaml, half a GPU each);
 - fewer CPUs than asked for beside the ingress and style embedder: every generator's
-  request shrinks in proportion.
+  request shrinks in proportion;
+- an autoscaled variant whose `max_replicas` the room left beside every variant's minimum
+  replicas cannot hold: its `max_replicas` comes down to what that room holds. A replica
+  Ray cannot place waits for good, the autoscaler counts it as started, and Serve warns
+  about it every 30 s in the log.
 
 Each fit is logged as a warning naming what was asked and what is used. A cluster that
 adds nodes on demand (KubeRay with an autoscaling GPU group, `configs/rayservice.yaml`)
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from serve_app.config import AppConfig, VariantConfig
 
@@ -41,6 +45,8 @@ class Placement:
 
     num_gpus: float
     num_cpus: float
+    # the most replicas the autoscaler may start; None: the config's `max_replicas`
+    max_replicas: int | None = None
 
 
 def min_replicas(v: VariantConfig) -> int:
@@ -68,9 +74,10 @@ def fit_to_cluster(config: AppConfig, resources: Mapping[str, float]) -> dict[st
     placements = as_configured(config)
     counts = {v.name: min_replicas(v) for v in config.variants}
     placements = _fit_gpus(placements, counts, float(resources.get("GPU", 0.0)))
-    if resources.get("CPU"):
-        placements = _fit_cpus(placements, counts, float(resources["CPU"]) - side_cpus(config))
-    return placements
+    cpus = float(resources["CPU"]) - side_cpus(config) if resources.get("CPU") else None
+    if cpus is not None:
+        placements = _fit_cpus(placements, counts, cpus)
+    return _cap_max_replicas(config, placements, counts, float(resources.get("GPU", 0.0)), cpus)
 
 
 def _fit_gpus(placements: dict[str, Placement], counts: dict[str, int],
@@ -119,6 +126,33 @@ def _fit_cpus(placements: dict[str, Placement], counts: dict[str, int],
     log.warning("config asks for %g CPU(s) for its generators' minimum replicas and this Ray "
                 "cluster has %g beside the ingress and style embedder: asking for less (%s)",
                 asked, max(cpus, 0.0), _describe(fitted, "num_cpus", "CPU"))
+    return fitted
+
+
+def _cap_max_replicas(config: AppConfig, placements: dict[str, Placement],
+                      counts: dict[str, int], gpus: float,
+                      cpus: float | None) -> dict[str, Placement]:
+    """Each autoscaled variant may grow into the GPUs and CPUs left beside every variant's
+    minimum replicas, and no further. Each variant may take all of that room: when two
+    grow at once, Ray places whichever asks first."""
+    room = {"num_gpus": gpus, "num_cpus": cpus}
+    for field in room:
+        if room[field] is not None:
+            room[field] -= sum(counts[n] * getattr(p, field) for n, p in placements.items())
+    fitted = dict(placements)
+    for v in config.variants:
+        asked = (v.autoscaling_config or {}).get("max_replicas")
+        if not isinstance(asked, int):
+            continue
+        p = placements[v.name]
+        more = [math.floor(max(left, 0.0) / getattr(p, field) + 1e-9)
+                for field, left in room.items() if left is not None and getattr(p, field)]
+        most = counts[v.name] + min(more, default=asked)
+        if most < asked:
+            fitted[v.name] = replace(p, max_replicas=most)
+            log.warning("Generator_%s may scale to %d replicas but this Ray cluster has room "
+                        "for %d beside the other variants' minimum replicas: max_replicas %d",
+                        v.name, asked, most, most)
     return fitted
 
 

@@ -93,7 +93,7 @@ def test_serve_yaml_fits_one_gpu_box_both_variants_sharing_the_gpu(caplog):
     with caplog.at_level("WARNING", logger="mrt_serve.app"):  # enough: as configured
         assert placed(serve_yaml(), {"CPU": 16.0, "GPU": 2.0}) == {
             "mrt2_base": (1.0, 4.0), "mrt2_small": (1.0, 4.0)}
-    assert caplog.text == ""
+    assert "GPU(s)" not in caplog.text and "CPU(s)" not in caplog.text
     # 8 CPUs, less the ingress's 2 replicas and the style embedder (1.5): 3.25 each
     assert placed(serve_yaml(), {"CPU": 8.0, "GPU": 2.0}) == {
         "mrt2_base": (1.0, 3.25), "mrt2_small": (1.0, 3.25)}
@@ -129,6 +129,35 @@ def test_shared_gpus_hold_whole_shares_of_every_minimum_replica():
     six = placed(variants(*[1] * 6), {"GPU": 1.0})
     assert sum(g for g, _ in six.values()) <= 1.0  # Ray counts 1e-4 of a GPU
     assert placed(variants(1), {"GPU": 1.0}) == {"v0": (1.0, 1.0)}
+
+
+def test_autoscaling_grows_only_into_the_room_the_cluster_has(caplog):
+    """A replica Ray cannot place waits for good while the autoscaler counts it as
+    started: max_replicas comes down to what the room beside the minimum replicas holds."""
+    def max_replicas(resources: dict) -> dict[str, int | None]:
+        return {name: p.max_replicas
+                for name, p in fit_to_cluster(serve_yaml(), resources).items()}
+
+    with caplog.at_level("WARNING", logger="mrt_serve.app"):
+        # one GPU, both variants on half of it: no room for a second mrt2_base
+        assert max_replicas({"CPU": 16.0, "GPU": 1.0}) == {"mrt2_base": 1, "mrt2_small": None}
+    assert ("Generator_mrt2_base may scale to 8 replicas but this Ray cluster has room for 1 "
+            "beside the other variants' minimum replicas: max_replicas 1") in caplog.text
+    # 4 GPUs hold 2 more mrt2_base replicas; with 16 CPUs the CPUs hold 1 more (4 each,
+    # 1.5 for the ingress and style embedder)
+    assert max_replicas({"CPU": 64.0, "GPU": 4.0})["mrt2_base"] == 3
+    assert max_replicas({"CPU": 16.0, "GPU": 4.0})["mrt2_base"] == 2
+    # on CPU only (this dev box): no room beyond the minimum either
+    assert max_replicas({"CPU": 2.0})["mrt2_base"] == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mrt_serve.app"):  # room for all 8: as configured
+        assert max_replicas({"CPU": 64.0, "GPU": 16.0})["mrt2_base"] is None
+    assert caplog.text == ""
+    options = generator_options(serve_yaml().variants[0], Placement(0.5, 4.0, max_replicas=1))
+    assert options["autoscaling_config"]["max_replicas"] == 1
+    assert options["autoscaling_config"]["policy"]["policy_kwargs"] == {
+        "target_sessions_per_replica": 24}
+    assert serve_yaml().variants[0].autoscaling_config["max_replicas"] == 8  # not changed
 
 
 def test_fit_to_cluster_false_asks_for_the_config_as_written():
