@@ -54,11 +54,15 @@ CHUNK_PATH_ENV = {
 GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda,cpu", **GRPC_ENV}
 
 
-def _cluster_resources() -> dict:
+def _cluster_nodes() -> list[dict]:
+    """The resources of each live node; none when not connected (assume nothing rather
+    than wait)."""
     try:
-        return ray.cluster_resources() if ray.is_initialized() else {}
-    except Exception:  # not connected: assume nothing rather than wait
-        return {}
+        if not ray.is_initialized():
+            return []
+        return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    except Exception:
+        return []
 
 
 def generator_options(v: VariantConfig, placement: Placement) -> dict:
@@ -95,7 +99,7 @@ def _generator(v: VariantConfig, placement: Placement):
 
 def build_app(args: dict) -> serve.Application:
     config = load_app_config(args)
-    placements = (fit_to_cluster(config, _cluster_resources()) if config.fit_to_cluster
+    placements = (fit_to_cluster(config, _cluster_nodes()) if config.fit_to_cluster
                   else as_configured(config))
     generators = {v.name: _generator(v, placements[v.name]) for v in config.variants}
     styles = StyleEmbedder.options(

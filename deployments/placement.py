@@ -12,6 +12,10 @@ when the application is built:
   fractional GPUs; one GPU box serves both variants of serve.yaml, half a GPU each);
 - fewer CPUs than asked for beside the ingress and style embedder: every generator's
   request shrinks in proportion;
+- more CPUs per replica than one node holds for it: a replica runs on one node, so one on a
+  GPU asks for no more than its share of its GPU node's CPUs (a head node's spare CPUs
+  are no use to a replica on a 4-CPU, 1-GPU worker), one on CPU for no more than the
+  largest node has;
 - an autoscaled variant whose `max_replicas` the room left beside every variant's minimum
   replicas cannot hold: its `max_replicas` comes down to what that room holds. A replica
   Ray cannot place waits for good, the autoscaler counts it as started, and Serve warns
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from serve_app.config import AppConfig, VariantConfig
@@ -68,16 +72,20 @@ def as_configured(config: AppConfig) -> dict[str, Placement]:
     return {v.name: Placement(v.num_gpus, v.num_cpus) for v in config.variants}
 
 
-def fit_to_cluster(config: AppConfig, resources: Mapping[str, float]) -> dict[str, Placement]:
-    """Each variant's placement on a cluster with `resources` in all (`ray.cluster_resources()`),
-    sized so that every variant's minimum replicas can be placed together."""
+def fit_to_cluster(config: AppConfig,
+                   nodes: Sequence[Mapping[str, float]]) -> dict[str, Placement]:
+    """Each variant's placement on a cluster of `nodes` (each one's resources, as
+    `ray.nodes()` lists them), sized so that every variant's minimum replicas can be placed
+    together: in all, and each replica on one node."""
+    totals = {key: sum(float(n.get(key, 0.0)) for n in nodes) for key in ("CPU", "GPU")}
     placements = as_configured(config)
     counts = {v.name: min_replicas(v) for v in config.variants}
-    placements = _fit_gpus(placements, counts, float(resources.get("GPU", 0.0)))
-    cpus = float(resources["CPU"]) - side_cpus(config) if resources.get("CPU") else None
+    placements = _fit_gpus(placements, counts, totals["GPU"])
+    cpus = totals["CPU"] - side_cpus(config) if totals["CPU"] else None
     if cpus is not None:
         placements = _fit_cpus(placements, counts, cpus)
-    return _cap_max_replicas(config, placements, counts, float(resources.get("GPU", 0.0)), cpus)
+        placements = _fit_node_cpus(placements, nodes, side_cpus(config))
+    return _cap_max_replicas(config, placements, counts, totals["GPU"], cpus)
 
 
 def _fit_gpus(placements: dict[str, Placement], counts: dict[str, int],
@@ -126,6 +134,32 @@ def _fit_cpus(placements: dict[str, Placement], counts: dict[str, int],
     log.warning("config asks for %g CPU(s) for its generators' minimum replicas and this Ray "
                 "cluster has %g beside the ingress and style embedder: asking for less (%s)",
                 asked, max(cpus, 0.0), _describe(fitted, "num_cpus", "CPU"))
+    return fitted
+
+
+def _fit_node_cpus(placements: dict[str, Placement], nodes: Sequence[Mapping[str, float]],
+                   side: float) -> dict[str, Placement]:
+    """A replica runs on one node: one on a GPU asks for no more than its share of the CPUs
+    of the GPU node with the fewest CPUs per GPU (e.g. 4 CPUs and 1 GPU, a common cloud
+    shape), one on CPU for no more than the largest node has. The ingress and style
+    embedder may land on any node, so each node's CPUs count without theirs."""
+    def beside_side(node: Mapping[str, float]) -> float:
+        return max(float(node.get("CPU", 0.0)) - side, 0.0)
+
+    gpu_nodes = [n for n in nodes if n.get("GPU") and "CPU" in n]
+    per_gpu = min((beside_side(n) / float(n["GPU"]) for n in gpu_nodes), default=None)
+    largest = max((beside_side(n) for n in nodes if "CPU" in n), default=None)
+    fitted = {}
+    for name, p in placements.items():
+        most = per_gpu * p.num_gpus if p.num_gpus and per_gpu is not None else largest
+        if most is not None and p.num_cpus > most:
+            p = replace(p, num_cpus=max(SMALLEST_CPU_REQUEST, _round_down(most, 2)))
+        fitted[name] = p
+    if fitted != placements:
+        log.warning("config asks for more CPUs per generator replica than a node of this Ray "
+                    "cluster holds for it (on a GPU, its share of the CPUs of the GPU node with "
+                    "the fewest per GPU; the ingress and style embedder counted on every node): "
+                    "asking for less (%s)", _describe(fitted, "num_cpus", "CPU"))
     return fitted
 
 

@@ -77,7 +77,7 @@ def serve_yaml(**changes) -> AppConfig:
 
 def placed(config: AppConfig, resources: dict) -> dict[str, tuple[float, float]]:
     return {name: (p.num_gpus, p.num_cpus)
-            for name, p in fit_to_cluster(config, resources).items()}
+            for name, p in fit_to_cluster(config, [resources]).items()}
 
 
 def test_serve_yaml_fits_one_gpu_box_both_variants_sharing_the_gpu(caplog):
@@ -101,7 +101,7 @@ def test_serve_yaml_fits_one_gpu_box_both_variants_sharing_the_gpu(caplog):
 
 def test_serve_yaml_without_gpus_runs_on_cpu_sized_to_fit_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="mrt_serve.app"):
-        placements = fit_to_cluster(serve_yaml(), {"CPU": 2.0})
+        placements = fit_to_cluster(serve_yaml(), [{"CPU": 2.0}])
     assert {name: (p.num_gpus, p.num_cpus) for name, p in placements.items()} == {
         "mrt2_base": (0.0, 0.25), "mrt2_small": (0.0, 0.25)}
     assert "this Ray cluster has no GPU: running them on CPU" in caplog.text
@@ -131,27 +131,48 @@ def test_shared_gpus_hold_whole_shares_of_every_minimum_replica():
     assert placed(variants(1), {"GPU": 1.0}) == {"v0": (1.0, 1.0)}
 
 
+def test_each_replica_fits_on_one_node(caplog):
+    """Totals are not enough: a replica runs on one node. A GPU replica asks for no more
+    than its share of its GPU node's CPUs (4 CPUs per GPU is a common cloud shape), a CPU
+    one for no more than the largest node has; the ingress and style embedder (1.5 CPUs
+    here) may land on any node."""
+    def nodes(*shapes: tuple[float, float]) -> dict[str, tuple[float, float]]:
+        return {name: (p.num_gpus, p.num_cpus) for name, p in fit_to_cluster(
+            serve_yaml(), [{"CPU": c, "GPU": g} if g else {"CPU": c} for c, g in shapes]).items()}
+
+    with caplog.at_level("WARNING", logger="mrt_serve.app"):
+        # a CPU head and one 4-CPU GPU worker: 12 CPUs in all, but both generators share
+        # the worker's 4 - 1.5
+        assert nodes((8, 0), (4, 1)) == {"mrt2_base": (0.5, 1.25), "mrt2_small": (0.5, 1.25)}
+    assert ("more CPUs per generator replica than a node of this Ray cluster holds for it "
+            "(on a GPU, its share of the CPUs of the GPU node with the fewest per GPU"
+            ) in caplog.text
+    # three 2-CPU nodes, no GPU: 4.5 CPUs in all beside the ingress and style embedder, but
+    # no node has more than 2 - 1.5
+    assert nodes((2, 0), (2, 0), (2, 0)) == {"mrt2_base": (0.0, 0.5), "mrt2_small": (0.0, 0.5)}
+    # a GPU node of 8 CPUs per generator: as configured
+    assert nodes((8, 0), (8, 1), (8, 1)) == {"mrt2_base": (1.0, 4.0), "mrt2_small": (1.0, 4.0)}
+
+
 def test_autoscaling_grows_only_into_the_room_the_cluster_has(caplog):
     """A replica Ray cannot place waits for good while the autoscaler counts it as
     started: max_replicas comes down to what the room beside the minimum replicas holds."""
     def max_replicas(resources: dict) -> dict[str, int | None]:
         return {name: p.max_replicas
-                for name, p in fit_to_cluster(serve_yaml(), resources).items()}
+                for name, p in fit_to_cluster(serve_yaml(), [resources]).items()}
 
     with caplog.at_level("WARNING", logger="mrt_serve.app"):
         # one GPU, both variants on half of it: no room for a second mrt2_base
         assert max_replicas({"CPU": 16.0, "GPU": 1.0}) == {"mrt2_base": 1, "mrt2_small": None}
     assert ("Generator_mrt2_base may scale to 8 replicas but this Ray cluster has room for 1 "
             "beside the other variants' minimum replicas: max_replicas 1") in caplog.text
-    # 4 GPUs hold 2 more mrt2_base replicas; with 16 CPUs the CPUs hold 1 more (4 each,
-    # 1.5 for the ingress and style embedder)
+    # 4 GPUs hold 2 more mrt2_base replicas beside the minimum 2
     assert max_replicas({"CPU": 64.0, "GPU": 4.0})["mrt2_base"] == 3
-    assert max_replicas({"CPU": 16.0, "GPU": 4.0})["mrt2_base"] == 2
     # on CPU only (this dev box): no room beyond the minimum either
     assert max_replicas({"CPU": 2.0})["mrt2_base"] == 1
     caplog.clear()
     with caplog.at_level("WARNING", logger="mrt_serve.app"):  # room for all 8: as configured
-        assert max_replicas({"CPU": 64.0, "GPU": 16.0})["mrt2_base"] is None
+        assert max_replicas({"CPU": 128.0, "GPU": 16.0})["mrt2_base"] is None
     assert caplog.text == ""
     options = generator_options(serve_yaml().variants[0], Placement(0.5, 4.0, max_replicas=1))
     assert options["autoscaling_config"]["max_replicas"] == 1
