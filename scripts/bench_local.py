@@ -16,22 +16,18 @@ where a benchmark started beside it would wait out its whole timeout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve_app.ports import free_port  # noqa: E402
+
 READY_TIMEOUT_S = 1800.0  # a cold mrt2_base replica compiles 5 buckets in 4-5 min
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(process: subprocess.Popen, grace_s: float = 60.0) -> None:

@@ -5,16 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_app.ports import free_port
 
 
 def tiny_config(repo, *, max_sessions: int = 4, buckets=(1, 2, 4), api: dict | None = None):

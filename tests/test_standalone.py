@@ -15,10 +15,11 @@ import yaml
 
 from serve_app.client import run as record_jam
 from serve_app.config import load_app_config
+from serve_app.ports import free_port
 from serve_app.standalone import build_app, build_generators
 
 from .generator_cores import wait_for_boot, wait_until_ready
-from .serve_fixtures import free_port, tiny_config, wait_ready
+from .serve_fixtures import tiny_config, wait_ready
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
