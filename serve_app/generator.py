@@ -154,7 +154,7 @@ class GeneratorCore:
         self.state = "initializing"
         self.error: str | None = None
         self.warmed: list[int] = []
-        self.device: str | None = None  # where JAX computes, once the model is loaded
+        self.device: str | None = None  # where JAX computes, once its backend is up
         self.loaded: LoadedModel | None = None
         self.engine: BatchedEngine | None = None
         self.encoder = NoLoopEncoder(self.name, "not loaded yet")
@@ -197,6 +197,9 @@ class GeneratorCore:
 
     def _boot_and_run(self, loaded) -> None:
         try:
+            # first, so that a replica whose model fails to load (out of GPU memory, say)
+            # still says where it tried
+            self.device = device_name()
             record = None if loaded is not None else self._stored()
             if record is not None:
                 try:
@@ -212,7 +215,6 @@ class GeneratorCore:
                 log.info("generator %s: loading model", self.name)
                 loaded = self._load(self.boot_selection)
             self.loaded = loaded
-            self.device = device_name()
             self.engine = self._make_engine(loaded, progress=self._warmed)
             self.encoder = build_loop_encoder(loaded, self.name)
             self.state = "ready"

@@ -87,6 +87,8 @@ def test_a_refused_start_names_the_replica_that_refused(core, tmp_path):
                            buckets=(1,), replica_tag="r2")
     try:
         assert wait_for_boot(broken) == "error"
+        # where it tried to load, reported even though it failed
+        assert broken.device is not None and broken.device.startswith("cpu:")
         with pytest.raises(Unavailable) as down:
             asyncio.run(broken.start(spec))
         assert down.value.replica == "r2"
