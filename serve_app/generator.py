@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
 from .jam import Chunk, JamStream, StreamConfig
+from .logs import PROGRESS_LOGGER
 from .loop_encoder import NoLoopEncoder, build_loop_encoder
 from .metrics import GeneratorMetrics
 from .model_switch import Candidate, Prepared, prepare, validate
@@ -39,6 +41,7 @@ from .selection import ModelSelection, SelectionRecord, SelectionStore, stored_f
 from .styles import blend
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)
 
 SESSION_SEPARATOR = "@"
 RECENT_AUDIO_SECONDS = 10.0
@@ -196,6 +199,7 @@ class GeneratorCore:
                           compute_dtype=self.compute_dtype)
 
     def _boot_and_run(self, loaded) -> None:
+        started = time.monotonic()
         try:
             # first, so that a replica whose model fails to load (out of GPU memory, say)
             # still says where it tried
@@ -203,8 +207,8 @@ class GeneratorCore:
             record = None if loaded is not None else self._stored()
             if record is not None:
                 try:
-                    log.info("generator %s: loading the selected model %s", self.name,
-                             record.selection.describe())
+                    progress.info("generator %s: loading the selected model, %s, on %s",
+                                  self.name, record.selection.label(), self.device)
                     loaded = self._load(record.selection)
                     self.selection, self.generation = record.selection, record.generation
                 except Exception as e:  # serve the boot default rather than nothing
@@ -212,16 +216,18 @@ class GeneratorCore:
                               "serving the boot default", self.name, e)
                     self.generation = record.generation
             if loaded is None:
-                log.info("generator %s: loading model", self.name)
+                progress.info("generator %s: loading %s on %s", self.name,
+                              self.boot_selection.label(), self.device)
                 loaded = self._load(self.boot_selection)
             self.loaded = loaded
-            self.engine = self._make_engine(loaded, progress=self._warmed)
+            self.engine = self._make_engine(loaded, on_bucket=self.warmed.append)
             self.encoder = build_loop_encoder(loaded, self.name)
             self.state = "ready"
-            log.info("generator %s: ready on %s (buckets %s)", self.name, self.device,
-                     self.engine.buckets)
+            progress.info("generator %s: ready after %.0f s on %s (buckets %s)", self.name,
+                          time.monotonic() - started, self.device, list(self.engine.buckets))
         except Exception as e:  # reported by /health instead of a crash loop
-            log.exception("generator %s failed to start", self.name)
+            log.exception("generator %s: failed to start after %.0f s", self.name,
+                          time.monotonic() - started)
             self.state, self.error = "error", f"{type(e).__name__}: {e}"
             return
         if self.store is not None and not self._stopping:
@@ -230,20 +236,32 @@ class GeneratorCore:
             self._follower.start()
         self._run()
 
-    def _make_engine(self, loaded: LoadedModel, progress=None) -> BatchedEngine:
-        """An engine for `loaded`, compiled for every batch bucket before it serves."""
+    def _make_engine(self, loaded: LoadedModel,
+                     on_bucket: Callable[[int], None] | None = None) -> BatchedEngine:
+        """An engine for `loaded`, compiled for every batch bucket before it serves; each
+        compile is a progress line (minutes in all for a GPU variant without the cache)."""
         buckets = tuple(b for b in self.buckets if b <= max(self.max_sessions, 1))
         needed = min((b for b in self.buckets if b >= self.max_sessions), default=None)
         if needed and needed not in buckets:
             buckets = (*buckets, needed)
         engine = BatchedEngine(loaded.model, loaded.style, buckets=buckets,
                                max_sessions=self.max_sessions)
-        engine.warmup(progress=progress)
-        return engine
+        progress.info("generator %s: compiling %d batch buckets %s", self.name, len(buckets),
+                      list(buckets))
+        done: list[int] = []
+        since = time.monotonic()
 
-    def _warmed(self, bucket: int) -> None:
-        self.warmed.append(bucket)
-        log.info("generator %s: compiled batch bucket %d", self.name, bucket)
+        def compiled(bucket: int) -> None:
+            nonlocal since
+            done.append(bucket)
+            progress.info("generator %s: compiled batch bucket %d (%d of %d) in %.1f s",
+                          self.name, bucket, len(done), len(buckets), time.monotonic() - since)
+            since = time.monotonic()
+            if on_bucket:
+                on_bucket(bucket)
+
+        engine.warmup(progress=compiled)
+        return engine
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the step loop and waits (up to `timeout`) for its threads to leave XLA:

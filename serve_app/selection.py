@@ -38,6 +38,14 @@ class ModelSelection:
         return {"size": self.variant, "repo_id": self.repo, "step": self.step,
                 "revision": self.revision, "assets_repo_id": self.assets_repo}
 
+    def label(self) -> str:
+        """One line for progress logs, e.g. "mrt2_base (google/magenta-realtime-2, step
+        50000)": the fields that are set."""
+        where = [f for f in (self.repo, self.step is not None and f"step {self.step}",
+                             self.revision and f"revision {self.revision}",
+                             self.assets_repo and f"assets from {self.assets_repo}") if f]
+        return f"{self.variant} ({', '.join(where)})" if where else self.variant
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

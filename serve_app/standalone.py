@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
 from fastapi import FastAPI
@@ -56,27 +55,6 @@ def build_app(config: AppConfig, generators: dict[str, GeneratorCore], *,
     styles = StyleEmbedderCore(config.style_mock or random_weights,
                                config.style_embedder.get("repo"))
     return create_app(generators, styles, ApiSettings.from_config(config.api_config))
-
-
-def report_readiness(generators: dict[str, GeneratorCore], out=sys.stderr) -> None:
-    """Says on `out` when each generator is ready to serve (or why it is not): loading
-    and compiling every batch bucket takes from seconds (tiny) to minutes."""
-    started = time.monotonic()
-
-    def watch(name: str, core: GeneratorCore) -> None:
-        while core.state == "initializing":
-            time.sleep(0.5)
-        took = time.monotonic() - started
-        if core.state == "error":
-            print(f"mrt-serve local: {name} failed to start after {took:.0f} s: {core.error}",
-                  file=out, flush=True)
-        else:
-            print(f"mrt-serve local: {name} ready after {took:.0f} s "
-                  f"(buckets {list(core.engine.buckets)})", file=out, flush=True)
-
-    for name, core in generators.items():
-        threading.Thread(target=watch, args=(name, core), daemon=True,
-                         name=f"ready-{name}").start()
 
 
 @contextlib.contextmanager
@@ -121,7 +99,6 @@ def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
             app = build_app(config, generators, random_weights=random_weights)
             print(f"mrt-serve local: http://{host}:{port} serving {', '.join(generators)} "
                   "(/health shows readiness)", file=sys.stderr, flush=True)
-            report_readiness(generators)
             # PCM does not compress: no permessage-deflate (deployments/proxy.py does the
             # same for Serve's proxy). log_config=None keeps our quiet key=value logging.
             uvicorn.run(app, host=host, port=port, ws_per_message_deflate=False,

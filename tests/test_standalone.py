@@ -83,7 +83,9 @@ def test_says_when_it_is_ready_and_stops_cleanly_on_sigterm(local_server):
     _, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
     assert "serving tiny (/health shows readiness)" in err
-    assert "mrt-serve local: tiny ready after" in err and "buckets [1, 2]" in err
+    # progress at the default log level: each bucket's compile, then ready
+    assert "generator tiny: compiled batch bucket 2 (2 of 2)" in err
+    assert "generator tiny: ready after" in err and "(buckets [1, 2])" in err
     assert err.rstrip().endswith("mrt-serve local: stopped")  # step loops stopped first
     assert "Traceback" not in err
 
@@ -182,7 +184,7 @@ def test_bench_local_serves_one_variant_of_a_config_and_measures_it(tiny_repo, t
                        "1", "--chunk-seconds", "0.2", "--json", str(report))
     assert done.returncode == 0, done.stderr
     assert "serving tiny (" in done.stderr and "broken" not in done.stderr
-    assert "tiny ready after" in done.stderr
+    assert "generator tiny: ready after" in done.stderr
     assert done.stderr.rstrip().endswith("mrt-serve local: stopped")  # stopped after
     bench = json.loads(report.read_text())
     assert bench["variant"] == "tiny" and bench["max_sessions_zero_underruns"] == 1
