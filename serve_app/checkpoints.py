@@ -8,14 +8,16 @@ Layout (that of `google/magenta-realtime-2`, which finetune repos follow):
     resources/musiccoca/*                    MusicCoCa TFLite models and spm.model
     mean_style_embed.npy, cluster_centroids.npy   finetune steering assets (optional)
 
-Hub files go through `huggingface_hub`'s cache (resumable, progress bars, HF_TOKEN
-and HF_HUB_OFFLINE honoured). Nothing is unpickled: `.npy` files load with
-`allow_pickle=False`, and every file name is checked to stay inside its repo.
+Hub files go through `huggingface_hub`'s cache (resumable, HF_TOKEN and HF_HUB_OFFLINE
+honoured), their progress logged as lines (serve_app/downloads.py). Nothing is unpickled:
+`.npy` files load with `allow_pickle=False`, and every file name is checked to stay inside
+its repo.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -23,6 +25,7 @@ import re
 
 import numpy as np
 
+from .downloads import DownloadProgress
 from .styles import SteeringAssets
 
 log = logging.getLogger(__name__)
@@ -98,9 +101,10 @@ class Repo:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+        bar = functools.partial(DownloadProgress, name=name, source=self.where())
         try:
             return pathlib.Path(
-                hf_hub_download(self.repo, name, revision=self.revision)
+                hf_hub_download(self.repo, name, revision=self.revision, tqdm_class=bar)
             )
         except LocalEntryNotFoundError as e:  # offline and not cached (an EntryNotFound too)
             raise CheckpointNotFound(

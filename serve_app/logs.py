@@ -1,8 +1,9 @@
 """Quiet, structured logging: `key=value` lines, WARNING by default (MRT_LOG_LEVEL).
 
-Long work shows progress all the same: records of the `mrt_serve.progress` logger (a model
-loading, each batch bucket compiling, a replica ready) are shown at INFO unless the level
-is above WARNING. They come once per boot or model switch, never per request."""
+Long work shows progress all the same: records of the `mrt_serve.progress` logger (a file
+downloading, a model loading, each batch bucket compiling, a replica ready) are shown at
+INFO unless the level is above WARNING. They come with a boot or a model switch, never
+per request."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from serve_app import checkpoints
+from serve_app import checkpoints, logs
 from serve_app.engine import load_model, weights
 from serve_app.engine.model import build_sampler, expected_param_shapes
 from serve_app.engine.tiny import _fill_zero_matrices, random_params
@@ -85,10 +86,12 @@ def test_missing_files_say_what_and_where(tmp_path):
 
 
 def test_hub_repo_offline_and_uncached_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    # imported before the environment changes: imported after, huggingface_hub would read
+    # HF_HUB_OFFLINE=1 as its own default, and stay offline for the tests after this one
     import huggingface_hub.constants as hc
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(checkpoints.CheckpointNotFound) as err:
@@ -174,3 +177,50 @@ def test_audio_encoder_turns_audio_into_codes(tiny):
     np.testing.assert_array_equal(codes, encoder.encode(audio.astype(np.float32)))
     with pytest.raises(ValueError, match=r"audio: expected \[k\*1920, 2\]"):
         encoder.encode(np.zeros((1000, 2), np.float32))
+
+
+def test_a_hub_repo_downloads_into_the_cache_and_says_so(tiny_repo, tmp_path, monkeypatch,
+                                                         caplog):
+    """The real download path against a Hub endpoint on localhost serving the suite's tiny
+    repo: huggingface_hub's cache, a progress line when a file starts and when it ends (a
+    replica's console shows them, serve_app/downloads.py), none for a cached file."""
+    import huggingface_hub.constants as hc
+
+    from .fake_hub import fake_hub
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with fake_hub(tiny_repo) as endpoint, caplog.at_level("INFO", logger=logs.PROGRESS_LOGGER):
+        # what HF_ENDPOINT sets, read by huggingface_hub when it is imported
+        monkeypatch.setattr(hc, "ENDPOINT", endpoint)
+        monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        loaded = load_model("tiny", repo="someone/tiny-finetune")
+        weights = loaded.files.checkpoint
+        assert weights.is_relative_to(tmp_path / "hub")
+        assert weights.read_bytes() == (tiny_repo / "checkpoints/tiny.safetensors").read_bytes()
+        assert re.search(r"downloading checkpoints/tiny\.safetensors \([\d.]+MB\) from Hub "
+                         r"repo 'someone/tiny-finetune'", caplog.text), caplog.text
+        assert re.search(r"downloaded checkpoints/tiny\.safetensors \([\d.]+MB\) in [\d.]+ s",
+                         caplog.text), caplog.text
+        assert f"downloaded {checkpoints.MEAN_FILE}" in caplog.text
+        caplog.clear()
+        repo = checkpoints.Repo("someone/tiny-finetune")
+        assert repo.fetch("checkpoints/tiny.safetensors") == weights  # cached: no line
+        assert repo.fetch("checkpoint_7.safetensors") is None  # not in the repo
+        assert "download" not in caplog.text
+
+
+def test_a_long_download_says_how_far_it_got(monkeypatch, caplog):
+    from serve_app import downloads
+
+    monkeypatch.setattr(downloads, "EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger=logs.PROGRESS_LOGGER):
+        bar = downloads.DownloadProgress(total=4_000_000, unit="B", unit_scale=True,
+                                         mininterval=0, name="checkpoints/x.safetensors")
+        bar.update(1_000_000)
+        bar.close()
+    assert caplog.messages == [
+        "downloading checkpoints/x.safetensors (4.00MB)",
+        "downloading checkpoints/x.safetensors: 1.00MB of 4.00MB (25%)",
+        "download of checkpoints/x.safetensors stopped at 1.00MB of 4.00MB",
+    ]
