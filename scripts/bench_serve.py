@@ -25,8 +25,10 @@ its steps, their mean time, the rows (sessions) they carried and the share slowe
 than the 40 ms frame each one makes, i.e. the engine figure the underruns follow
 from, added up over the variant's replicas (those up both before and after).
 
-Runs go from the smallest N up; the JSON holds every run and the largest N held
-with zero underruns; the PNG plots them.
+Every session names the variant (`--variant`, or the server's default): a server's A/B
+split would otherwise spread them over several generators. Runs go from the smallest N
+up; the JSON holds every run and the largest N held with zero underruns; the PNG plots
+them.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class SessionResult:
     update_latency_ms: float | None = None
     overhead_ms: list[float] = dataclasses.field(default_factory=list)
     to_ingress_ms: list[float] = dataclasses.field(default_factory=list)
+    variant: str | None = None  # the generator that served it, from `started`
     error: str | None = None
 
 
@@ -94,6 +97,9 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
                 if kind == "error":
                     result.error = message["error"]
                     return result
+                if kind == "started":
+                    result.variant = message.get("variant")
+                    continue
                 if kind == "status" and message.get("event") == "updated":
                     update_chunk = message["update_applies_from_chunk"]
                     continue
@@ -315,9 +321,17 @@ def main() -> int:
     url = ws_url(args.url)
     if args.wait_ready > 0:
         wait_until_ready(url, args.variant, args.api_key, args.wait_ready)
+    health = server_health(url, args.api_key) or {}
+    if args.variant is None:
+        # Every session names one variant: with none, a server's A/B split would spread
+        # them over several generators, and the run would not say what one generator
+        # holds (nor match the one generator whose steps are read from /health).
+        args.variant = health.get("default_variant")
+        print(f"  variant: {args.variant or 'unknown'} (the server's default)",
+              file=sys.stderr, flush=True)
     # Where the generator computes (JAX's device, from /health): a figure taken on a GPU
     # box from a server that fell back to CPU must not pass for a GPU figure.
-    device = (generator_health(url, args.variant, args.api_key) or {}).get("device")
+    device = (variant_entry(health, args.variant) or {}).get("device")
     print(f"  generator device: {device or 'unknown'}", file=sys.stderr, flush=True)
     report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
               "variant": args.variant, "audio": args.audio, "staggered": args.stagger,

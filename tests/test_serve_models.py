@@ -8,6 +8,9 @@ A second application ("ab", under /ab) on the test session's Ray Serve instance.
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 import time
 
 import httpx
@@ -15,6 +18,8 @@ import pytest
 from websockets.sync.client import connect
 
 from .serve_fixtures import deploy, recv_json
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,21 @@ def test_ab_assignment_is_sticky_per_client(ab):
     for name in ("tiny_a", "tiny_b"):
         counters = variants["variants"][name]["metrics"]
         assert counters["mrt_sessions_started"] >= 1 and counters["mrt_frames"] > 0
+
+
+def test_the_benchmark_keeps_its_sessions_on_one_generator_under_a_split(ab, tmp_path):
+    """bench_serve measures what one generator holds: without --variant its sessions name
+    the server's default, where the A/B split would have spread them over both."""
+    out = tmp_path / "ab.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_serve.py"), "--url", ab["ws"],
+         "--sessions", "4", "--seconds", "2", "--chunk-seconds", "0.2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["variant"] == "tiny_a"
+    sessions = report["runs"][0]["per_session"]
+    assert [s["variant"] for s in sessions] == ["tiny_a"] * 4, sessions
 
 
 def test_switch_under_a_live_session_leaves_no_gap(ab):
