@@ -81,10 +81,11 @@ def fit_to_cluster(config: AppConfig,
     placements = as_configured(config)
     counts = {v.name: min_replicas(v) for v in config.variants}
     placements = _fit_gpus(placements, counts, totals["GPU"])
-    cpus = totals["CPU"] - side_cpus(config) if totals["CPU"] else None
+    side = side_cpus(config)
+    cpus = totals["CPU"] - side if totals["CPU"] else None
     if cpus is not None:
         placements = _fit_cpus(placements, counts, cpus)
-        placements = _fit_node_cpus(placements, nodes, side_cpus(config))
+        placements = _fit_node_cpus(placements, nodes, side)
     return _cap_max_replicas(config, placements, counts, totals["GPU"], cpus)
 
 

@@ -2,8 +2,8 @@
 
 A model download takes minutes (mrt2_base's weights are gigabytes). huggingface_hub draws
 a tqdm bar on `sys.stderr`, which in a Serve replica under scripts/serve is Serve's
-redirect into the replica's log file, and which Ray's log streaming would turn into one
-long line of carriage returns anyway. These lines go to the `mrt_serve.progress` logger
+redirect into the replica's log file (and a bar's carriage-return redraws make poor log
+lines wherever they go). These lines go to the `mrt_serve.progress` logger
 instead (serve_app/logs.py): one when a download starts, one every `EVERY_S` while it
 runs, one when it ends.
 """

@@ -75,9 +75,10 @@ def serve_yaml(**changes) -> AppConfig:
     return AppConfig(**{**app["args"], **changes})
 
 
-def placed(config: AppConfig, resources: dict) -> dict[str, tuple[float, float]]:
+def placed(config: AppConfig, *nodes: dict) -> dict[str, tuple[float, float]]:
+    """(GPUs, CPUs) per variant on a cluster of `nodes` (one: a single box)."""
     return {name: (p.num_gpus, p.num_cpus)
-            for name, p in fit_to_cluster(config, [resources]).items()}
+            for name, p in fit_to_cluster(config, list(nodes)).items()}
 
 
 def test_serve_yaml_fits_one_gpu_box_both_variants_sharing_the_gpu(caplog):
@@ -137,8 +138,8 @@ def test_each_replica_fits_on_one_node(caplog):
     one for no more than the largest node has; the ingress and style embedder (1.5 CPUs
     here) may land on any node."""
     def nodes(*shapes: tuple[float, float]) -> dict[str, tuple[float, float]]:
-        return {name: (p.num_gpus, p.num_cpus) for name, p in fit_to_cluster(
-            serve_yaml(), [{"CPU": c, "GPU": g} if g else {"CPU": c} for c, g in shapes]).items()}
+        return placed(serve_yaml(), *({"CPU": c, "GPU": g} if g else {"CPU": c}
+                                      for c, g in shapes))
 
     with caplog.at_level("WARNING", logger="mrt_serve.app"):
         # a CPU head and one 4-CPU GPU worker: 12 CPUs in all, but both generators share
