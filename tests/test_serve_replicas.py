@@ -184,8 +184,13 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
             break
         if "initializing" in states.values():
             sid = start(http)["session_id"]
-            assert replica_of(sid) == replica_of(survivor)
             stop(http, sid)
+            if replica_of(sid) != replica_of(survivor):
+                # only if the replacement turned ready since /health was read
+                now = {r["replica"]: r["state"]
+                       for r in http.get("/health").json()["variants"]["tiny"]["replicas"]}
+                assert now.get(replica_of(sid)) == "ready", (sid, now)
+                continue
             loading_starts += 1
         assert time.monotonic() < deadline, states
         time.sleep(0.1)
