@@ -365,19 +365,18 @@ class GeneratorCore:
             for sid, frame in frames.items():
                 jam = self._jams[sid]
                 jam.last_batch_size = len(frames)
+                underruns = jam.underruns
+                if frame.audible and jam.push(frame.audio, now) is not None:
+                    completed.append(sid)
+                    self._chunk_done(jam, late=jam.underruns > underruns, batch=len(frames),
+                                     step_seconds=seconds)
                 if frame.forced:
                     self.prefill_frames += 1
                     if not jam.session.prefill_pending:
                         jam.prefill_done(now)
-                    continue
-                underruns = jam.underruns
-                if jam.push(frame.audio, now) is not None:
-                    completed.append(sid)
-                    self._chunk_done(jam, late=jam.underruns > underruns, batch=len(frames),
-                                     step_seconds=seconds)
-                    if jam.pending_context is not None:
-                        jam.session.prefill(jam.pending_context)
-                        jam.pending_context = None
+                elif jam.pending_context is not None and jam.at_chunk_boundary:
+                    jam.session.prefill(jam.pending_context)  # the reseed, on the boundary
+                    jam.pending_context = None
 
         for sid in completed:
             self._notify(sid)
@@ -574,7 +573,7 @@ class GeneratorCore:
                 jam.session.prefill(codes)
             else:
                 jam.pending_context = codes
-            applies = jam.next_chunk_index + (0 if jam.at_chunk_boundary else 1)
+            applies = jam.reseed_chunk()
         self._wake.set()
         return {"session_id": session_id, "applies_from_chunk": applies,
                 "context_frames": int(codes.shape[0]), "anchor_frames": int(anchor.shape[0])}
@@ -651,7 +650,7 @@ class GeneratorCore:
             jam = self._jams.get(session_id)
             if jam is None:
                 return {}
-            return {"n": jam.session.frames_generated, "total": jam.config.total_frames,
+            return {"n": jam.frames_out, "total": jam.config.total_frames,
                     "prefill_done": jam.session.frames_forced,
                     "prefill_pending": jam.session.prefill_pending}
 

@@ -9,6 +9,11 @@ were, generation for this session pauses until the client catches up.
 In bar mode a `BarChunker` cuts the frames into chunks of whole bars instead. A
 session still prefilling a loop is always due (forced frames make no audio for the
 client), and a realtime clock starts once the first prefill is done.
+
+Two counts move here, one step apart: frames *sampled* (`session.frames_generated`,
+what pacing, updates and reseeds count) and frames *heard* (`frames_out`, what chunks
+hold). The decoder hands a frame's audio out `session.decoder_delay` steps after its
+codes, so a stream needs that many steps more than the audio it sends.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ class JamStream:
         self.started = clock()
         self.created_at = time.time()
         self._frames: list[np.ndarray] = []
+        self.frames_out = 0  # frames of audio pushed into chunks
         self.backlog: collections.deque[Chunk] = collections.deque()
         self.next_chunk_index = 0
         self.delivered = -1  # highest chunk index handed to the client
@@ -119,7 +125,7 @@ class JamStream:
     @property
     def finished(self) -> bool:
         total = self.config.total_frames
-        return total is not None and self.session.frames_generated >= total
+        return total is not None and self.frames_out >= total
 
     def _make_room(self) -> bool:
         """Room for one more frame: the backlog, counting the chunk that frames already in
@@ -144,7 +150,7 @@ class JamStream:
         if self.session.prefill_pending:
             return True
         total = self.config.total_frames
-        if total is not None and self._frames_started >= total:
+        if total is not None and self._frames_started >= total + self.session.decoder_delay:
             return False
         if not self._make_room():
             return False
@@ -152,10 +158,16 @@ class JamStream:
             return self._frames_started < self._frames_allowed(now)
         return True
 
+    @property
+    def _lead(self) -> int:
+        """Realtime: frames sampled ahead of wall clock, so that the audio the client
+        has is `lead_frames` ahead (the decoder holds the newest ones back)."""
+        return self.config.lead_frames + self.session.decoder_delay
+
     def _frames_allowed(self, now: float) -> int:
         """Realtime: frames whose time has come (whole frames; 1e-6 absorbs float error)."""
         elapsed_frames = math.floor((now - self.started) * FRAMES_PER_SECOND + 1e-6)
-        return elapsed_frames + self.config.lead_frames
+        return elapsed_frames + self._lead
 
     def prefill_done(self, now: float) -> None:
         """A loop is in the state. Before the first audio, the realtime clock starts now."""
@@ -168,13 +180,14 @@ class JamStream:
             return 0.0
         if self.config.pace != "realtime" or self.finished:
             return None
-        next_frame = self._frames_started + 1 - self.config.lead_frames
+        next_frame = self._frames_started + 1 - self._lead
         return self.started + next_frame / FRAMES_PER_SECOND
 
     def push(self, frame: np.ndarray, now: float) -> Chunk | None:
-        """Adds one generated frame; returns the chunk it completed, if any."""
+        """Adds one frame of audio; returns the chunk it completed, if any."""
+        self.frames_out += 1
         if self.config.pace == "realtime":
-            lateness = (now - self.started) * FRAMES_PER_SECOND - self.session.frames_generated
+            lateness = (now - self.started) * FRAMES_PER_SECOND - self.frames_out
             self.behind_frames = max(0, int(lateness))
         self._recent.append(frame)
         if self._chunk_started_at is None:
@@ -189,7 +202,7 @@ class JamStream:
         if len(self._frames) < self.config.chunk_frames and not self.finished:
             return None
         audio = np.concatenate(self._frames)
-        first = self.session.frames_generated - len(self._frames)
+        first = self.frames_out - len(self._frames)
         self._frames = []
         chunk = Chunk(self.next_chunk_index, audio, first, time.time())
         self.next_chunk_index += 1
@@ -223,12 +236,26 @@ class JamStream:
             self.backlog.append(chunk)
         return chunk
 
+    def _chunk_at(self, frame: int) -> int:
+        """The chunk in which frame number `frame` starts."""
+        if self.chunker is not None:
+            return self.chunker.chunk_of_sample(frame * FRAME_SAMPLES)
+        return frame // self.config.chunk_frames
+
     @property
     def at_chunk_boundary(self) -> bool:
-        """No audio of the next chunk has been generated yet."""
-        if self.chunker is not None:
-            return self.session.frames_generated == 0
-        return not self._frames
+        """The frames sampled so far end a chunk (bar mode: the last one holds its
+        end) and none is on its way: a loop prefilled now opens the next chunk. Its
+        audio is still owed, and comes with the first forced step."""
+        n = self.session.frames_generated
+        return not self.in_flight and (n == 0 or self._chunk_at(n - 1) < self._chunk_at(n))
+
+    def reseed_chunk(self) -> int:
+        """The chunk a reseed asked for now opens: the first whose boundary is reached
+        with no frame dispatched past it. Frames already on their way cannot be
+        recalled (the pipelined loop may have sent one past a boundary)."""
+        started = self._frames_started
+        return self._chunk_at(started - 1) + 1 if started else 0
 
     def recent_audio(self, seconds: float) -> np.ndarray:
         frames = list(self._recent)[-max(1, round(seconds * FRAMES_PER_SECOND)):]
@@ -257,9 +284,7 @@ class JamStream:
 
     def chunk_of_next_frame(self) -> int:
         """The index of the chunk that the next generated frame will belong to."""
-        if self.chunker is not None:
-            return self.chunker.chunk_of_sample(self.session.frames_generated * FRAME_SAMPLES)
-        return self.session.frames_generated // self.config.chunk_frames
+        return self._chunk_at(self.session.frames_generated)
 
     def status(self) -> dict:
         return {

@@ -60,8 +60,10 @@ def render(
     )
     engine.add(session)
     chunks = []
-    for i in range(frames):
-        chunks.append(engine.step()[session.id].audio)
-        if on_frame:
-            on_frame(i + 1)
+    while len(chunks) < frames:  # plus the decoder's delay: `decoder_delay` steps more
+        frame = engine.step()[session.id]
+        if frame.audible:
+            chunks.append(frame.audio)
+            if on_frame:
+                on_frame(len(chunks))
     return np.concatenate(chunks, axis=0)

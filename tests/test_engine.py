@@ -8,6 +8,8 @@ import pytest
 from serve_app.engine import CapacityError, Controls, Session
 from serve_app.engine.variants import CHANNELS, FRAME_SAMPLES
 
+from .offline_decode import assert_heard_as_decoded, decode_at_once
+
 
 def run(engine, frames: int) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {}
@@ -251,6 +253,27 @@ def test_prefill_changes_what_follows_and_is_deterministic(tiny, make_engine):
     assert plain.shape == looped.shape == (10 * 1920, 2)
     assert not np.array_equal(plain, looped)
     np.testing.assert_array_equal(looped, again)
+
+
+def test_each_frame_heard_is_its_own_codes_decoded(tiny, make_engine):
+    """The codec's decoder looks one frame ahead, so a step's audio belongs to the frame
+    sampled one step earlier. What the listener hears lines up with the codes: from the
+    very first frame (not 40 ms of silence), and right after a loop (not the loop's
+    last frame once more, 40 ms behind the bar line)."""
+    loop = np.random.default_rng(1).integers(0, 1024, (8, 12))
+    engine = make_engine()
+    fresh, looped = Session(style(tiny), seed=3), Session(style(tiny), seed=4)
+    looped.prefill(loop)
+    engine.add(fresh)
+    engine.add(looped)
+    steps = [engine.step() for _ in range(len(loop) + 6)]
+    assert fresh.decoder_delay == tiny.model.decoder_delay_frames == 1
+    for session, forced in ((fresh, 0), (looped, len(loop))):
+        frames = [step[session.id] for step in steps]
+        heard = np.stack([f.audio for f in frames if f.audible])
+        assert len(heard) == len(frames) - forced - session.decoder_delay
+        decoded = decode_at_once(tiny, np.stack([f.codes for f in frames]))
+        assert_heard_as_decoded(heard, decoded[forced:])
 
 
 def test_prefill_rejects_codes_of_the_wrong_shape_or_range(tiny):

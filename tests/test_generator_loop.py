@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 
+from serve_app.audio.barclock import BarClock
 from serve_app.errors import OverCapacity, Unavailable, UnknownSession
 from serve_app.generator import GeneratorCore, JamSpec, StyleSpec
 from serve_app.jam import StreamConfig
 
 from .generator_cores import wait_for_boot, wait_until_ready
+from .offline_decode import assert_heard_as_decoded, decode_at_once
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def test_step_times_add_up_to_no_more_than_the_time_the_steps_took(core):
 
     steps, step_seconds = core.steps, core.step_seconds
     took = asyncio.run(render())
-    assert core.steps - steps == frames
+    assert core.steps - steps == frames + core.engine.model.decoder_delay_frames
     assert 0 < core.step_seconds - step_seconds <= took
 
 
@@ -66,6 +69,43 @@ def test_stop_all_ends_polled_jams_and_leaves_the_others(core):
             await core.status(polled)
 
     asyncio.run(stop_all_twice())
+
+
+def test_a_reseed_starts_the_new_loop_exactly_at_its_chunk(core, tiny):
+    """A reseed waits for the chunk boundary; the new loop's continuation must open the
+    chunk it applies from. The decoder's delay makes that the step after the boundary's
+    codes, whose audio still belongs to the chunk before. Checked against the codes the
+    session holds: its context ends with the new loop and the frames sampled after it."""
+    chunk = 10
+    spec = JamSpec(style=StyleSpec(), seed=2, stream=StreamConfig(
+        chunk_frames=chunk, pace="asap", max_backlog=1))
+    loop = np.random.default_rng(2).uniform(-0.3, 0.3, (2 * 48000, 2)).astype(np.float32)
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        sid = (await core.start(spec))["session_id"]
+        try:
+            assert (await core.next_chunk(sid, timeout=60)).index == 0
+            applies = (await core.reseed(sid, loop))["applies_from_chunk"]
+            for index in range(1, applies):
+                assert (await core.next_chunk(sid, timeout=60)).index == index
+            # the backlog holds one chunk: with `applies` made and not taken, it pauses
+            deadline = time.monotonic() + 60
+            while (await core.status(sid))["chunks_generated"] <= applies:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            context = np.stack(core._jams[sid].session.context)
+            return (await core.next_chunk(sid, timeout=60)).audio, context
+        finally:
+            await core.stop(sid)
+
+    audio, context = asyncio.run(scenario())
+    # context: ...the new loop, `chunk` frames sampled after it, and one more (the step
+    # that handed out the last one's audio)
+    new_loop = core.encoder.codes(loop, BarClock(120.0))
+    before = len(context) - chunk - 1
+    np.testing.assert_array_equal(context[:before], new_loop[-before:])
+    decoded = decode_at_once(tiny, context)[-chunk:]
+    assert_heard_as_decoded(audio.reshape(chunk, -1, 2), decoded)
 
 
 def test_a_refused_start_names_the_replica_that_refused(core, tmp_path):

@@ -56,12 +56,16 @@ def _put_row(state: State, row_state: State, row: jax.Array) -> State:
 
 @dataclasses.dataclass
 class Frame:
-    """One session's output of one step: 40 ms of audio and the codes behind it.
-    A `forced` frame replayed a loop into the state; its audio is the loop's decode."""
+    """One session's output of one step: the frame's codes, and 40 ms of audio made
+    from an earlier step's codes (the decoder's delay, `Variant.decoder_delay_frames`).
+    A `forced` frame replayed a loop into the state. The audio is the listener's only
+    when `audible`, i.e. the frame it was made from was sampled: the step right after
+    a session starts or a loop goes in hands out silence or the loop's own decode."""
 
     audio: np.ndarray  # int16 [1920, 2]
     codes: np.ndarray  # int32 [12]
     forced: bool
+    audible: bool
 
 
 @dataclasses.dataclass
@@ -141,6 +145,7 @@ class BatchedEngine:
         if None not in self._slots:
             self._resize(self._bucket_for(len(self._sessions) + 1))
         row = self._slots.index(None)
+        session.attach_decoder(self.model.decoder_delay_frames)
         self._state = _put_row(self._state, state, np.int32(row))
         self._slots[row] = session.id
         self._sessions[session.id] = session
@@ -216,8 +221,8 @@ class BatchedEngine:
             if session.id not in self._sessions:
                 continue  # left between dispatch and finish
             forced = bool(pending.force[i])
-            session.record(pending.codes[i], forced=forced)
-            frames[session.id] = Frame(pending.audio[i], pending.codes[i], forced)
+            audible = session.record(pending.codes[i], forced=forced)
+            frames[session.id] = Frame(pending.audio[i], pending.codes[i], forced, audible)
         return frames
 
     def _frame_inputs(self, rows: list[int]):

@@ -147,6 +147,7 @@ class StreamingModel:
 
     def __post_init__(self) -> None:
         sampler = self.sampler
+        self.decoder_delay_frames = self.variant.decoder_delay_frames
 
         def init_state(params: Params, seed: jax.Array) -> State:
             state = sampler.apply(

@@ -106,6 +106,9 @@ class Session:
         self.frames_forced = 0
         self._prefill: collections.deque[np.ndarray] = collections.deque()
         self.context = collections.deque(maxlen=context_frames)  # codes, forced or sampled
+        # Per step still inside the decoder's delay: whether that step's frame was
+        # sampled. Set when the session first joins an engine (`attach_decoder`).
+        self._decoding: collections.deque[bool] | None = None
         self.pulse: BeatPulse | None = None
 
     # -- loop context ---------------------------------------------------------
@@ -127,13 +130,33 @@ class Session:
         recent = list(self.context)[-frames:] if frames > 0 else []
         return np.asarray(recent, np.int32).reshape(-1, CODE_LEVELS)
 
-    def record(self, codes: np.ndarray, *, forced: bool) -> None:
-        """Called by the engine after each step with the frame's codes."""
+    def attach_decoder(self, delay_frames: int) -> None:
+        """Called by the engine when the session joins it: the codec's decoder hands
+        out a frame's audio `delay_frames` steps after the frame's codes
+        (`Variant.decoder_delay_frames`). A session moved between engines keeps its
+        count, as it keeps its decoder state."""
+        if self._decoding is None:
+            self._decoding = collections.deque([False] * delay_frames)
+
+    @property
+    def decoder_delay(self) -> int:
+        """Steps between a frame's codes and its audio (0 until the session joins)."""
+        return len(self._decoding) if self._decoding is not None else 0
+
+    def record(self, codes: np.ndarray, *, forced: bool) -> bool:
+        """Called by the engine after each step with the frame's codes. Returns whether
+        the step's audio is the listener's: it is the frame sampled `decoder_delay`
+        steps ago, not silence before the first one, nor the decode of forced loop
+        codes (which is why a loop's continuation starts exactly on the bar line)."""
         self.context.append(np.asarray(codes, np.int32))
         if forced:
             self.frames_forced += 1
         else:
             self.frames_generated += 1
+        if self._decoding is None:
+            raise RuntimeError(f"session {self.id} stepped outside an engine")
+        self._decoding.append(not forced)
+        return self._decoding.popleft()
 
     def set_style(self, embedding: np.ndarray, ramp_seconds: float = 0.0) -> None:
         if ramp_seconds < 0:

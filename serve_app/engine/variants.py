@@ -13,9 +13,11 @@ import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
+import sequence_layers.jax as sl
 from magenta_rt.config import ModelSpec
 from magenta_rt.jax import model as upstream_model
 from magenta_rt.jax import spectrostream
+from sequence_layers.jax import utils as sl_utils
 
 from ..frames import (  # noqa: F401  (re-exported: the engine's geometry)
     CHANNELS,
@@ -97,6 +99,26 @@ class Variant:
 
     def codec_config(self) -> spectrostream.SpectroStream.Config:
         return self.codec(self.rvq_levels)
+
+    @property
+    def decoder_delay_frames(self) -> int:
+        """Steps by which streamed audio lags the codes it is made from.
+
+        The SpectroStream decoder looks one frame ahead (`decoder_lookahead`, an
+        `sl.Lookahead` at its end). Run step by step, that lookahead becomes delay: a
+        step's audio is the frame whose codes were sampled one step earlier, and a
+        fresh state's first step is silence. Not counted, every stream would be one
+        frame late: 40 ms of silence first, and a loop's continuation opening with the
+        loop's own last frame, 40 ms behind the bar grid (`Session.record` counts it).
+        """
+        codec = self.codec_config()
+        samples = sl_utils.get_output_latency(
+            sl.Serial.Config([codec.decoder, codec.inverse_stft]))
+        frames, rest = divmod(samples, FRAME_SAMPLES)
+        if rest:
+            raise ValueError(f"{self.name}: the codec's delay of {samples} samples is not "
+                             f"a whole number of {FRAME_SAMPLES}-sample frames")
+        return frames
 
     def default_compute_dtype(self):
         return self.model_class.compute_dtype
