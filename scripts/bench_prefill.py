@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Prefill benchmark: what putting a loop into a session's context costs.
 
-    scripts/bench_prefill.py [--variant tiny] [--repeats 3] [--json out.json]
+    scripts/bench_prefill.py [--variant tiny] [--repeats 3] [--random-weights] [--json out.json]
 
 Two parts, timed on the same machine in one run: encoding the tiled loop context
 with the SpectroStream encoder (one jitted call), and teacher-forcing its codes into
 a session frame by frame (the engine's batched step with forced rows). Reported per
 frame of context and per second of loop audio. Needs a repo with
-`resources/spectrostream/encoder.safetensors` (tiny's is made on first use).
+`resources/spectrostream/encoder.safetensors` (tiny's is made on first use), or
+`--random-weights` (the cost does not depend on weight values; a bare GPU box).
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ def main() -> None:
     parser.add_argument("--repo", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random model and encoder weights: read no checkpoint files")
     args = parser.parse_args()
     logs.configure()
 
-    loaded = load_model(args.variant, repo=args.repo)
+    loaded = load_model(args.variant, repo=args.repo,
+                        random_weights_seed=0 if args.random_weights else None)
     encoder = loaded.audio_encoder()
     frames = loaded.variant.context_frames
     loop = (0.1 * np.random.default_rng(0).standard_normal((4 * 48000, 2))).astype(np.float32)

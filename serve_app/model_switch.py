@@ -116,7 +116,8 @@ def prepare(
         if candidate.same_architecture:
             params = weights.load(files.checkpoint, expected_param_shapes(current.model.sampler))
             loaded = dataclasses.replace(current, model=current.model.with_params(params),
-                                         steering=steering, files=files)
+                                         steering=steering, files=files,
+                                         random_weights_seed=None)
             engine = None
         else:
             loaded = load_model(candidate.selection.variant, compute_dtype=compute_dtype,

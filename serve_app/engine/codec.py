@@ -53,12 +53,26 @@ def random_encoder_params(variant: Variant, seed: int) -> Params:
 class AudioEncoder:
     """Encodes waveforms to codes with the variant's SpectroStream encoder."""
 
-    def __init__(self, variant: Variant, encoder_path: pathlib.Path, sampler_params: Params):
-        self.variant = variant
-        self._codec = _codec(variant)
+    @classmethod
+    def from_file(cls, variant: Variant, encoder_path: pathlib.Path,
+                  sampler_params: Params) -> AudioEncoder:
         encoder = weights.load(
             encoder_path, expected_encoder_shapes(variant), prefix=ENCODER_PREFIX
         )
+        return cls(variant, encoder, sampler_params)
+
+    @classmethod
+    def random(cls, variant: Variant, seed: int, sampler_params: Params) -> AudioEncoder:
+        """Random encoder weights: loop prefill costs the same whatever the weights, so a
+        benchmark with random weights can measure it too."""
+        encoder = random_encoder_params(variant, seed)["params"]["encoder"]
+        return cls(variant, encoder, sampler_params)
+
+    def __init__(self, variant: Variant, encoder: Params, sampler_params: Params):
+        """`encoder`: the codec's encoder parameters; the quantizer that turns its
+        embeddings into codes is the sampler checkpoint's own."""
+        self.variant = variant
+        self._codec = _codec(variant)
         quantizer = sampler_params["params"]["soundstream"]["quantizer"]
         self._params = {"params": {"encoder": encoder, "quantizer": quantizer}}
         codec = self._codec

@@ -29,17 +29,21 @@ class LoadedModel:
     steering: SteeringAssets
     files: checkpoints.ModelFiles | None
     load_seconds: float
+    random_weights_seed: int | None = None
 
     @property
     def variant(self) -> Variant:
         return self.model.variant
 
     def audio_encoder(self) -> AudioEncoder:
+        if self.random_weights_seed is not None:
+            return AudioEncoder.random(self.variant, self.random_weights_seed,
+                                       self.model.params)
         if self.files is None or self.files.encoder is None:
             raise checkpoints.CheckpointNotFound(
                 f"{checkpoints.ENCODER_FILE} is needed to encode audio input and was not found"
             )
-        return AudioEncoder(self.variant, self.files.encoder, self.model.params)
+        return AudioEncoder.from_file(self.variant, self.files.encoder, self.model.params)
 
 
 def resolve_compute_dtype(variant: Variant, compute_dtype: str = "auto"):
@@ -120,4 +124,5 @@ def load_model(
         style = StyleModel.from_resources(files.musiccoca_dir)
     seconds = time.perf_counter() - t0
     log.info("loaded %s in %.1fs", variant.name, seconds)
-    return LoadedModel(StreamingModel(variant, sampler, params), style, steering, files, seconds)
+    return LoadedModel(StreamingModel(variant, sampler, params), style, steering, files, seconds,
+                       random_weights_seed)
