@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serve_app.engine import CapacityError, Controls, Session
-from serve_app.engine.variants import CHANNELS, FRAME_SAMPLES
+from serve_app.engine.variants import CHANNELS, FRAME_SAMPLES, get_variant
 
 from .offline_decode import assert_heard_as_decoded, decode_at_once
 
@@ -274,6 +274,14 @@ def test_each_frame_heard_is_its_own_codes_decoded(tiny, make_engine):
         assert len(heard) == len(frames) - forced - session.decoder_delay
         decoded = decode_at_once(tiny, np.stack([f.codes for f in frames]))
         assert_heard_as_decoded(heard, decoded[forced:])
+
+
+@pytest.mark.parametrize("name", ["mrt2_small", "mrt2_base"])
+def test_the_real_codecs_hand_audio_out_one_frame_late_too(name):
+    """Read from the codec's config (no weights needed): the real variants' decoder has
+    the same one-frame lookahead as tiny's, so the frame accounting tested above is
+    what they get."""
+    assert get_variant(name).decoder_delay_frames == 1
 
 
 def test_prefill_rejects_codes_of_the_wrong_shape_or_range(tiny):
