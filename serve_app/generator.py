@@ -336,8 +336,8 @@ class GeneratorCore:
         pending = self.engine.dispatch(only=due)
         if pending is not None:
             pending.started = time.perf_counter()
-            for sid in pending.session_ids:
-                self._jams[sid].in_flight += 1
+            for row, session in pending.rows:
+                self._jams[session.id].step_dispatched(bool(pending.force[row]))
         return pending
 
     def _deliver(self, pending: PendingStep) -> None:
@@ -352,9 +352,9 @@ class GeneratorCore:
         self._last_step_done = done
         with self._lock:
             frames = self.engine.finish(pending)
-            for sid in pending.session_ids:
-                if (jam := self._jams.get(sid)) is not None:
-                    jam.in_flight -= 1
+            for row, session in pending.rows:
+                if (jam := self._jams.get(session.id)) is not None:
+                    jam.step_landed(bool(pending.force[row]))
             self.step_seconds += seconds
             self.steps += 1
             self.batch_sizes[len(frames)] += 1
@@ -543,7 +543,7 @@ class GeneratorCore:
                 raise BadRequest(str(e)) from e
             return {
                 "session_id": session_id,
-                "applies_from_frame": session.frames_generated,
+                "applies_from_frame": jam.next_frame,
                 "applies_from_chunk": jam.chunk_of_next_frame(),
             }
 

@@ -116,6 +116,7 @@ class JamStream:
         self.last_chunk_latency: float | None = None  # seconds, first frame -> complete
         self.last_batch_size = 0  # sessions in the last step that advanced this one
         self.in_flight = 0  # frames dispatched to the device and not yet delivered here
+        self.sampled_in_flight = 0  # of those, the ones sampled (not forced loop codes)
         # For the generator's idle expiry: the last call for this session, and the calls
         # waiting on it now (a long-poll or a render is a client still there).
         self.last_request = self.started
@@ -139,10 +140,20 @@ class JamStream:
             self.dropped_chunks += 1
         return True
 
+    def step_dispatched(self, forced: bool) -> None:
+        self.in_flight += 1
+        self.sampled_in_flight += not forced
+
+    def step_landed(self, forced: bool) -> None:
+        self.in_flight -= 1
+        self.sampled_in_flight -= not forced
+
     @property
-    def _frames_started(self) -> int:
-        """Frames generated or on their way: what pacing and length limits count."""
-        return self.session.frames_generated + self.in_flight
+    def next_frame(self) -> int:
+        """The number of the next frame to be sampled: frames sampled and on their way.
+        What pacing and length limits count, and where an update or reseed made now
+        takes effect (controls are read when a step is dispatched)."""
+        return self.session.frames_generated + self.sampled_in_flight
 
     def due(self, now: float) -> bool:
         if self.in_flight and self.pending_context is not None:
@@ -150,12 +161,12 @@ class JamStream:
         if self.session.prefill_pending:
             return True
         total = self.config.total_frames
-        if total is not None and self._frames_started >= total + self.session.decoder_delay:
+        if total is not None and self.next_frame >= total + self.session.decoder_delay:
             return False
         if not self._make_room():
             return False
         if self.config.pace == "realtime":
-            return self._frames_started < self._frames_allowed(now)
+            return self.next_frame < self._frames_allowed(now)
         return True
 
     @property
@@ -180,8 +191,8 @@ class JamStream:
             return 0.0
         if self.config.pace != "realtime" or self.finished:
             return None
-        next_frame = self._frames_started + 1 - self._lead
-        return self.started + next_frame / FRAMES_PER_SECOND
+        due_frame = self.next_frame + 1 - self._lead
+        return self.started + due_frame / FRAMES_PER_SECOND
 
     def push(self, frame: np.ndarray, now: float) -> Chunk | None:
         """Adds one frame of audio; returns the chunk it completed, if any."""
@@ -248,14 +259,14 @@ class JamStream:
         end) and none is on its way: a loop prefilled now opens the next chunk. Its
         audio is still owed, and comes with the first forced step."""
         n = self.session.frames_generated
-        return not self.in_flight and (n == 0 or self._chunk_at(n - 1) < self._chunk_at(n))
+        return not self.sampled_in_flight and (n == 0 or self._chunk_at(n - 1) < self._chunk_at(n))
 
     def reseed_chunk(self) -> int:
         """The chunk a reseed asked for now opens: the first whose boundary is reached
         with no frame dispatched past it. Frames already on their way cannot be
         recalled (the pipelined loop may have sent one past a boundary)."""
-        started = self._frames_started
-        return self._chunk_at(started - 1) + 1 if started else 0
+        n = self.next_frame
+        return self._chunk_at(n - 1) + 1 if n else 0
 
     def recent_audio(self, seconds: float) -> np.ndarray:
         frames = list(self._recent)[-max(1, round(seconds * FRAMES_PER_SECOND)):]
@@ -283,8 +294,8 @@ class JamStream:
             self.backlog.popleft()
 
     def chunk_of_next_frame(self) -> int:
-        """The index of the chunk that the next generated frame will belong to."""
-        return self._chunk_at(self.session.frames_generated)
+        """The index of the chunk that the next frame sampled will belong to."""
+        return self._chunk_at(self.next_frame)
 
     def status(self) -> dict:
         return {

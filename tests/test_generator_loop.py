@@ -15,7 +15,7 @@ import pytest
 
 from serve_app.audio.barclock import BarClock
 from serve_app.errors import OverCapacity, Unavailable, UnknownSession
-from serve_app.generator import GeneratorCore, JamSpec, StyleSpec
+from serve_app.generator import GeneratorCore, JamSpec, JamUpdate, StyleSpec
 from serve_app.jam import StreamConfig
 
 from .generator_cores import wait_for_boot, wait_until_ready
@@ -106,6 +106,37 @@ def test_a_reseed_starts_the_new_loop_exactly_at_its_chunk(core, tiny):
     np.testing.assert_array_equal(context[:before], new_loop[-before:])
     decoded = decode_at_once(tiny, context)[-chunk:]
     assert_heard_as_decoded(audio.reshape(chunk, -1, 2), decoded)
+
+
+def test_an_update_takes_effect_from_the_frame_it_names(core):
+    """An asap stream keeps a step on the device nearly all the time; its controls were
+    read at dispatch, so an update lands after it. The frame the update names is the
+    first sampled differently, against the same seed left alone."""
+    frames = 20  # with the decoder's delay, 21 codes: the session's context keeps them all
+
+    async def codes(update_after_first_chunk: bool) -> tuple[np.ndarray, int | None]:
+        spec = JamSpec(style=StyleSpec(), seed=3, stream=StreamConfig(
+            chunk_frames=2, pace="asap", total_frames=frames))
+        sid = (await core.start(spec))["session_id"]
+        try:
+            assert await core.next_chunk(sid, timeout=60) is not None
+            applies = None
+            if update_after_first_chunk:
+                reply = await core.update(sid, JamUpdate(controls={"temperature": 0.05}))
+                applies = reply["applies_from_frame"]
+            deadline = time.monotonic() + 60
+            while not (await core.status(sid))["finished"]:
+                assert time.monotonic() < deadline
+                await core.next_chunk(sid, timeout=5)
+            return np.stack(core._jams[sid].session.context), applies
+        finally:
+            await core.stop(sid)
+
+    plain, _ = asyncio.run(codes(False))
+    updated, applies = asyncio.run(codes(True))
+    assert applies < frames, "the stream ended before the update: nothing to compare"
+    differs = np.flatnonzero((plain != updated).any(axis=1))
+    assert differs.size and differs[0] == applies, (differs[:3], applies)
 
 
 def test_a_refused_start_names_the_replica_that_refused(core, tmp_path):

@@ -117,11 +117,11 @@ def test_frames_in_flight_count_for_pacing_length_and_backlog():
     jam = JamStream(Session(None), StreamConfig(chunk_frames=2, max_backlog=1,
                                                 total_frames=4), clock=clock)
     generate(jam, clock, 1)
-    jam.in_flight = 1  # the second frame of chunk 0 is on the device
+    jam.step_dispatched(forced=False)  # the second frame of chunk 0 is on the device
     assert not jam.due(clock())  # it will fill the backlog of 1: pause until delivered
-    jam.in_flight = 0
+    jam.step_landed(forced=False)
     generate(jam, clock, 1)
     jam.take_next()
     generate(jam, clock, 1)
-    jam.in_flight = 1  # frame 4 of 4 in flight: the render is complete once it lands
+    jam.step_dispatched(forced=False)  # frame 4 of 4 in flight: the render ends once it lands
     assert not jam.due(clock())
