@@ -84,10 +84,6 @@ class PendingStep:
         self.audio, self.codes = jax.device_get((self.audio, self.codes))
         return self
 
-    @property
-    def session_ids(self) -> list[str]:
-        return [session.id for _, session in self.rows]
-
 
 @dataclasses.dataclass
 class SessionSnapshot:
