@@ -374,9 +374,8 @@ class GeneratorCore:
                     self.prefill_frames += 1
                     if not jam.session.prefill_pending:
                         jam.prefill_done(now)
-                elif jam.pending_context is not None and jam.at_chunk_boundary:
-                    jam.session.prefill(jam.pending_context)  # the reseed, on the boundary
-                    jam.pending_context = None
+                else:
+                    jam.reseed_at_boundary()
 
         for sid in completed:
             self._notify(sid)
@@ -569,10 +568,8 @@ class GeneratorCore:
             codes = np.concatenate([codes[anchor.shape[0]:], anchor])
         with self._lock:
             jam = self._jam(session_id)
-            if jam.at_chunk_boundary:
-                jam.session.prefill(codes)
-            else:
-                jam.pending_context = codes
+            jam.pending_context = codes
+            jam.reseed_at_boundary()
             applies = jam.reseed_chunk()
         self._wake.set()
         return {"session_id": session_id, "applies_from_chunk": applies,

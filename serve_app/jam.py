@@ -261,6 +261,13 @@ class JamStream:
         n = self.session.frames_generated
         return not self.sampled_in_flight and (n == 0 or self._chunk_at(n - 1) < self._chunk_at(n))
 
+    def reseed_at_boundary(self) -> None:
+        """Puts a waiting reseed's loop in once the frames sampled end a chunk: when the
+        reseed is asked for, and after each frame sampled until then."""
+        if self.pending_context is not None and self.at_chunk_boundary:
+            self.session.prefill(self.pending_context)
+            self.pending_context = None
+
     def reseed_chunk(self) -> int:
         """The chunk a reseed asked for now opens: the first whose boundary is reached
         with no frame dispatched past it. Frames already on their way cannot be

@@ -147,6 +147,12 @@ def test_the_benchmark_adds_up_the_steps_of_both_replicas(http, tmp_path):
     assert steps["steps"] >= 2 * 2 * 25  # 2 s of 40 ms frames on each replica
 
 
+def tiny_replica_states(http) -> tuple[dict, dict[str, str]]:
+    """The tiny variant's /health entry, and each of its replicas' state."""
+    tiny = http.get("/health").json()["variants"]["tiny"]
+    return tiny, {r["replica"]: r["state"] for r in tiny["replicas"]}
+
+
 def test_a_dead_replica_loses_only_its_own_sessions(http):
     import ray
 
@@ -177,9 +183,8 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
     deadline = time.monotonic() + 240
     loading_starts = 0
     while True:
-        tiny = http.get("/health").json()["variants"]["tiny"]
+        tiny, states = tiny_replica_states(http)
         assert tiny["state"] == "ready", tiny  # the survivor is
-        states = {r["replica"]: r["state"] for r in tiny["replicas"]}
         if sorted(states.values()) == ["ready", "ready"]:
             break
         if "initializing" in states.values():
@@ -187,8 +192,7 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
             stop(http, sid)
             if replica_of(sid) != replica_of(survivor):
                 # only if the replacement turned ready since /health was read
-                now = {r["replica"]: r["state"]
-                       for r in http.get("/health").json()["variants"]["tiny"]["replicas"]}
+                _, now = tiny_replica_states(http)
                 assert now.get(replica_of(sid)) == "ready", (sid, now)
                 continue
             loading_starts += 1

@@ -4,16 +4,13 @@ starts it, from a config file of the same format `serve run` reads."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import pathlib
 import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import soundfile as sf
 import yaml
 
 from serve_app.client import run as record_jam
@@ -23,6 +20,7 @@ from serve_app.standalone import build_app, build_generators
 
 from .generator_cores import wait_for_boot, wait_until_ready
 from .serve_fixtures import tiny_config, wait_ready
+from .test_loops import LOOP
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -140,11 +138,8 @@ def test_random_weights_read_no_checkpoint_files(tmp_path):
             assert render.json()["metadata"]["styles"] == ["ambient"]
             # loops too: the codec's encoder is random as well
             assert health["variants"]["tiny"]["loop_encoder"]
-            loop = io.BytesIO()
-            sf.write(loop, np.random.default_rng(0).uniform(-0.3, 0.3, (48000, 2)), 48000,
-                     format="WAV")
             looped = http.post("/generate", data={"bpm": 240, "bars": 1, "seed": 1},
-                               files={"loop_audio": ("loop.wav", loop.getvalue())})
+                               files={"loop_audio": ("loop.wav", LOOP)})
             assert looped.status_code == 200, looped.text
             assert looped.json()["metadata"]["context_frames"] == 25
 
