@@ -14,7 +14,11 @@ from serve_app.api.settings import ApiSettings
 from serve_app.errors import ApiError, OverCapacity, Unavailable, UnknownSession
 from serve_app.replicas import variant_health, variant_model_status
 
+from .kv import RayKV
+
 log = logging.getLogger("mrt_serve.ingress")
+
+PROGRESS_NAMESPACE = "mrt_serve_render_progress"
 
 NO_REPLICA = "no generator replica is running yet (`serve status` says why if this lasts)"
 
@@ -175,4 +179,6 @@ class Ingress:
         self.settings = ApiSettings.from_config(api)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.generators, self.styles, self.settings)
+        # renders' progress in the cluster's store: a /progress poll reaches any replica
+        progress = RayKV(PROGRESS_NAMESPACE, serve.get_replica_context().app_name)
+        return create_app(self.generators, self.styles, self.settings, progress)

@@ -66,10 +66,11 @@ def serve_root():
 
 @pytest.fixture(scope="session")
 def serve_base(serve_root, tiny_repo):
-    """Our graph (tiny, CPU) on that instance, for every API test module."""
+    """Our graph (tiny, CPU) on that instance, for every API test module; with two ingress
+    replicas, as configs/serve.yaml has, so that a request may reach either."""
     from .serve_fixtures import deploy, tiny_config
 
-    return deploy(serve_root, tiny_config(tiny_repo))
+    return deploy(serve_root, tiny_config(tiny_repo, ingress_replicas=2))
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,14 @@ import httpx
 from serve_app.ports import free_port
 
 
-def tiny_config(repo, *, max_sessions: int = 4, buckets=(1, 2, 4), api: dict | None = None):
+def tiny_config(repo, *, max_sessions: int = 4, buckets=(1, 2, 4), api: dict | None = None,
+                ingress_replicas: int = 1):
     return {
         "default_variant": "tiny",
         "variants": [{"name": "tiny", "repo": str(repo), "max_sessions": max_sessions,
                       "buckets": list(buckets), "num_cpus": 1}],
         "style_embedder": {"mock": True},
+        "ingress": {"num_replicas": ingress_replicas},
         "api": {"max_backlog_chunks": 4, "ws_max_lead_seconds": 4.0, **(api or {})},
     }
 

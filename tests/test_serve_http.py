@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -83,6 +84,41 @@ def test_generate_style_returns_exact_bar_lengths(http, bpm, bars, beats, rate):
     assert body["request_id"] == f"req-{bpm}"
     progress = http.get("/progress", params={"request_id": f"req-{bpm}"}).json()
     assert progress["stage"] == "done" and progress["percent"] == 100.0
+
+
+def test_progress_answers_from_either_ingress_replica_during_and_after_a_render(base):
+    """The render's request stays on one ingress replica; Serve's proxy sends the polls to
+    the less busy one, which held no record before the store was shared (49 of 49 polls
+    during a render answered 404)."""
+    form = {"styles": "jazz", "bpm": 120, "bars": 16, "seed": 5, "request_id": "poll-16"}
+    answers = []
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=base, timeout=60) as poller:
+        render = pool.submit(httpx.post, f"{base}/generate_style", data=form, timeout=300)
+        while not render.done():
+            r = poller.get("/progress", params={"request_id": "poll-16"})
+            answers.append((r.status_code, r.json()))
+            time.sleep(0.02)
+        assert render.result().status_code == 200, render.result().text
+        after = [poller.get("/progress", params={"request_id": "poll-16"}).json()
+                 for _ in range(8)]
+    codes = [code for code, _ in answers]
+    assert 200 in codes, answers[-3:]
+    first = codes.index(200)  # a poll before the first stage was written rightly gets 404
+    assert set(codes[first:]) == {200}, answers
+    generating = [body["n"] for _, body in answers[first:] if body["stage"] == "generating"]
+    assert generating and generating == sorted(generating)
+    assert all(body["total"] == 800 for _, body in answers[first:])  # 16 bars x 50 frames
+    assert after == [{"n": 800, "total": 800, "percent": 100.0, "stage": "done"}] * 8
+
+
+def test_a_failed_render_says_why_on_progress(http):
+    r = http.post("/generate_style", data={"styles": "x", "bars": 65, "request_id": "too-long"})
+    assert r.status_code == 400
+    for _ in range(6):  # whichever ingress replica answers
+        progress = http.get("/progress", params={"request_id": "too-long"}).json()
+        assert progress["stage"] == "error"
+        assert progress["error"] == r.json()["error"] == (
+            "bars: at most 64 bars per request (intro included), got 65")
 
 
 def test_intro_bars_are_dropped_from_the_same_render(http):

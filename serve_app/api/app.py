@@ -26,9 +26,10 @@ from ..audio.bars import to_int16
 from ..audio.loudness import LoudnessMatcher, fade_edges
 from ..audio.resample import check_rate, resample, resample_int16
 from ..engine import CHANNELS, SAMPLE_RATE
-from ..errors import ApiError, BadRequest, NotReady, Unavailable, UnknownSession, field_problems
+from ..errors import ApiError, BadRequest, NotReady, Unavailable, field_problems
 from ..generator import variant_of
 from ..jam import StreamConfig, frames_for
+from ..progress import MemoryProgressStore, ProgressBoard, ProgressStore, SetStage
 from ..web import page
 from .clients import GeneratorClient, StyleClient
 from .models import add_model_routes
@@ -116,16 +117,19 @@ def create_app(
     generators: Mapping[str, GeneratorClient],
     styles: StyleClient,
     settings: ApiSettings | None = None,
+    progress_store: ProgressStore | None = None,
 ) -> FastAPI:
+    """`progress_store` holds renders' progress for `/progress`: one that every replica of
+    this app shares (default: this process's own)."""
     settings = settings or ApiSettings()
     service = JamService(generators, styles, settings)
+    board = ProgressBoard(progress_store or MemoryProgressStore(),
+                          settings.progress_retention_seconds)
     app = FastAPI(
         title="mrt-serve",
         version="0.1.0",
         description="Magenta RealTime 2 as a service: style jams over HTTP and WebSocket.",
     )
-    progress: dict[str, dict] = {}
-
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
@@ -164,13 +168,14 @@ def create_app(
 
     # -- fixed-length renders ------------------------------------------------
     async def render_bars(
-        controls: ControlFields, clock: BarClock, render: RenderFields, rate: int, *,
+        controls: ControlFields, clock: BarClock, render: RenderFields, rate: int,
+        set_stage: SetStage, *,
         loop: np.ndarray | None = None, loop_weight: float = 1.0,
         loudness_mode: str = "none", headroom_db: float = 1.0,
     ) -> dict:
         """`bars` bars (after `intro_bars` dropped) at `rate`: exactly
         round(bars * seconds_per_bar * rate) samples, continuing `loop` when given."""
-        bars, intro_bars, request_id = render.bars, render.intro_bars_to_drop, render.request_id
+        bars, intro_bars = render.bars, render.intro_bars_to_drop
         tempo_guidance = render.tempo_guidance
         if bars + intro_bars > settings.max_bars:
             raise BadRequest(f"bars: at most {settings.max_bars} bars per request "
@@ -194,16 +199,14 @@ def create_app(
             tempo_guidance_bpm=clock.bpm if tempo_guidance else None)
         sid = started["session_id"]
         name, client = variant_of(sid), service.of_session(sid)
-        key = request_id or sid
-        progress[key] = {"variant": name, "session_id": sid, "stage": "generating",
-                         "total": frames}
         try:
+            await set_stage("generating", variant=name, session_id=sid, total=frames)
             chunk = await client.next_chunk(sid, settings.max_render_seconds * 10)
             if chunk is None:
                 raise Unavailable("generation did not finish in time")
+            await set_stage("finishing", n=frames)
         finally:
             await client.stop(sid)
-        progress[key].update(stage="finishing", n=frames, total=frames)
         start = clock.boundary(intro_bars)
         body = resample(chunk.audio[start:start + clock.samples(bars)], rate,
                         clock.samples(bars, rate))
@@ -212,7 +215,7 @@ def create_app(
             body, loudness = matcher.apply(body, [clock.boundary(b, rate) for b in range(bars)])
         audio = to_int16(fade_edges(body, rate=rate))
         c = spec.controls
-        progress[key].update(stage="done")
+        await set_stage("done")
         return {
             "audio_base64": base64.b64encode(to_wav_bytes(audio, rate)).decode(),
             "metadata": {
@@ -229,7 +232,7 @@ def create_app(
                 "topk": c.top_k, "variant": name, "seed": started["seed"],
                 "tempo_guidance": tempo_guidance,
             },
-            "request_id": request_id,
+            "request_id": render.request_id,
         }
 
     @app.post("/generate")
@@ -242,14 +245,14 @@ def create_app(
         loudness_mode: str = Form("auto"),
         loudness_headroom_db: float = Form(1.0, ge=0, le=24),
     ):
-        clock = service.bar_clock(bpm, render.beats_per_bar)
-        rate = service.output_rate(render.target_sample_rate)
-        if render.request_id:
-            progress[render.request_id] = {"stage": "decoding", "total": 0}
-        loop = await service.decode_loop(await loop_audio.read())
-        return await render_bars(
-            controls, clock, render, rate, loop=loop, loop_weight=loop_weight,
-            loudness_mode=loudness_mode, headroom_db=loudness_headroom_db)
+        async with board.tracking(render.request_id) as set_stage:
+            clock = service.bar_clock(bpm, render.beats_per_bar)
+            rate = service.output_rate(render.target_sample_rate)
+            await set_stage("decoding")
+            loop = await service.decode_loop(await loop_audio.read())
+            return await render_bars(
+                controls, clock, render, rate, set_stage, loop=loop, loop_weight=loop_weight,
+                loudness_mode=loudness_mode, headroom_db=loudness_headroom_db)
 
     @app.post("/generate_style")
     async def generate_style(
@@ -257,28 +260,15 @@ def create_app(
         render: RenderFields = RenderForm,
         bpm: float = Form(120.0),
     ):
-        clock = service.bar_clock(bpm, render.beats_per_bar)
-        return await render_bars(controls, clock, render,
-                                 service.output_rate(render.target_sample_rate))
+        async with board.tracking(render.request_id) as set_stage:
+            clock = service.bar_clock(bpm, render.beats_per_bar)
+            return await render_bars(controls, clock, render,
+                                     service.output_rate(render.target_sample_rate), set_stage)
 
     @app.get("/progress")
     async def get_progress(request_id: str = Query(...)):
-        entry = progress.get(request_id)
-        if entry is None:
-            raise UnknownSession(f"request_id: no generation known as {request_id!r}")
-        stage, n, total = entry["stage"], entry.get("n", 0), entry["total"]
-        if stage == "generating":
-            try:
-                live = await generators[entry["variant"]].progress(entry["session_id"])
-            except ApiError:
-                live = {}
-            if live.get("prefill_pending"):
-                stage, n = "prefill", live["prefill_done"]
-                total = live["prefill_done"] + live["prefill_pending"]
-            else:
-                n = live.get("n", n)
-        percent = round(100 * n / total, 1) if total else 0.0
-        return {"n": n, "total": total, "percent": percent, "stage": stage}
+        """A render's stage and frames, `{n, total, percent, stage}`, from any replica."""
+        return await board.read(request_id, generators)
 
     # -- polling jams ----------------------------------------------------------
     @app.post("/jam/start")

@@ -29,6 +29,8 @@ class ApiSettings(BaseModel):
     ws_default_window_chunks: int = Field(4, ge=1)
     next_timeout_seconds: float = Field(10.0, gt=0)
     max_next_timeout_seconds: float = Field(60.0, gt=0)
+    # how long GET /progress still answers for a finished render
+    progress_retention_seconds: float = Field(600.0, gt=0)
     api_keys: list[str] = Field(default_factory=list)
     admin_keys: list[str] = Field(default_factory=list)
     space_mode: str = "auto"  # serve | template | auto

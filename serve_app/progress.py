@@ -1,0 +1,173 @@
+"""How far a render (`/generate`, `/generate_style`) has got, by its `request_id`.
+
+A client polls `GET /progress` while its render request is still open. In a Ray
+cluster the proxy sends that poll to any ingress replica, and it prefers the ones
+with fewer requests in flight, which the replica holding the render is not:
+with two ingress replicas, 49 of 49 polls during a 16-bar render reached the
+other one. So the ingress writes each render's stage to a store that all its
+replicas share (Ray's key-value store there, `deployments/kv.py`; a bounded
+dict in one process), and any replica answers from it, asking the session's
+generator for the live frame count while it generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Protocol
+
+from .errors import ApiError, UnknownSession
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("done", "error")
+SetStage = Callable[..., Awaitable[None]]  # set_stage(stage, **RenderProgress fields)
+
+
+class ProgressStore(Protocol):
+    """Text values by key; every call may block (a network round trip)."""
+
+    def get(self, key: str) -> str | None: ...
+    def put(self, key: str, value: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+
+
+class MemoryProgressStore:
+    """One process's store, holding at most `max_entries` (the oldest written go first)."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._values: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        return self._values.get(key)
+
+    def put(self, key: str, value: str) -> None:
+        self._values[key] = value
+        self._values.move_to_end(key)
+        while len(self._values) > self.max_entries:
+            self._values.popitem(last=False)
+
+    def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+@dataclasses.dataclass
+class RenderProgress:
+    """A render's record. `stage`: decoding (the upload), generating (frames; `prefill`
+    while a loop is forced in, reported from the generator), finishing (cutting,
+    resampling, loudness), done, or error (with `error`, what the client was told)."""
+
+    stage: str
+    total: int = 0
+    n: int = 0
+    variant: str | None = None
+    session_id: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RenderProgress:
+        return cls(**json.loads(text))
+
+
+class ProgressBoard:
+    """Writes a render's stages under its request id and answers `/progress` from them.
+
+    A finished record stays readable for `retention_seconds`, then this process
+    deletes it, so the store does not grow with every render ever made. A store
+    that fails is logged and never fails the render itself.
+    """
+
+    def __init__(self, store: ProgressStore, retention_seconds: float = 600.0) -> None:
+        self.store = store
+        self.retention_seconds = retention_seconds
+        self._forgetting: set[asyncio.Task] = set()
+
+    @contextlib.asynccontextmanager
+    async def tracking(self, request_id: str | None) -> AsyncIterator[SetStage]:
+        """Yields `set(stage, **fields)` for one render; a render that raises is
+        recorded as `error` with its message. Without a request id nothing is stored."""
+        record = RenderProgress(stage="starting")
+
+        async def set_stage(stage: str, **fields) -> None:
+            nonlocal record
+            record = dataclasses.replace(record, stage=stage, **fields)
+            if request_id:
+                await self._write(request_id, record)
+
+        try:
+            yield set_stage
+        except BaseException as e:
+            await asyncio.shield(set_stage("error", error=_told(e)))
+            raise
+
+    async def _write(self, request_id: str, record: RenderProgress) -> None:
+        value = record.to_json()
+        try:
+            await asyncio.to_thread(self.store.put, request_id, value)
+        except Exception as e:
+            log.warning("progress of %r not recorded (%s)", request_id, e)
+            return
+        if record.stage in FINISHED:
+            task = asyncio.create_task(self._forget(request_id, value))
+            self._forgetting.add(task)  # the loop holds tasks weakly
+            task.add_done_callback(self._forgetting.discard)
+
+    async def _forget(self, request_id: str, value: str) -> None:
+        await asyncio.sleep(self.retention_seconds)
+        try:
+            # a later render may have reused the id: delete only what this one wrote
+            if await asyncio.to_thread(self.store.get, request_id) == value:
+                await asyncio.to_thread(self.store.delete, request_id)
+        except Exception as e:
+            log.warning("progress of %r not deleted (%s)", request_id, e)
+
+    async def _record(self, request_id: str) -> RenderProgress:
+        value = await asyncio.to_thread(self.store.get, request_id)
+        if value is None:
+            raise UnknownSession(f"request_id: no generation known as {request_id!r}")
+        return RenderProgress.from_json(value)
+
+    async def read(self, request_id: str, generators: Mapping) -> dict:
+        """`{n, total, percent, stage}` (and `error` for a failed render)."""
+        record = await self._record(request_id)
+        stage, n, total = record.stage, record.n, record.total
+        if stage == "generating" and record.variant in generators:
+            try:
+                live = await generators[record.variant].progress(record.session_id)
+            except ApiError:
+                live = {}
+            if not live:  # the session has ended since: its render has moved on
+                record = await self._record(request_id)
+                stage, n, total = record.stage, record.n, record.total
+            elif live.get("prefill_pending"):
+                stage, n = "prefill", live["prefill_done"]
+                total = live["prefill_done"] + live["prefill_pending"]
+            else:
+                n = live.get("n", n)
+        answer = {"n": n, "total": total, "percent": round(100 * n / total, 1) if total else 0.0,
+                  "stage": stage}
+        if record.error is not None:
+            answer["error"] = record.error
+        return answer
+
+
+
+def _told(error: BaseException) -> str:
+    """What a failed render's record says: the client's own error message, else the kind."""
+    if isinstance(error, ApiError):
+        return error.message
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled: the render's request ended before it did"
+    return "internal error (the server log has it)"
