@@ -3,7 +3,11 @@
 
     scripts/bench_serve.py --url ws://HOST:PORT --sessions 1,2,4 --seconds 20 \
         --chunk-seconds 0.5 --json bench-results/serve.json [--png F] [--variant V] \
-        [--api-key K] [--wait-ready SECONDS]
+        [--api-key K] [--wait-ready SECONDS] [--loop-seconds S [--bpm B]]
+
+`--loop-seconds` makes every session a bar-mode jam on a loop of that length, as
+the prototype's app jams: chunks of one bar at `--bpm`, loudness matched to the
+loop (`--chunk-seconds` does not apply).
 
 Each session is what a musician's app does: start a `realtime` jam, play chunks as
 they come, and halfway through send a style update. Per session it measures, with
@@ -35,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
+import io
 import json
 import pathlib
 import statistics
@@ -43,6 +49,8 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
+import soundfile as sf
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -64,23 +72,49 @@ class SessionResult:
     overhead_ms: list[float] = dataclasses.field(default_factory=list)
     to_ingress_ms: list[float] = dataclasses.field(default_factory=list)
     variant: str | None = None  # the generator that served it, from `started`
+    mode: str | None = None  # rt or bar, from `started`
     error: str | None = None
+
+
+@dataclasses.dataclass
+class BarLoop:
+    """Bar mode: the loop every session jams on (WAV, base64) and its tempo."""
+
+    wav_b64: str
+    bpm: float
+
+    @classmethod
+    def synth(cls, seconds: float, bpm: float) -> BarLoop:
+        """A kick on every beat over a quiet chord, at 48 kHz stereo."""
+        t = np.arange(int(seconds * 48000)) / 48000
+        kick = np.exp(-(t % (60 / bpm)) * 18) * np.sin(2 * np.pi * 55 * t)
+        chord = sum(np.sin(2 * np.pi * f * t) for f in (220, 277.2, 329.6)) / 3
+        mono = (0.2 * (kick + 0.4 * chord)).astype(np.float32)
+        buf = io.BytesIO()
+        sf.write(buf, np.stack([mono, mono], 1), 48000, format="WAV", subtype="PCM_16")
+        return cls(base64.b64encode(buf.getvalue()).decode(), bpm)
+
+    def params(self) -> dict:
+        return {"loop_audio_b64": self.wav_b64, "bpm": self.bpm, "beats_per_bar": 4,
+                "bars_per_chunk": 1, "loudness_mode": "auto"}
 
 
 async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
               variant: str | None, binary: bool = True, delay: float = 0.0,
-              api_key: str | None = None) -> SessionResult:
+              api_key: str | None = None, loop: BarLoop | None = None) -> SessionResult:
     result = SessionResult()
     await asyncio.sleep(delay)
     params = {"styles": STYLES[0], "pace": "realtime", "chunk_seconds": chunk_seconds,
-              "seed": seed, **({"variant": variant} if variant else {})}
+              "seed": seed, **({"variant": variant} if variant else {}),
+              **(loop.params() if loop else {})}
     try:
         # PCM does not compress: permessage-deflate would only cost time (~5 ms a 0.5 s
         # chunk on the dev box), so this client, like ours, does not offer it.
         async with connect(url, max_size=None, compression=None,
                            additional_headers=api_key_headers(api_key)) as ws:
             sent_at = time.monotonic()
-            await ws.send(json.dumps({"type": "start", "mode": "rt", "binary_audio": binary,
+            await ws.send(json.dumps({"type": "start", "mode": "bar" if loop else "rt",
+                                      "binary_audio": binary,
                                       "audio_format": "pcm16", "params": params}))
             audio_runs_out = None  # client monotonic time the buffered audio ends
             first_at = None
@@ -98,7 +132,7 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
                     result.error = message["error"]
                     return result
                 if kind == "started":
-                    result.variant = message.get("variant")
+                    result.variant, result.mode = message.get("variant"), message.get("mode")
                     continue
                 if kind == "status" and message.get("event") == "updated":
                     update_chunk = message["update_applies_from_chunk"]
@@ -234,14 +268,14 @@ def p50(values: list[float]) -> float | None:
 
 async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
               variant: str | None, binary: bool = True, stagger: bool = False,
-              api_key: str | None = None) -> dict:
+              api_key: str | None = None, loop: BarLoop | None = None) -> dict:
     # Staggered, session i starts i/N of a chunk after the first, as musicians who do
     # not press start together would; otherwise all start at once, so their chunks fall
     # due in the same step and queue behind each other on the way out (the worst case).
     delays = [i * chunk_seconds / sessions if stagger else 0.0 for i in range(sessions)]
     before = await asyncio.to_thread(generator_health, url, variant, api_key)
     results = await asyncio.gather(*(jam(url, seconds, chunk_seconds, 1000 + i, variant,
-                                         binary, delays[i], api_key)
+                                         binary, delays[i], api_key, loop)
                                      for i in range(sessions)))
     after = await asyncio.to_thread(generator_health, url, variant, api_key)
     overheads = [v for r in results for v in r.overhead_ms]
@@ -312,12 +346,20 @@ def main() -> int:
     parser.add_argument("--wait-ready", type=float, default=0, metavar="SECONDS",
                         help="first wait up to this long for the variant to be ready (a "
                              "server just started compiles its buckets; default: no wait)")
+    parser.add_argument("--loop-seconds", type=float, default=None,
+                        help="bar-mode jams on a synthesized loop this long, one bar a chunk")
+    parser.add_argument("--bpm", type=float, default=120.0, help="the loop's tempo (bar mode)")
     parser.add_argument("--json", type=pathlib.Path, required=True)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     args = parser.parse_args()
     counts = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
     if not counts or counts[0] < 1:
         parser.error("--sessions: positive integers, e.g. 1,2,4")
+    if args.loop_seconds is not None and not 0 < args.loop_seconds <= 600:
+        parser.error("--loop-seconds: within 0..600 seconds")
+    loop = BarLoop.synth(args.loop_seconds, args.bpm) if args.loop_seconds else None
+    if loop is not None:
+        args.chunk_seconds = 4 * 60 / args.bpm  # one 4/4 bar
     url = ws_url(args.url)
     if args.wait_ready > 0:
         wait_until_ready(url, args.variant, args.api_key, args.wait_ready)
@@ -335,6 +377,8 @@ def main() -> int:
     print(f"  generator device: {device or 'unknown'}", file=sys.stderr, flush=True)
     report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
               "variant": args.variant, "audio": args.audio, "staggered": args.stagger,
+              "mode": "bar" if loop else "rt", "loop_seconds": args.loop_seconds,
+              "bpm": args.bpm if loop else None,
               "device": device, "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
           f"{'overhead ms':>11} {'step ms':>7} {'rows':>5} {'steps > ' + FRAME_MS + ' ms':>13}",
@@ -343,7 +387,7 @@ def main() -> int:
         print(f"  running {n} session(s) for {args.seconds:g} s ...", file=sys.stderr,
               flush=True)
         r = asyncio.run(run(url, n, args.seconds, args.chunk_seconds, args.variant,
-                            args.audio == "binary", args.stagger, args.api_key))
+                            args.audio == "binary", args.stagger, args.api_key, loop))
         report["runs"].append(r)
         steps = r["generator_steps"] or {}
         late = steps.get("steps_over_frame_share")

@@ -39,3 +39,21 @@ def test_bench_serve_reports_every_figure(serve_base, tmp_path):
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "max sessions with zero underruns" in run.stdout
+
+
+def test_bench_serve_measures_bar_mode_jams_on_a_loop(serve_base, tmp_path):
+    out = tmp_path / "bar.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_serve.py"), "--url",
+         serve_base.replace("http://", "ws://"), "--sessions", "1", "--seconds", "3",
+         "--loop-seconds", "4", "--bpm", "240", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert (report["mode"], report["loop_seconds"], report["bpm"]) == ("bar", 4.0, 240.0)
+    assert report["chunk_seconds"] == 1.0  # one 4/4 bar at 240 bpm
+    (r,) = report["runs"]
+    assert r["failed_sessions"] == 0, r["errors"]
+    assert r["chunks"] >= 3 and r["update_latency_ms_p50"] is not None
+    assert r["per_session"][0]["mode"] == "bar"  # as the server's `started` said
