@@ -451,7 +451,9 @@ class GeneratorCore:
             )
             if spec.tempo_guidance_bpm is not None:
                 session.pulse = BeatPulse(spec.tempo_guidance_bpm)
-            chunker = spec.bar.chunker(spec.loop) if spec.bar is not None else None
+            # in a thread: the chunker measures the loop's loudness (tens of ms)
+            chunker = (await asyncio.to_thread(spec.bar.chunker, spec.loop)
+                       if spec.bar is not None else None)
             jam = JamStream(session, spec.stream, chunker=chunker)
         except ValueError as e:
             raise BadRequest(str(e)) from e

@@ -138,6 +138,19 @@ def test_loudness_matcher_hits_the_loop_and_respects_headroom():
         LoudnessMatcher(loop, "loud")
 
 
+def test_a_bar_chunker_measures_its_loop_once_for_the_mode_its_bars_use():
+    loop = np.stack([synth_loop(4.0, 48000, level=0.05)] * 2, 1)
+    matcher = LoudnessMatcher(loop, "auto")
+    BarChunker(BarClock(120, 4), 1, loudness=matcher)  # 2 s bars: BS.1770
+    assert matcher._reference_db == {"lufs": pytest.approx(lufs(loop))}
+    short = LoudnessMatcher(loop, "auto")
+    BarChunker(BarClock(300, 1), 1, loudness=short)  # 0.2 s bars: too short to gate
+    assert list(short._reference_db) == ["rms"]
+    quiet = (0.001 * np.random.default_rng(1).standard_normal((96000, 2))).astype(np.float32)
+    measured_once = matcher.apply(quiet, [0])[0]
+    np.testing.assert_array_equal(measured_once, LoudnessMatcher(loop, "auto").apply(quiet, [0])[0])
+
+
 # -- routes (in-process) -----------------------------------------------------
 @pytest.fixture(scope="module")
 def api(tiny):

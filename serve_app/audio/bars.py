@@ -41,6 +41,8 @@ class BarChunker:
         self.bars_per_chunk = bars_per_chunk
         self.rate = rate
         self.loudness = loudness
+        if loudness is not None:
+            loudness.prepare(float(clock.seconds_per_bar))
         self._resampler = (None if rate == SAMPLE_RATE else
                            soxr.ResampleStream(SAMPLE_RATE, rate, CHANNELS, dtype="float32",
                                                quality="VHQ"))
