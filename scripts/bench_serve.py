@@ -254,6 +254,10 @@ def step_figures(before: dict | None, after: dict | None) -> dict | None:
         "rows_per_step_mean": round(added(lambda m: m["mrt_frames"]) / steps, 2),
         # each step slower than the frame it makes puts its sessions further behind
         "steps_over_frame_share": round(1 - in_time / steps, 4) if in_time is not None else None,
+        # host work per step on the step loop: chunking, bar-mode loudness
+        "handout_ms_mean": (round(added(lambda m: m["mrt_handout_ms_sum"]) / steps, 3)
+                            if all("mrt_handout_ms_sum" in a for _, a in pairs.values())
+                            else None),
     }
 
 
@@ -381,7 +385,8 @@ def main() -> int:
               "bpm": args.bpm if loop else None,
               "device": device, "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
-          f"{'overhead ms':>11} {'step ms':>7} {'rows':>5} {'steps > ' + FRAME_MS + ' ms':>13}",
+          f"{'overhead ms':>11} {'step ms':>7} {'rows':>5} {'steps > ' + FRAME_MS + ' ms':>13} "
+          f"{'handout ms':>10}",
           flush=True)
     for n in counts:
         print(f"  running {n} session(s) for {args.seconds:g} s ...", file=sys.stderr,
@@ -395,7 +400,8 @@ def main() -> int:
               f"{r['time_to_first_audio_ms_p50']!s:>8} {r['update_latency_ms_p50']!s:>9} "
               f"{r['overhead_ms_p50']!s:>11} {steps.get('step_ms_mean')!s:>7} "
               f"{steps.get('rows_per_step_mean')!s:>5} "
-              f"{'None' if late is None else f'{100 * late:.1f}%':>13}", flush=True)
+              f"{'None' if late is None else f'{100 * late:.1f}%':>13} "
+              f"{steps.get('handout_ms_mean')!s:>10}", flush=True)
         for error in r["errors"]:
             print(f"  error: {error}", file=sys.stderr)
     held = [r["sessions"] for r in report["runs"]

@@ -376,6 +376,7 @@ class GeneratorCore:
                         jam.prefill_done(now)
                 else:
                     jam.reseed_at_boundary()
+            self.metrics.record("mrt_handout_ms", 1000 * (time.perf_counter() - done))
 
         for sid in completed:
             self._notify(sid)
