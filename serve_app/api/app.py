@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..audio import to_wav_bytes
 from ..audio.barclock import BarClock
@@ -113,6 +114,29 @@ def chunk_b64(chunk, target_rate: int | None = None) -> dict:
     }
 
 
+def finish_render(audio: np.ndarray, clock: BarClock, intro_bars: int, bars: int, rate: int,
+                  matcher: LoudnessMatcher | None) -> tuple[str, dict, int]:
+    """A render's generated audio (int16 at 48 kHz) -> its bars at `rate`, loudness matched,
+    faded at the edges, as base64 WAV; with the loudness report and its length in samples.
+
+    Up to a second of CPU for the longest renders (60 bars with loudness matching on the
+    2-core dev box), so the routes run it in a thread: on the event loop it would hold
+    up every jam this replica streams meanwhile."""
+    start = clock.boundary(intro_bars)
+    body = resample(audio[start:start + clock.samples(bars)], rate, clock.samples(bars, rate))
+    loudness = {"mode": "none"}
+    if matcher is not None:
+        body, loudness = matcher.apply(body, [clock.boundary(b, rate) for b in range(bars)])
+    out = to_int16(fade_edges(body, rate=rate))
+    return base64.b64encode(to_wav_bytes(out, rate)).decode(), loudness, int(out.shape[0])
+
+
+def _json_bytes(body: dict) -> bytes:
+    """As FastAPI's JSONResponse renders it."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode()
+
+
 def create_app(
     generators: Mapping[str, GeneratorClient],
     styles: StyleClient,
@@ -172,7 +196,7 @@ def create_app(
         set_stage: SetStage, *,
         loop: np.ndarray | None = None, loop_weight: float = 1.0,
         loudness_mode: str = "none", headroom_db: float = 1.0,
-    ) -> dict:
+    ) -> Response:
         """`bars` bars (after `intro_bars` dropped) at `rate`: exactly
         round(bars * seconds_per_bar * rate) samples, continuing `loop` when given."""
         bars, intro_bars = render.bars, render.intro_bars_to_drop
@@ -207,23 +231,17 @@ def create_app(
             await set_stage("finishing", n=frames)
         finally:
             await client.stop(sid)
-        start = clock.boundary(intro_bars)
-        body = resample(chunk.audio[start:start + clock.samples(bars)], rate,
-                        clock.samples(bars, rate))
-        loudness = {"mode": "none"}
-        if matcher is not None:
-            body, loudness = matcher.apply(body, [clock.boundary(b, rate) for b in range(bars)])
-        audio = to_int16(fade_edges(body, rate=rate))
+        wav, loudness, samples = await asyncio.to_thread(
+            finish_render, chunk.audio, clock, intro_bars, bars, rate, matcher)
         c = spec.controls
-        await set_stage("done")
-        return {
-            "audio_base64": base64.b64encode(to_wav_bytes(audio, rate)).decode(),
+        body = {
+            "audio_base64": wav,
             "metadata": {
                 "bpm": clock.bpm, "bars": bars, "beats_per_bar": clock.beats_per_bar,
                 "styles": spec.style.names, "style_weights": spec.style.weights,
                 "loop_weight": loop_weight if loop is not None else None,
                 "loudness": loudness, "sample_rate": rate, "channels": CHANNELS,
-                "total_samples": int(audio.shape[0]),
+                "total_samples": samples,
                 "seconds_per_bar": float(clock.seconds_per_bar),
                 "loop_duration_seconds": None if loop is None else loop.shape[0] / SAMPLE_RATE,
                 "context_frames": started.get("prefill_frames"),
@@ -234,6 +252,10 @@ def create_app(
             },
             "request_id": render.request_id,
         }
+        # a long render's JSON is tens of MB: encoded off the event loop too
+        content = await asyncio.to_thread(_json_bytes, body)
+        await set_stage("done")
+        return Response(content, media_type="application/json")
 
     @app.post("/generate")
     async def generate(
