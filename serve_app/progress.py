@@ -163,9 +163,8 @@ class ProgressBoard:
         return answer
 
 
-
 def _told(error: BaseException) -> str:
-    """What a failed render's record says: the client's own error message, else the kind."""
+    """What a failed render's record says: the message its client got, if it got one."""
     if isinstance(error, ApiError):
         return error.message
     if isinstance(error, asyncio.CancelledError):

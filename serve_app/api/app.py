@@ -154,6 +154,7 @@ def create_app(
         version="0.1.0",
         description="Magenta RealTime 2 as a service: style jams over HTTP and WebSocket.",
     )
+
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
