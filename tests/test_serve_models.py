@@ -36,9 +36,12 @@ def ab(serve_root, finetunes, broken_finetune):
         "style_embedder": {"mock": True},
         "api": {"max_backlog_chunks": 4},
     }
+    from ray import serve
+
     base = deploy(serve_root, config, name="ab", route_prefix="/ab")
-    return {"http": base, "ws": base.replace("http://", "ws://") + "/ws/jam",
-            "broken": broken_finetune, **finetunes}
+    yield {"http": base, "ws": base.replace("http://", "ws://") + "/ws/jam",
+           "broken": broken_finetune, **finetunes}
+    serve.delete("ab")  # frees its replicas for the modules after this one
 
 
 def start(ws, **params) -> dict:
