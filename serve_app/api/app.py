@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -19,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..audio import to_wav_bytes
 from ..audio.barclock import BarClock
@@ -131,12 +130,6 @@ def finish_render(audio: np.ndarray, clock: BarClock, intro_bars: int, bars: int
     return base64.b64encode(to_wav_bytes(out, rate)).decode(), loudness, int(out.shape[0])
 
 
-def _json_bytes(body: dict) -> bytes:
-    """As FastAPI's JSONResponse renders it."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":")).encode()
-
-
 def create_app(
     generators: Mapping[str, GeneratorClient],
     styles: StyleClient,
@@ -197,7 +190,7 @@ def create_app(
         set_stage: SetStage, *,
         loop: np.ndarray | None = None, loop_weight: float = 1.0,
         loudness_mode: str = "none", headroom_db: float = 1.0,
-    ) -> Response:
+    ) -> JSONResponse:
         """`bars` bars (after `intro_bars` dropped) at `rate`: exactly
         round(bars * seconds_per_bar * rate) samples, continuing `loop` when given."""
         bars, intro_bars = render.bars, render.intro_bars_to_drop
@@ -253,10 +246,10 @@ def create_app(
             },
             "request_id": render.request_id,
         }
-        # a long render's JSON is tens of MB: encoded off the event loop too
-        content = await asyncio.to_thread(_json_bytes, body)
+        # a long render's JSON is tens of MB: rendered (in the constructor) off the loop too
+        response = await asyncio.to_thread(JSONResponse, body)
         await set_stage("done")
-        return Response(content, media_type="application/json")
+        return response
 
     @app.post("/generate")
     async def generate(
