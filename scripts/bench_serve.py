@@ -55,6 +55,8 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from serve_app.audio.barclock import BarClock
+from serve_app.audio.synth import synth_loop
 from serve_app.client import api_key_headers, ws_url
 from serve_app.frames import FRAMES_PER_SECOND
 
@@ -78,25 +80,27 @@ class SessionResult:
 
 @dataclasses.dataclass
 class BarLoop:
-    """Bar mode: the loop every session jams on (WAV, base64) and its tempo."""
+    """Bar mode: the loop every session jams on (WAV, base64), in 4/4 at `bpm`."""
 
     wav_b64: str
-    bpm: float
+    clock: BarClock
 
     @classmethod
     def synth(cls, seconds: float, bpm: float) -> BarLoop:
-        """A kick on every beat over a quiet chord, at 48 kHz stereo."""
-        t = np.arange(int(seconds * 48000)) / 48000
-        kick = np.exp(-(t % (60 / bpm)) * 18) * np.sin(2 * np.pi * 55 * t)
-        chord = sum(np.sin(2 * np.pi * f * t) for f in (220, 277.2, 329.6)) / 3
-        mono = (0.2 * (kick + 0.4 * chord)).astype(np.float32)
+        """The suite's kick-and-chord loop (serve_app/audio/synth.py), 48 kHz stereo."""
+        mono = synth_loop(seconds, 48000, bpm, level=0.2)
         buf = io.BytesIO()
         sf.write(buf, np.stack([mono, mono], 1), 48000, format="WAV", subtype="PCM_16")
-        return cls(base64.b64encode(buf.getvalue()).decode(), bpm)
+        return cls(base64.b64encode(buf.getvalue()).decode(), BarClock(bpm, 4))
+
+    @property
+    def chunk_seconds(self) -> float:
+        return float(self.clock.seconds_per_bar)  # one bar a chunk
 
     def params(self) -> dict:
-        return {"loop_audio_b64": self.wav_b64, "bpm": self.bpm, "beats_per_bar": 4,
-                "bars_per_chunk": 1, "loudness_mode": "auto"}
+        return {"loop_audio_b64": self.wav_b64, "bpm": self.clock.bpm,
+                "beats_per_bar": self.clock.beats_per_bar, "bars_per_chunk": 1,
+                "loudness_mode": "auto"}
 
 
 async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
@@ -363,7 +367,7 @@ def main() -> int:
         parser.error("--loop-seconds: within 0..600 seconds")
     loop = BarLoop.synth(args.loop_seconds, args.bpm) if args.loop_seconds else None
     if loop is not None:
-        args.chunk_seconds = 4 * 60 / args.bpm  # one 4/4 bar
+        args.chunk_seconds = loop.chunk_seconds
     url = ws_url(args.url)
     if args.wait_ready > 0:
         wait_until_ready(url, args.variant, args.api_key, args.wait_ready)

@@ -23,19 +23,10 @@ from serve_app.audio.bars import BarChunker
 from serve_app.audio.context import fit_to_bars, tiled_context
 from serve_app.audio.decode import decode_audio
 from serve_app.audio.loudness import LoudnessMatcher, lufs
+from serve_app.audio.synth import synth_loop
 from serve_app.engine.session import BeatPulse
 from serve_app.generator import GeneratorCore
 from serve_app.styles.service import StyleService
-
-
-def synth_loop(seconds: float = 4.0, rate: int = 44100, bpm: float = 120.0,
-               level: float = 0.02) -> np.ndarray:
-    """A kick-and-tone loop: a decaying 55 Hz thump on every beat over a quiet chord."""
-    t = np.arange(int(seconds * rate)) / rate
-    beat = 60.0 / bpm
-    kick = np.exp(-(t % beat) * 18) * np.sin(2 * np.pi * 55 * t)
-    chord = sum(np.sin(2 * np.pi * f * t) for f in (220, 277.2, 329.6)) / 3
-    return (level * (kick + 0.4 * chord)).astype(np.float32)
 
 
 def encoded(audio: np.ndarray, rate: int = 44100, fmt: str = "WAV", **kw) -> bytes:
