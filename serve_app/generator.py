@@ -13,7 +13,9 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -32,6 +34,7 @@ from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
 from .jam import Chunk, JamStream, StreamConfig
+from .keyed_pool import KeyedPool
 from .logs import PROGRESS_LOGGER
 from .loop_encoder import NoLoopEncoder, build_loop_encoder
 from .metrics import GeneratorMetrics
@@ -50,6 +53,8 @@ ENDED_SESSIONS_REMEMBERED = 1024
 # A session nobody has asked about for this long is ended (its client is gone): a
 # WebSocket stream asks at least every few seconds, a polling client every chunk.
 IDLE_SESSION_SECONDS = 300.0
+# Threads matching bar-mode chunks' loudness: sessions in parallel, each in order.
+FINISHING_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
@@ -178,6 +183,8 @@ class GeneratorCore:
         self._last_step_done = 0.0  # perf_counter when the last step's audio reached host
         self._next_expiry_check = 0.0
         self.prefill_frames = 0
+        # bar-mode chunks' loudness matching, off the step loop (serve_app/keyed_pool.py)
+        self._finisher = KeyedPool(FINISHING_WORKERS, f"finish-{self.name}")
         self._thread = threading.Thread(
             target=self._boot_and_run, args=(loaded,), name=f"generator-{self.name}", daemon=True,
         )
@@ -268,6 +275,7 @@ class GeneratorCore:
         a thread killed inside a computation at interpreter exit aborts the process."""
         self._stopping = True
         self._wake.set()
+        self._finisher.shutdown()
         for thread in (self._thread, self._follower):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout)
@@ -361,15 +369,17 @@ class GeneratorCore:
             self.metrics.record("mrt_step_ms", 1000 * seconds)
             self.metrics.record("mrt_frames", len(frames))
             now = time.monotonic()
-            completed = []
+            completed, cut = [], []
             for sid, frame in frames.items():
                 jam = self._jams[sid]
                 jam.last_batch_size = len(frames)
                 underruns = jam.underruns
-                if frame.audible and jam.push(frame.audio, now) is not None:
-                    completed.append(sid)
-                    self._chunk_done(jam, late=jam.underruns > underruns, batch=len(frames),
-                                     step_seconds=seconds)
+                if frame.audible:
+                    if jam.push(frame.audio, now) is not None:
+                        completed.append(sid)
+                        self._chunk_done(jam, late=jam.underruns > underruns)
+                    elif jam.unfinished:
+                        cut.append((sid, jam))
                 if frame.forced:
                     self.prefill_frames += 1
                     if not jam.session.prefill_pending:
@@ -380,17 +390,42 @@ class GeneratorCore:
 
         for sid in completed:
             self._notify(sid)
+        for sid, jam in cut:
+            self._finisher.submit(sid, functools.partial(self._finish_bars, sid, jam))
 
-    def _chunk_done(self, jam: JamStream, *, late: bool, batch: int,
-                    step_seconds: float) -> None:
+    def _finish_bars(self, session_id: str, jam: JamStream) -> None:
+        """In a finisher worker: one chunk of bars cut by the step loop, loudness-matched
+        and handed to its client."""
+        taken = jam.take_cut()
+        if taken is None:
+            return
+        cut, started_at = taken
+        try:
+            chunk = jam.finish(cut)
+        except Exception as e:
+            log.exception("generator %s: session %s: finishing a chunk failed", self.name,
+                          session_id)
+            with self._lock:
+                if self._jams.get(session_id) is jam:
+                    self._drop(session_id, f"internal error finishing chunk: {type(e).__name__}")
+            return
+        with self._lock:
+            if self._jams.get(session_id) is not jam:
+                return  # stopped meanwhile
+            underruns = jam.underruns
+            jam.land(chunk, started_at, time.monotonic())
+            self._chunk_done(jam, late=jam.underruns > underruns)
+        self._notify(session_id)
+
+    def _chunk_done(self, jam: JamStream, *, late: bool) -> None:
         self.metrics.record("mrt_chunks")
         self.metrics.record("mrt_chunk_latency_ms", 1000 * jam.last_chunk_latency)
         if late:
             self.metrics.record("mrt_underruns")
             if jam.underruns == 1:  # once per session, then counted in status and metrics
                 log.warning("generator %s: session %s fell behind real time (batch %d, "
-                            "%.1f ms per 40 ms frame)", self.name, jam.session.id, batch,
-                            1000 * step_seconds)
+                            "%.1f ms mean per 40 ms frame)", self.name, jam.session.id,
+                            jam.last_batch_size, self.mean_step_ms)
 
     def _notify(self, session_id: str) -> None:
         event = self._events.get(session_id)

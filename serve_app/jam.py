@@ -6,9 +6,11 @@ Memory is bounded by `max_backlog` chunks whatever the client does: when the
 backlog is full, chunks the client already received are dropped first; if none
 were, generation for this session pauses until the client catches up.
 
-In bar mode a `BarChunker` cuts the frames into chunks of whole bars instead. A
-session still prefilling a loop is always due (forced frames make no audio for the
-client), and a realtime clock starts once the first prefill is done.
+In bar mode a `BarChunker` cuts the frames into chunks of whole bars instead; the
+step loop only cuts them (`take_cut`), and a worker matches their loudness (`finish`)
+and hands them back (`land`). A session still prefilling a loop is always due (forced
+frames make no audio for the client), and a realtime clock starts once the first
+prefill is done.
 
 Two counts move here, one step apart: frames *sampled* (`session.frames_generated`,
 what pacing, updates and reseeds count) and frames *heard* (`frames_out`, what chunks
@@ -25,7 +27,7 @@ import time
 
 import numpy as np
 
-from .audio.bars import BarChunker
+from .audio.bars import BarChunker, BarCut
 from .engine import Session
 from .engine.variants import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 
@@ -101,6 +103,9 @@ class JamStream:
         self.started = clock()
         self.created_at = time.time()
         self._frames: list[np.ndarray] = []
+        # bar mode: bars cut and not yet finished, with when their first frame came
+        self._cuts: collections.deque[tuple[BarCut, float]] = collections.deque()
+        self.unfinished = 0  # cut and not landed yet (taken by a worker or waiting)
         self.frames_out = 0  # frames of audio pushed into chunks
         self.backlog: collections.deque[Chunk] = collections.deque()
         self.next_chunk_index = 0
@@ -133,7 +138,7 @@ class JamStream:
         flight will complete, stays within `max_backlog`."""
         completing = (self.in_flight and self.chunker is None
                       and len(self._frames) + self.in_flight >= self.config.chunk_frames)
-        while len(self.backlog) + bool(completing) >= self.config.max_backlog:
+        while len(self.backlog) + self.unfinished + bool(completing) >= self.config.max_backlog:
             if not self.backlog or self.backlog[0].index > self.delivered:
                 return False  # the client has not seen it (or the frames in flight fill it)
             self.backlog.popleft()
@@ -195,7 +200,8 @@ class JamStream:
         return self.started + due_frame / FRAMES_PER_SECOND
 
     def push(self, frame: np.ndarray, now: float) -> Chunk | None:
-        """Adds one frame of audio; returns the chunk it completed, if any."""
+        """Adds one frame of audio; returns the chunk it completed, if any. Bars it
+        completes wait for `take_cut` instead."""
         self.frames_out += 1
         if self.config.pace == "realtime":
             lateness = (now - self.started) * FRAMES_PER_SECOND - self.frames_out
@@ -203,9 +209,13 @@ class JamStream:
         self._recent.append(frame)
         if self._chunk_started_at is None:
             self._chunk_started_at = now
-        chunk = self._push_bars(frame) if self.chunker is not None else self._push_frame(frame)
+        if self.chunker is not None:
+            self._push_bars(frame, now)
+            return None
+        chunk = self._push_frame(frame)
         if chunk is not None:
-            self._completed(chunk, now)
+            self._completed(chunk, self._chunk_started_at, now)
+            self._chunk_started_at = None
         return chunk
 
     def _push_frame(self, frame: np.ndarray) -> Chunk | None:
@@ -220,9 +230,8 @@ class JamStream:
         self.backlog.append(chunk)
         return chunk
 
-    def _completed(self, chunk: Chunk, now: float) -> None:
-        self.last_chunk_latency = now - self._chunk_started_at
-        self._chunk_started_at = None
+    def _completed(self, chunk: Chunk, started_at: float, now: float) -> None:
+        self.last_chunk_latency = now - started_at
         if self.config.pace != "realtime":
             return
         if self._first_chunk is None:
@@ -232,20 +241,36 @@ class JamStream:
         if now > ready_at + (chunk.first_frame - first_frame) / FRAMES_PER_SECOND:
             self.underruns += 1
 
-    def _push_bars(self, frame: np.ndarray) -> Chunk | None:
-        chunk = None
-        for bars in self.chunker.feed(frame):
-            first = bars.first_bar * self.chunker.clock.seconds_per_bar * FRAMES_PER_SECOND
-            extra = {"bar_mode": True, "first_bar": bars.first_bar, "bars": bars.bars,
-                     "bpm": self.chunker.clock.bpm,
-                     "beats_per_bar": self.chunker.clock.beats_per_bar}
-            if bars.loudness is not None:
-                extra["loudness"] = bars.loudness
-            chunk = Chunk(self.next_chunk_index, bars.audio, int(first), time.time(),
-                          bars.rate, extra)
-            self.next_chunk_index += 1
-            self.backlog.append(chunk)
-        return chunk
+    def _push_bars(self, frame: np.ndarray, now: float) -> None:
+        for cut in self.chunker.feed(frame):
+            self._cuts.append((cut, self._chunk_started_at or now))
+            self.unfinished += 1
+            self._chunk_started_at = None
+
+    def take_cut(self) -> tuple[BarCut, float] | None:
+        """The oldest bars cut and not yet taken, for `finish` (off the step loop)."""
+        return self._cuts.popleft() if self._cuts else None
+
+    def finish(self, cut: BarCut) -> Chunk:
+        """The cut's bars loudness-matched, as a chunk still without its index (`land`
+        gives it one). Call in the order the cuts were taken."""
+        bars = self.chunker.finish(cut)
+        first = bars.first_bar * self.chunker.clock.seconds_per_bar * FRAMES_PER_SECOND
+        extra = {"bar_mode": True, "first_bar": bars.first_bar, "bars": bars.bars,
+                 "bpm": self.chunker.clock.bpm,
+                 "beats_per_bar": self.chunker.clock.beats_per_bar}
+        if bars.loudness is not None:
+            extra["loudness"] = bars.loudness
+        return Chunk(-1, bars.audio, int(first), time.time(), bars.rate, extra)
+
+    def land(self, chunk: Chunk, started_at: float, now: float) -> None:
+        """A finished bar chunk joins the backlog; it counts as late if it lands later
+        than real time needs it, however long its finishing took."""
+        chunk.index = self.next_chunk_index
+        self.next_chunk_index += 1
+        self.unfinished -= 1
+        self.backlog.append(chunk)
+        self._completed(chunk, started_at, now)
 
     def _chunk_at(self, frame: int) -> int:
         """The chunk in which frame number `frame` starts."""

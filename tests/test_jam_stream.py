@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from serve_app.audio.barclock import BarClock
+from serve_app.audio.bars import BarChunker
 from serve_app.engine import Session
 from serve_app.jam import JamStream, StreamConfig
 
@@ -125,3 +127,43 @@ def test_frames_in_flight_count_for_pacing_length_and_backlog():
     generate(jam, clock, 1)
     jam.step_dispatched(forced=False)  # frame 4 of 4 in flight: the render ends once it lands
     assert not jam.due(clock())
+
+
+def bar_jam(clock: Clock, **config) -> JamStream:
+    """A bar-mode stream of 0.2 s bars (300 bpm, one beat a bar): 5 frames a chunk."""
+    chunker = BarChunker(BarClock(300.0, 1), bars_per_chunk=1)
+    return JamStream(Session(None), StreamConfig(chunk_frames=5, **config), clock=clock,
+                     chunker=chunker)
+
+
+def test_bar_chunks_are_cut_on_the_step_and_land_once_finished():
+    clock = Clock()
+    jam = bar_jam(clock, pace="realtime", max_backlog=8)
+    assert generate(jam, clock, 5) == []  # the frame that ends a bar only cuts it
+    assert jam.unfinished == 1 and not jam.backlog and jam.take_next() is None
+    cut, started_at = jam.take_cut()
+    assert jam.take_cut() is None and jam.unfinished == 1  # taken, not landed yet
+    chunk = jam.finish(cut)
+    clock.t += 0.3  # finishing took long; real time had not needed chunk 0 yet
+    jam.land(chunk, started_at, clock())
+    assert jam.take_next() is chunk and chunk.index == 0 and jam.unfinished == 0
+    assert chunk.audio.shape == (9600, 2) and chunk.metadata()["first_bar"] == 0
+    assert jam.last_chunk_latency == pytest.approx(0.3) and jam.underruns == 0
+    generate(jam, clock, 5)  # chunk 1 plays from t + 0.2; it lands 0.3 s after that
+    taken = jam.take_cut()
+    clock.t += 0.5
+    jam.land(jam.finish(taken[0]), taken[1], clock())
+    assert jam.next_chunk_index == 2 and jam.underruns == 1
+
+
+def test_bars_being_finished_count_against_the_backlog():
+    clock = Clock()
+    jam = bar_jam(clock, max_backlog=2)
+    generate(jam, clock, 10)  # two chunks cut, neither finished: the backlog is full
+    assert jam.unfinished == 2 and not jam.due(clock())
+    for _ in range(2):
+        cut, started_at = jam.take_cut()
+        jam.land(jam.finish(cut), started_at, clock())
+    assert not jam.due(clock())  # landed and unread: still full
+    jam.take_next()
+    assert jam.due(clock())

@@ -14,9 +14,19 @@ import dataclasses
 import numpy as np
 import soxr
 
-from ..frames import CHANNELS, SAMPLE_RATE
+from ..frames import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE
 from .barclock import BarClock
 from .loudness import LoudnessMatcher
+
+
+@dataclasses.dataclass
+class BarCut:
+    """Whole bars cut from the stream, not yet loudness-matched (float [n, 2] at `rate`)."""
+
+    audio: np.ndarray
+    bar_starts: list[int]  # sample offsets where its bars begin (the first is 0)
+    first_bar: int
+    bars: int
 
 
 @dataclasses.dataclass
@@ -33,6 +43,11 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
 
 
 class BarChunker:
+    """Two halves, because they run in different places: `feed` cuts (cheap, once per
+    frame, on the generator's step loop) and `finish` matches loudness (milliseconds per
+    bar: in a worker, so that one session's long chunk never holds up every session's
+    next step)."""
+
     def __init__(self, clock: BarClock, bars_per_chunk: int, rate: int = SAMPLE_RATE,
                  loudness: LoudnessMatcher | None = None) -> None:
         if not 1 <= bars_per_chunk <= 64:
@@ -46,39 +61,60 @@ class BarChunker:
         self._resampler = (None if rate == SAMPLE_RATE else
                            soxr.ResampleStream(SAMPLE_RATE, rate, CHANNELS, dtype="float32",
                                                quality="VHQ"))
-        self._buffer = np.zeros((0, CHANNELS), np.float32)
-        self._buffer_start = 0  # output-rate sample index of _buffer[0]
+        # Room for the growing chunk, made when it opens and filled frame by frame: a 50 s
+        # chunk joined from its frames, or regrown each frame, copies megabytes at once.
+        self._slack = 2 * (FRAME_SAMPLES * rate // SAMPLE_RATE + 64)  # soxr's uneven output
         self._last_gain_db: float | None = None
         self.chunks = 0
+        self._open_chunk()
 
     def _edges(self, chunk: int) -> list[int]:
         first = chunk * self.bars_per_chunk
         return [self.clock.boundary(first + j, self.rate)
                 for j in range(self.bars_per_chunk + 1)]
 
-    def feed(self, frame: np.ndarray) -> list[BarChunk]:
-        """Adds one int16 frame [1920, 2]; returns the chunks it completed (usually none)."""
+    def _open_chunk(self, carried: np.ndarray | None = None) -> None:
+        """Makes room for chunk `self.chunks`, starting with the samples `carried` over."""
+        self._chunk_edges = self._edges(self.chunks)
+        length = self._chunk_edges[-1] - self._chunk_edges[0]
+        self._buffer = np.empty((length + self._slack, CHANNELS), np.float32)
+        self._filled = 0
+        if carried is not None:
+            self._append(carried)
+
+    def _append(self, audio: np.ndarray) -> None:
+        end = self._filled + audio.shape[0]
+        if end > self._buffer.shape[0]:  # more than the slack at once: not seen, but safe
+            self._buffer = np.concatenate([self._buffer[:self._filled], np.empty_like(audio),
+                                           np.empty((self._slack, CHANNELS), np.float32)])
+        self._buffer[self._filled:end] = audio
+        self._filled = end
+
+    def feed(self, frame: np.ndarray) -> list[BarCut]:
+        """Adds one int16 frame [1920, 2]; returns the bars it completed (usually none),
+        for `finish` in the order they came."""
         audio = frame.astype(np.float32) / 32768.0
         if self._resampler is not None:
             audio = self._resampler.resample_chunk(audio)
-        self._buffer = np.concatenate([self._buffer, audio])
-        done = []
-        while True:
-            edges = self._edges(self.chunks)
-            if self._buffer_start + self._buffer.shape[0] < edges[-1]:
-                return done
-            a, b = edges[0] - self._buffer_start, edges[-1] - self._buffer_start
-            audio = self._buffer[a:b]
-            self._buffer = self._buffer[b:]
-            self._buffer_start = edges[-1]
-            report = None
-            if self.loudness is not None:
-                audio, report = self.loudness.apply(audio, [e - edges[0] for e in edges[:-1]],
-                                                    start_gain_db=self._last_gain_db)
-                self._last_gain_db = (report.get("bar_gains_db") or [None])[-1]
-            done.append(BarChunk(to_int16(audio), self.chunks * self.bars_per_chunk,
-                                 self.bars_per_chunk, self.rate, report))
+        self._append(audio)
+        cuts = []
+        while self._filled >= (length := self._chunk_edges[-1] - self._chunk_edges[0]):
+            buffer, edges = self._buffer, self._chunk_edges
+            cuts.append(BarCut(buffer[:length], [e - edges[0] for e in edges[:-1]],
+                               self.chunks * self.bars_per_chunk, self.bars_per_chunk))
             self.chunks += 1
+            self._open_chunk(carried=buffer[length:self._filled])
+        return cuts
+
+    def finish(self, cut: BarCut) -> BarChunk:
+        """Loudness-matched int16 bars. Call in the order `feed` cut them: each chunk's
+        gain ramps from the one before it ended with."""
+        audio, report = cut.audio, None
+        if self.loudness is not None:
+            audio, report = self.loudness.apply(audio, cut.bar_starts,
+                                                start_gain_db=self._last_gain_db)
+            self._last_gain_db = (report.get("bar_gains_db") or [None])[-1]
+        return BarChunk(to_int16(audio), cut.first_bar, cut.bars, self.rate, report)
 
     def chunk_of_sample(self, sample_48k: int) -> int:
         """The chunk a 48 kHz sample position falls in."""
