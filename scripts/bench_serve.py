@@ -3,11 +3,11 @@
 
     scripts/bench_serve.py --url ws://HOST:PORT --sessions 1,2,4 --seconds 20 \
         --chunk-seconds 0.5 --json bench-results/serve.json [--png F] [--variant V] \
-        [--api-key K] [--wait-ready SECONDS] [--loop-seconds S [--bpm B]]
+        [--api-key K] [--wait-ready SECONDS] [--loop-seconds S [--bpm B] [--bars-per-chunk N]]
 
 `--loop-seconds` makes every session a bar-mode jam on a loop of that length, as
-the prototype's app jams: chunks of one bar at `--bpm`, loudness matched to the
-loop (`--chunk-seconds` does not apply).
+the prototype's app jams: chunks of one bar (or `--bars-per-chunk`) at `--bpm`,
+loudness matched to the loop (`--chunk-seconds` does not apply).
 
 Each session is what a musician's app does: start a `realtime` jam, play chunks as
 they come, and halfway through send a style update. Per session it measures, with
@@ -75,6 +75,7 @@ class SessionResult:
     to_ingress_ms: list[float] = dataclasses.field(default_factory=list)
     variant: str | None = None  # the generator that served it, from `started`
     mode: str | None = None  # rt or bar, from `started`
+    chunk_seconds: float | None = None  # the first chunk's length, as the server cut it
     error: str | None = None
 
 
@@ -84,23 +85,25 @@ class BarLoop:
 
     wav_b64: str
     clock: BarClock
+    bars_per_chunk: int = 1
 
     @classmethod
-    def synth(cls, seconds: float, bpm: float) -> BarLoop:
+    def synth(cls, seconds: float, bpm: float, bars_per_chunk: int = 1) -> BarLoop:
         """The suite's kick-and-chord loop (serve_app/audio/synth.py), 48 kHz stereo."""
         mono = synth_loop(seconds, 48000, bpm, level=0.2)
         buf = io.BytesIO()
         sf.write(buf, np.stack([mono, mono], 1), 48000, format="WAV", subtype="PCM_16")
-        return cls(base64.b64encode(buf.getvalue()).decode(), BarClock(bpm, 4))
+        return cls(base64.b64encode(buf.getvalue()).decode(), BarClock(bpm, 4),
+                   bars_per_chunk)
 
     @property
     def chunk_seconds(self) -> float:
-        return float(self.clock.seconds_per_bar)  # one bar a chunk
+        return float(self.bars_per_chunk * self.clock.seconds_per_bar)
 
     def params(self) -> dict:
         return {"loop_audio_b64": self.wav_b64, "bpm": self.clock.bpm,
-                "beats_per_bar": self.clock.beats_per_bar, "bars_per_chunk": 1,
-                "loudness_mode": "auto"}
+                "beats_per_bar": self.clock.beats_per_bar,
+                "bars_per_chunk": self.bars_per_chunk, "loudness_mode": "auto"}
 
 
 async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
@@ -153,6 +156,7 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
                 length = meta["seconds"]
                 if first_at is None:
                     first_at = now
+                    result.chunk_seconds = length
                     result.time_to_first_audio_ms = 1000 * (now - sent_at)
                     audio_runs_out = now + length
                 elif now > audio_runs_out:
@@ -357,6 +361,8 @@ def main() -> int:
     parser.add_argument("--loop-seconds", type=float, default=None,
                         help="bar-mode jams on a synthesized loop this long, one bar a chunk")
     parser.add_argument("--bpm", type=float, default=120.0, help="the loop's tempo (bar mode)")
+    parser.add_argument("--bars-per-chunk", type=int, default=1,
+                        help="bars in each chunk (bar mode; default 1)")
     parser.add_argument("--json", type=pathlib.Path, required=True)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     args = parser.parse_args()
@@ -365,7 +371,8 @@ def main() -> int:
         parser.error("--sessions: positive integers, e.g. 1,2,4")
     if args.loop_seconds is not None and not 0 < args.loop_seconds <= 600:
         parser.error("--loop-seconds: within 0..600 seconds")
-    loop = BarLoop.synth(args.loop_seconds, args.bpm) if args.loop_seconds else None
+    loop = (BarLoop.synth(args.loop_seconds, args.bpm, args.bars_per_chunk)
+            if args.loop_seconds else None)
     if loop is not None:
         args.chunk_seconds = loop.chunk_seconds
     url = ws_url(args.url)
@@ -387,6 +394,7 @@ def main() -> int:
               "variant": args.variant, "audio": args.audio, "staggered": args.stagger,
               "mode": "bar" if loop else "rt", "loop_seconds": args.loop_seconds,
               "bpm": args.bpm if loop else None,
+              "bars_per_chunk": loop.bars_per_chunk if loop else None,
               "device": device, "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
           f"{'overhead ms':>11} {'step ms':>7} {'rows':>5} {'steps > ' + FRAME_MS + ' ms':>13} "
