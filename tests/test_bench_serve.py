@@ -46,17 +46,17 @@ def test_bench_serve_measures_bar_mode_jams_on_a_loop(serve_base, tmp_path):
     out = tmp_path / "bar.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts/bench_serve.py"), "--url",
-         serve_base.replace("http://", "ws://"), "--sessions", "1", "--seconds", "3",
-         "--loop-seconds", "4", "--bpm", "480", "--bars-per-chunk", "2", "--json", str(out)],
+         serve_base.replace("http://", "ws://"), "--sessions", "1", "--seconds", "5",
+         "--loop-seconds", "4", "--bpm", "240", "--bars-per-chunk", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
-    assert (report["mode"], report["loop_seconds"], report["bpm"]) == ("bar", 4.0, 480.0)
-    assert report["chunk_seconds"] == 1.0  # two 4/4 bars at 480 bpm
+    assert (report["mode"], report["loop_seconds"], report["bpm"]) == ("bar", 4.0, 240.0)
+    assert report["chunk_seconds"] == 2.0  # two 4/4 bars at 240 bpm
     assert report["bars_per_chunk"] == 2
     (r,) = report["runs"]
     assert r["failed_sessions"] == 0, r["errors"]
     assert r["chunks"] >= 3 and r["update_latency_ms_p50"] is not None
     assert r["per_session"][0]["mode"] == "bar"  # as the server's `started` said
-    assert r["per_session"][0]["chunk_seconds"] == 1.0  # the server cut two bars
+    assert r["per_session"][0]["chunk_seconds"] == 2.0  # the server cut two bars
