@@ -31,6 +31,7 @@ from ..generator import variant_of
 from ..jam import StreamConfig, frames_for
 from ..progress import MemoryProgressStore, ProgressBoard, ProgressStore, SetStage
 from ..web import page
+from . import offload
 from .clients import GeneratorClient, StyleClient
 from .models import add_model_routes
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
@@ -343,7 +344,9 @@ def create_app(
         chunk = await service.of_session(session_id).next_chunk(session_id, limit)
         if chunk is None:
             raise NotReady(f"no chunk ready within {limit:g} s; call again")
-        return {"chunk": chunk_b64(chunk, target_sample_rate)}
+        return await offload.encode(
+            chunk.audio.shape[0] / chunk.rate,
+            lambda: JSONResponse({"chunk": chunk_b64(chunk, target_sample_rate)}))
 
     @app.post("/jam/consume")
     async def jam_consume(session_id: str = Form(...), chunk_index: int = Form(...)):

@@ -26,6 +26,7 @@ from ..audio import to_wav_bytes
 from ..errors import ApiError, BadRequest, field_problems
 from ..frames import SAMPLE_RATE
 from ..jam import Chunk, StreamConfig, frames_for
+from . import offload
 from .flow import FlowControl
 from .service import ControlFields, JamService
 
@@ -284,22 +285,31 @@ class JamSocket:
             pass  # the socket closed under us; the receive loop cleans up
 
     async def _send_chunk(self, chunk: Chunk) -> None:
+        # Binary pcm16 is a copy of the samples (3 ms for the longest chunk): always inline.
+        plain = self.binary and self.audio_format == "pcm16"
+        seconds = 0.0 if plain else chunk.audio.shape[0] / chunk.rate
+        audio, text = await offload.encode(seconds, lambda: self._encode(chunk))
+        async with self._send_lock:
+            if audio is not None:
+                await self.ws.send_bytes(audio)
+            await self.ws.send_text(text)
+
+    def _encode(self, chunk: Chunk) -> tuple[bytes | None, str]:
+        """A chunk as this client asked for it: a binary frame and its `chunk_meta`, or
+        one `chunk` message with the audio in base64."""
         if self.audio_format == "pcm16":
             payload = chunk.audio.astype("<i2").tobytes()
         else:
             payload = to_wav_bytes(chunk.audio, chunk.rate)
         metadata = {**chunk.metadata(), "audio_format": self.audio_format,
                     "sent_at": time.time()}
-        async with self._send_lock:
-            if self.binary:
-                await self.ws.send_bytes(payload)
-                await self.ws.send_text(json.dumps(
-                    {"type": "chunk_meta", "index": chunk.index, "metadata": metadata}))
-            else:
-                await self.ws.send_text(json.dumps({
-                    "type": "chunk", "index": chunk.index,
-                    "audio_base64": base64.b64encode(payload).decode(), "metadata": metadata,
-                }))
+        if self.binary:
+            return payload, json.dumps(
+                {"type": "chunk_meta", "index": chunk.index, "metadata": metadata})
+        return None, json.dumps({
+            "type": "chunk", "index": chunk.index,
+            "audio_base64": base64.b64encode(payload).decode(), "metadata": metadata,
+        })
 
     async def _end_session(self) -> dict:
         session_id, self.session_id = self.session_id, None
