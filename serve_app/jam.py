@@ -46,13 +46,17 @@ class Chunk:
     rate: int = SAMPLE_RATE
     extra: dict = dataclasses.field(default_factory=dict)  # bar mode: bars, loudness
 
+    @property
+    def seconds(self) -> float:
+        return self.audio.shape[0] / self.rate
+
     def metadata(self) -> dict:
         return {
             "index": self.index,
             "sample_rate": self.rate,
             "channels": CHANNELS,
             "samples": int(self.audio.shape[0]),
-            "seconds": self.audio.shape[0] / self.rate,
+            "seconds": self.seconds,
             "first_frame": self.first_frame,
             "generated_at": self.generated_at,
             "crossfade_seconds": 0.0,

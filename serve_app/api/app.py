@@ -345,8 +345,7 @@ def create_app(
         if chunk is None:
             raise NotReady(f"no chunk ready within {limit:g} s; call again")
         return await offload.encode(
-            chunk.audio.shape[0] / chunk.rate,
-            lambda: JSONResponse({"chunk": chunk_b64(chunk, target_sample_rate)}))
+            chunk.seconds, lambda: JSONResponse({"chunk": chunk_b64(chunk, target_sample_rate)}))
 
     @app.post("/jam/consume")
     async def jam_consume(session_id: str = Form(...), chunk_index: int = Form(...)):

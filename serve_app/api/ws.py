@@ -287,7 +287,7 @@ class JamSocket:
     async def _send_chunk(self, chunk: Chunk) -> None:
         # Binary pcm16 is a copy of the samples (3 ms for the longest chunk): always inline.
         plain = self.binary and self.audio_format == "pcm16"
-        seconds = 0.0 if plain else chunk.audio.shape[0] / chunk.rate
+        seconds = 0.0 if plain else chunk.seconds
         audio, text = await offload.encode(seconds, lambda: self._encode(chunk))
         async with self._send_lock:
             if audio is not None:
