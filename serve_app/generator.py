@@ -373,11 +373,10 @@ class GeneratorCore:
             for sid, frame in frames.items():
                 jam = self._jams[sid]
                 jam.last_batch_size = len(frames)
-                underruns = jam.underruns
                 if frame.audible:
                     if jam.push(frame.audio, now) is not None:
                         completed.append(sid)
-                        self._chunk_done(jam, late=jam.underruns > underruns)
+                        self._chunk_done(jam)
                     elif jam.unfinished:
                         cut.append((sid, jam))
                 if frame.forced:
@@ -412,15 +411,15 @@ class GeneratorCore:
         with self._lock:
             if self._jams.get(session_id) is not jam:
                 return  # stopped meanwhile
-            underruns = jam.underruns
             jam.land(chunk, started_at, time.monotonic())
-            self._chunk_done(jam, late=jam.underruns > underruns)
+            self._chunk_done(jam)
         self._notify(session_id)
 
-    def _chunk_done(self, jam: JamStream, *, late: bool) -> None:
+    def _chunk_done(self, jam: JamStream) -> None:
+        """Counts the chunk `jam` just completed (or landed), and whether it was late."""
         self.metrics.record("mrt_chunks")
         self.metrics.record("mrt_chunk_latency_ms", 1000 * jam.last_chunk_latency)
-        if late:
+        if jam.last_chunk_late:
             self.metrics.record("mrt_underruns")
             if jam.underruns == 1:  # once per session, then counted in status and metrics
                 log.warning("generator %s: session %s fell behind real time (batch %d, "

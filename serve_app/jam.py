@@ -123,6 +123,7 @@ class JamStream:
         self._first_chunk: tuple[float, int] | None = None  # (ready at, first frame)
         self._chunk_started_at: float | None = None
         self.last_chunk_latency: float | None = None  # seconds, first frame -> complete
+        self.last_chunk_late = False  # the last chunk completed counted as an underrun
         self.last_batch_size = 0  # sessions in the last step that advanced this one
         self.in_flight = 0  # frames dispatched to the device and not yet delivered here
         self.sampled_in_flight = 0  # of those, the ones sampled (not forced loop codes)
@@ -236,6 +237,7 @@ class JamStream:
 
     def _completed(self, chunk: Chunk, started_at: float, now: float) -> None:
         self.last_chunk_latency = now - started_at
+        self.last_chunk_late = False
         if self.config.pace != "realtime":
             return
         if self._first_chunk is None:
@@ -243,6 +245,7 @@ class JamStream:
             return
         ready_at, first_frame = self._first_chunk
         if now > ready_at + (chunk.first_frame - first_frame) / FRAMES_PER_SECOND:
+            self.last_chunk_late = True
             self.underruns += 1
 
     def _push_bars(self, frame: np.ndarray, now: float) -> None:

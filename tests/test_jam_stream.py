@@ -149,11 +149,12 @@ def test_bar_chunks_are_cut_on_the_step_and_land_once_finished():
     assert jam.take_next() is chunk and chunk.index == 0 and jam.unfinished == 0
     assert chunk.audio.shape == (9600, 2) and chunk.metadata()["first_bar"] == 0
     assert jam.last_chunk_latency == pytest.approx(0.3) and jam.underruns == 0
+    assert not jam.last_chunk_late
     generate(jam, clock, 5)  # chunk 1 plays from t + 0.2; it lands 0.3 s after that
     taken = jam.take_cut()
     clock.t += 0.5
     jam.land(jam.finish(taken[0]), taken[1], clock())
-    assert jam.next_chunk_index == 2 and jam.underruns == 1
+    assert jam.next_chunk_index == 2 and jam.underruns == 1 and jam.last_chunk_late
 
 
 def test_bars_being_finished_count_against_the_backlog():
