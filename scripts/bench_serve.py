@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import base64
 import dataclasses
-import io
 import json
 import pathlib
 import statistics
@@ -50,12 +49,13 @@ import time
 import urllib.request
 
 import numpy as np
-import soundfile as sf
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from serve_app.audio import to_wav_bytes
 from serve_app.audio.barclock import BarClock
+from serve_app.audio.bars import to_int16
 from serve_app.audio.synth import synth_loop
 from serve_app.client import api_key_headers, ws_url
 from serve_app.frames import FRAMES_PER_SECOND
@@ -91,10 +91,8 @@ class BarLoop:
     def synth(cls, seconds: float, bpm: float, bars_per_chunk: int = 1) -> BarLoop:
         """The suite's kick-and-chord loop (serve_app/audio/synth.py), 48 kHz stereo."""
         mono = synth_loop(seconds, 48000, bpm, level=0.2)
-        buf = io.BytesIO()
-        sf.write(buf, np.stack([mono, mono], 1), 48000, format="WAV", subtype="PCM_16")
-        return cls(base64.b64encode(buf.getvalue()).decode(), BarClock(bpm, 4),
-                   bars_per_chunk)
+        wav = to_wav_bytes(to_int16(np.stack([mono, mono], 1)), 48000)
+        return cls(base64.b64encode(wav).decode(), BarClock(bpm, 4), bars_per_chunk)
 
     @property
     def chunk_seconds(self) -> float:
