@@ -367,7 +367,7 @@ class GeneratorCore:
             self.steps += 1
             self.batch_sizes[len(frames)] += 1
             self.metrics.record("mrt_step_ms", 1000 * seconds)
-            self.metrics.record("mrt_frames", len(frames))
+            self.metrics.record("mrt_frames", sum(f.n_frames for f in frames.values()))
             now = time.monotonic()
             completed, cut = [], []
             for sid, frame in frames.items():
@@ -380,7 +380,7 @@ class GeneratorCore:
                     elif jam.unfinished:
                         cut.append((sid, jam))
                 if frame.forced:
-                    self.prefill_frames += 1
+                    self.prefill_frames += frame.n_frames
                     if not jam.session.prefill_pending:
                         jam.prefill_done(now)
                 else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve_app.engine import CapacityError, Controls, Session
+from serve_app.engine import CapacityError, Controls, Session, batch
 from serve_app.engine.variants import CHANNELS, FRAME_SAMPLES, get_variant
 
 from .offline_decode import assert_heard_as_decoded, decode_at_once
@@ -216,25 +216,64 @@ def test_bad_controls_are_rejected_and_leave_the_session_unchanged(tiny):
     assert s.controls.cfg["musiccoca"] == 3.0
 
 
-def test_forcing_a_stream_with_its_own_codes_reproduces_it(tiny, make_engine):
+@pytest.mark.parametrize("run_frames", [1, 64], ids=["frame-by-frame", "in-runs"])
+def test_forcing_a_stream_with_its_own_codes_reproduces_it(tiny, make_engine, run_frames):
     """Teacher forcing puts exactly the state sampling would have: a session forced with
-    another's first frames (same seed) then continues with that session's audio."""
-    engine = make_engine()
+    another's first frames (same seed) then continues with that session's audio. In
+    runs, 21 frames go in as 16 + 4 at once and the last one in the batched step."""
+    forced_frames = 21
+    engine = make_engine(prefill_run_frames=run_frames)
     a, b = Session(style(tiny), seed=12), Session(style(tiny), seed=12)
     engine.add(a)
-    frames_a = [engine.step()[a.id] for _ in range(9)]
+    frames_a = [engine.step()[a.id] for _ in range(forced_frames + 4)]
     engine.add(b)
-    b.prefill(np.stack([f.codes for f in frames_a[:5]]))
-    forced = [engine.step(only={b.id})[b.id] for _ in range(5)]
-    assert all(f.forced for f in forced) and not any(f.forced for f in frames_a)
-    for got, want in zip(forced, frames_a[:5], strict=True):
-        np.testing.assert_array_equal(got.codes, want.codes)
-        assert_same_stream(got.audio, want.audio)  # the loop decoded through the codec
-    assert (b.frames_forced, b.frames_generated, b.prefill_pending) == (5, 0, 0)
+    b.prefill(np.stack([f.codes for f in frames_a[:forced_frames]]))
+    forced = []
+    while b.prefill_pending:
+        forced.append(engine.step(only={b.id})[b.id])
+    assert [f.n_frames for f in forced] == ([1] * 21 if run_frames == 1 else [16, 4, 1])
+    assert all(f.forced and not f.audible for f in forced)
+    assert not any(f.forced for f in frames_a)
+    np.testing.assert_array_equal(np.concatenate([f.codes.reshape(-1, 12) for f in forced]),
+                                  np.stack([f.codes for f in frames_a[:forced_frames]]))
+    # the loop decoded through the codec
+    assert_same_stream(np.concatenate([f.audio for f in forced]),
+                       np.concatenate([f.audio for f in frames_a[:forced_frames]]))
+    assert (b.frames_forced, b.frames_generated, b.prefill_pending) == (forced_frames, 0, 0)
     after = [engine.step(only={b.id})[b.id] for _ in range(4)]
     assert not any(f.forced for f in after)
-    for got, want in zip(after, frames_a[5:], strict=True):
+    for got, want in zip(after, frames_a[forced_frames:], strict=True):
         np.testing.assert_array_equal(got.codes, want.codes)
+
+
+def test_a_loop_put_in_mid_stream_hands_out_the_audio_still_owed_first(tiny, make_engine):
+    """The decoder still owes the last sampled frame's audio when a loop goes in, so
+    the first forced frame goes in alone (its step hands that audio out); the rest in
+    runs, which hand out only the loop's own decode."""
+    engine = make_engine()
+    s = Session(style(tiny), seed=7)
+    engine.add(s)
+    for _ in range(3):
+        engine.step()
+    s.prefill(np.random.default_rng(2).integers(0, 1024, (21, 12)))
+    steps = [engine.step()[s.id] for _ in range(4)]
+    assert [(f.n_frames, f.forced, f.audible) for f in steps] == [
+        (1, True, True), (16, True, False), (4, True, False), (1, False, False)]
+
+
+def test_forced_runs_compile_nothing_after_warm_up(tiny, make_engine):
+    engine = make_engine(buckets=(1, 2))
+    assert engine.prefill_runs == (16, 4)  # tiny's context is 25 frames
+    engine.warmup()
+    compiled = (tiny.model.step, tiny.model.prefill, batch._put_row, batch._gather_rows)
+    before = [f._cache_size() for f in compiled]
+    looped, other = Session(style(tiny), seed=1), Session(style(tiny), seed=2)
+    looped.prefill(np.zeros((25, 12), np.int32))
+    engine.add(looped)
+    engine.add(other)
+    runs = [engine.step()[looped.id].n_frames for _ in range(4)]
+    assert runs == [16, 4, 4, 1]
+    assert [f._cache_size() for f in compiled] == before
 
 
 def test_prefill_changes_what_follows_and_is_deterministic(tiny, make_engine):
@@ -246,7 +285,10 @@ def test_prefill_changes_what_follows_and_is_deterministic(tiny, make_engine):
         if prefill:
             s.prefill(loop)
         engine.add(s)
-        frames = [engine.step()[s.id] for _ in range(20 * prefill + 10)]
+        frames = []
+        while sum(not f.forced for f in frames) < 10:
+            frames.append(engine.step()[s.id])
+        assert sum(f.n_frames for f in frames if f.forced) == 20 * prefill
         return np.concatenate([f.audio for f in frames if not f.forced])
 
     plain, looped, again = continuation(False), continuation(True), continuation(True)
@@ -255,24 +297,27 @@ def test_prefill_changes_what_follows_and_is_deterministic(tiny, make_engine):
     np.testing.assert_array_equal(looped, again)
 
 
-def test_each_frame_heard_is_its_own_codes_decoded(tiny, make_engine):
+@pytest.mark.parametrize("run_frames", [1, 64], ids=["frame-by-frame", "in-runs"])
+def test_each_frame_heard_is_its_own_codes_decoded(tiny, make_engine, run_frames):
     """The codec's decoder looks one frame ahead, so a step's audio belongs to the frame
     sampled one step earlier. What the listener hears lines up with the codes: from the
     very first frame (not 40 ms of silence), and right after a loop (not the loop's
-    last frame once more, 40 ms behind the bar line)."""
+    last frame once more, 40 ms behind the bar line), whether it went in frame by frame
+    or in runs (here two of 4 frames)."""
     loop = np.random.default_rng(1).integers(0, 1024, (8, 12))
-    engine = make_engine()
+    engine = make_engine(prefill_run_frames=run_frames)
     fresh, looped = Session(style(tiny), seed=3), Session(style(tiny), seed=4)
     looped.prefill(loop)
     engine.add(fresh)
     engine.add(looped)
-    steps = [engine.step() for _ in range(len(loop) + 6)]
+    steps = [engine.step() for _ in range(14)]
     assert fresh.decoder_delay == tiny.model.decoder_delay_frames == 1
     for session, forced in ((fresh, 0), (looped, len(loop))):
         frames = [step[session.id] for step in steps]
+        assert sum(f.n_frames for f in frames if f.forced) == forced
         heard = np.stack([f.audio for f in frames if f.audible])
-        assert len(heard) == len(frames) - forced - session.decoder_delay
-        decoded = decode_at_once(tiny, np.stack([f.codes for f in frames]))
+        assert len(heard) == sum(not f.forced for f in frames) - session.decoder_delay
+        decoded = decode_at_once(tiny, np.concatenate([f.codes.reshape(-1, 12) for f in frames]))
         assert_heard_as_decoded(heard, decoded[forced:])
 
 

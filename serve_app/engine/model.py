@@ -12,7 +12,10 @@ so `step` takes per-row forced codes. A forced row runs the temporal transformer
 its previous frame as usual (that is what fills its attention caches), then takes
 the given codes instead of its samples as "the frame just generated", and decodes
 them, so the codec's streaming state follows the loop too. This is the MLX
-backend's `forced_tokens`, built from the same layers.
+backend's `forced_tokens`, built from the same layers. `prefill` forces a run of K
+frames in one call to the same state (to float rounding): the frames a loop puts
+into the context are known in advance, so the temporal transformer takes them all
+at once, as in training, instead of one per step.
 """
 
 from __future__ import annotations
@@ -72,6 +75,40 @@ def _step_forcing(sampler, block, state, constants, forced_unique, force):
                 (rng, _with_values(previous_frame, values), temporal, count), delay)
     x, decoder_state = decode_step(rest, codes, state[1:], constants)
     return x, values[:, 0, :], (df_state, *decoder_state)
+
+
+def _prefill_forcing(sampler, block, state, forced_unique):
+    """`_step_forcing` for a run of forced frames at once, to the same state.
+
+    A forced frame's depthformer output is thrown away, so only what feeds the state
+    is computed: the temporal transformer over all the frames together (its input
+    for frame t is frame t-1, known in advance), the codec decoder over all their
+    codes, and the per-frame RNG fold-ins the depth sampler would have made. The
+    depth transformer, 12 sequential passes per frame, does not run at all."""
+    depthformer, *rest = sampler.layers
+    decoder = depthformer.decoder
+    encoder_state, previous_output, (rng, previous_frame, temporal, count), delay = state[0]
+    encoded, encoder_state = depthformer.encoder.body.step(
+        block, encoder_state, training=False, constants={})
+    inputs = jnp.concatenate([previous_frame.values, forced_unique[:, :-1]], axis=1)
+    embedded = decoder.embedder(sl.Sequence.from_values(inputs), training=False)
+    _, temporal = decoder.temporal_body.step(
+        embedded.apply_values(jnp.mean, axis=-2), temporal, training=False,
+        constants={depthformer.conditioning_name: encoded})
+
+    def fold_in_frame(carry, _):
+        rng, count = carry
+        for _level in range(decoder.config.num_codebooks):  # as the depth sampler does
+            rng = jax.vmap(jax.random.fold_in)(rng, count)
+        return (rng, count + 1), None
+
+    (rng, count), _ = jax.lax.scan(fold_in_frame, (rng, count), None, length=block.shape[1])
+    last = forced_unique[:, -1:].astype(previous_frame.values.dtype)
+    df_state = (encoder_state, _with_values(previous_output, last),
+                (rng, _with_values(previous_frame, last), temporal, count), delay)
+    codes = sl.Sequence.from_values(forced_unique.astype(previous_frame.values.dtype))
+    x, decoder_state = decode_step(rest, codes, state[1:], {})
+    return x, (df_state, *decoder_state)
 
 
 def decode_step(layers, codes, states, constants):
@@ -190,7 +227,16 @@ class StreamingModel:
 
             return out.values, codes, jax.tree.map(keep_inactive, new_state, state)
 
+        def prefill(params, tokens, forced, state):
+            """tokens [1,K,144], forced codes [1,K,12] -> (their audio [1,K*1920,2] int16,
+            the state K forced steps would leave). Compiled once per K."""
+            block = sl.Sequence.from_values(tokens)
+            out, new_state = sampler.apply(params, block, state, forced + offsets,
+                                           method=_prefill_forcing)
+            return out.values, new_state
+
         self.init_state = jax.jit(init_state)
+        self.prefill = jax.jit(prefill, donate_argnums=(3,))
         if self.tune_for_cpu is None:
             self.tune_for_cpu = cpu_tuning.wanted()
         example = (*neutral_step_inputs(1), self.init_state(self.params, jnp.uint32(0)))

@@ -125,6 +125,17 @@ class Session:
     def prefill_pending(self) -> int:
         return len(self._prefill)
 
+    def next_forced_run(
+        self, style_model: StyleModel, frames: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Conditioning [frames, 144] and loop codes [frames, 12] for that many queued
+        frames forced at once (`BatchedEngine`'s prefill runs). The style ramp and held
+        notes move on exactly as they would frame by frame."""
+        if not 0 < frames <= len(self._prefill):
+            raise ValueError(f"frames: {frames} forced at once, {len(self._prefill)} queued")
+        inputs = [self.next_frame_inputs(style_model) for _ in range(frames)]
+        return np.stack([i.block for i in inputs]), np.stack([i.forced for i in inputs])
+
     def recent_context(self, frames: int) -> np.ndarray:
         """The last `frames` codes of this session's context (forced and sampled)."""
         recent = list(self.context)[-frames:] if frames > 0 else []
@@ -137,6 +148,12 @@ class Session:
         count, as it keeps its decoder state."""
         if self._decoding is None:
             self._decoding = collections.deque([False] * delay_frames)
+
+    @property
+    def audio_in_decoder(self) -> bool:
+        """Whether a sampled frame is still inside the decoder's delay: the next steps
+        owe its audio to the listener, so they must hand out audio one step at a time."""
+        return self._decoding is not None and any(self._decoding)
 
     @property
     def decoder_delay(self) -> int:
