@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..jam import Chunk
 
 
 class FlowControl:
@@ -33,11 +37,13 @@ class FlowControl:
         self.waits = 0  # times the stream held back for the client
         self._acked = asyncio.Event()
 
-    def sent(self, index: int, seconds: float) -> None:
+    def sent(self, chunk: Chunk) -> None:
+        """Counts a chunk sent: its index for the window, its length at its own sample
+        rate (bar mode may resample) for the lead cap."""
         if self._first_sent_at is None:
             self._first_sent_at = self._clock()
-        self.sent_seconds += seconds
-        self.last_sent = index
+        self.sent_seconds += chunk.seconds
+        self.last_sent = chunk.index
 
     def ack(self, index: int) -> None:
         if index > self.last_sent:

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
 from ..errors import ApiError, BadRequest, field_problems
-from ..frames import SAMPLE_RATE
 from ..jam import Chunk, StreamConfig, frames_for
 from . import offload
 from .flow import FlowControl
@@ -276,7 +275,7 @@ class JamSocket:
                 chunk = await client.next_chunk(session_id, 5.0)
                 if chunk is not None:
                     await self._send_chunk(chunk)
-                    flow.sent(chunk.index, chunk.audio.shape[0] / SAMPLE_RATE)
+                    flow.sent(chunk)
         except ApiError as e:
             if self.session_id == session_id:
                 self.session_id = None
