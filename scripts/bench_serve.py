@@ -53,9 +53,8 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from serve_app.audio import to_wav_bytes
+from serve_app.audio import to_int16, to_wav_bytes
 from serve_app.audio.barclock import BarClock
-from serve_app.audio.bars import to_int16
 from serve_app.audio.synth import synth_loop
 from serve_app.client import api_key_headers, ws_url
 from serve_app.frames import FRAMES_PER_SECOND

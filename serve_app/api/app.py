@@ -20,9 +20,8 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, We
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..audio import to_wav_bytes
+from ..audio import to_int16, to_wav_bytes
 from ..audio.barclock import BarClock
-from ..audio.bars import to_int16
 from ..audio.loudness import LoudnessMatcher, fade_edges
 from ..audio.resample import check_rate, resample, resample_int16
 from ..engine import CHANNELS, SAMPLE_RATE

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..audio import to_float
 from ..audio.barclock import BarClock
 from ..audio.decode import decode_audio
 from ..audio.loudness import MODES as LOUDNESS_MODES
@@ -222,7 +223,7 @@ class JamService:
             mix = await client.recent_audio(session_id, 10.0)
             if mix.shape[0] == 0:
                 raise BadRequest("use_current_mix_as_style: the session has no audio yet")
-            style = await self.with_audio_style(style or StyleSpec(), mix / 32768.0, 1.0,
+            style = await self.with_audio_style(style or StyleSpec(), to_float(mix), 1.0,
                                                 "current mix")
         update = JamUpdate(
             style=style,

@@ -17,6 +17,7 @@ import soxr
 from ..frames import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE
 from .barclock import BarClock
 from .loudness import LoudnessMatcher
+from .wav import to_float, to_int16
 
 
 @dataclasses.dataclass
@@ -36,10 +37,6 @@ class BarChunk:
     bars: int
     rate: int
     loudness: dict | None
-
-
-def to_int16(audio: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
 
 
 class BarChunker:
@@ -93,7 +90,7 @@ class BarChunker:
     def feed(self, frame: np.ndarray) -> list[BarCut]:
         """Adds one int16 frame [1920, 2]; returns the bars it completed (usually none),
         for `finish` in the order they came."""
-        audio = frame.astype(np.float32) / 32768.0
+        audio = to_float(frame)
         if self._resampler is not None:
             audio = self._resampler.resample_chunk(audio)
         self._append(audio)

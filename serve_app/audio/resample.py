@@ -6,6 +6,7 @@ import numpy as np
 import soxr
 
 from ..frames import SAMPLE_RATE
+from .wav import to_float, to_int16
 
 MIN_RATE, MAX_RATE = 8_000, 192_000
 
@@ -25,7 +26,7 @@ def fit_length(audio: np.ndarray, samples: int) -> np.ndarray:
 
 def resample(audio: np.ndarray, rate: int, samples: int) -> np.ndarray:
     """48 kHz int16 [n, 2] -> float32 in [-1, 1] at `rate`, exactly `samples` long."""
-    floats = audio.astype(np.float32) / 32768.0
+    floats = to_float(audio)
     if rate != SAMPLE_RATE:
         floats = soxr.resample(floats, SAMPLE_RATE, rate, "VHQ")
     return fit_length(floats, samples)
@@ -35,5 +36,4 @@ def resample_int16(audio: np.ndarray, rate: int, samples: int) -> np.ndarray:
     """48 kHz int16 [n, 2] -> int16 at `rate`, exactly `samples` long."""
     if rate == SAMPLE_RATE:
         return fit_length(audio, samples)
-    floats = resample(audio, rate, samples)
-    return np.clip(np.round(floats * 32768.0), -32768, 32767).astype(np.int16)
+    return to_int16(resample(audio, rate, samples))
