@@ -245,8 +245,9 @@ class GeneratorCore:
 
     def _make_engine(self, loaded: LoadedModel,
                      on_bucket: Callable[[int], None] | None = None) -> BatchedEngine:
-        """An engine for `loaded`, compiled for every batch bucket before it serves; each
-        compile is a progress line (minutes in all for a GPU variant without the cache)."""
+        """An engine for `loaded`, compiled for every batch bucket and forced run length
+        before it serves; each is a progress line (minutes in all for a GPU variant
+        without the cache)."""
         buckets = tuple(b for b in self.buckets if b <= max(self.max_sessions, 1))
         needed = min((b for b in self.buckets if b >= self.max_sessions), default=None)
         if needed and needed not in buckets:
@@ -267,7 +268,10 @@ class GeneratorCore:
             if on_bucket:
                 on_bucket(bucket)
 
-        engine.warmup(progress=compiled)
+        engine.warmup_buckets(progress=compiled)
+        engine.warmup_runs()
+        progress.info("generator %s: compiled forced runs of %s frames (loop prefill) in %.1f s",
+                      self.name, list(engine.prefill_runs), time.monotonic() - since)
         return engine
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -84,8 +84,9 @@ def test_says_when_it_is_ready_and_stops_cleanly_on_sigterm(local_server):
     _, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
     assert "serving tiny (/health shows readiness)" in err
-    # progress at the default log level: each bucket's compile, then ready
+    # progress at the default log level: each bucket's compile, the forced runs', ready
     assert "generator tiny: compiled batch bucket 2 (2 of 2)" in err
+    assert "generator tiny: compiled forced runs of [16, 4] frames (loop prefill)" in err
     assert "generator tiny: ready after" in err and "(buckets [1, 2])" in err
     assert err.rstrip().endswith("mrt-serve local: stopped")  # step loops stopped first
     assert "Traceback" not in err

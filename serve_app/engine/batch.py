@@ -307,12 +307,17 @@ class BatchedEngine:
         buckets: Iterable[int] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Compiles the step (and row moves) for each bucket, and each prefill run,
-        before sessions arrive."""
-        for frames in self.prefill_runs:
-            jax.block_until_ready(self.model.prefill(
-                self.model.params, np.zeros((1, frames, CONDITIONING_TOKENS), np.int32),
-                np.zeros((1, frames, CODE_LEVELS), np.int32), self.model.state_at(0)))
+        """Compiles all a session may need before sessions arrive, so that none joining
+        or putting a loop in ever waits on XLA."""
+        self.warmup_buckets(buckets, progress)
+        self.warmup_runs()
+
+    def warmup_buckets(
+        self,
+        buckets: Iterable[int] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Compiles the step (and row moves) for each bucket; `progress` after each."""
         fresh = self.model.state_at(0)
         previous = fresh
         for capacity in buckets or self.buckets:
@@ -329,3 +334,10 @@ class BatchedEngine:
             previous = state
             if progress:
                 progress(capacity)
+
+    def warmup_runs(self) -> None:
+        """Compiles `StreamingModel.prefill` for each forced run length (one row)."""
+        for frames in self.prefill_runs:
+            jax.block_until_ready(self.model.prefill(
+                self.model.params, np.zeros((1, frames, CONDITIONING_TOKENS), np.int32),
+                np.zeros((1, frames, CODE_LEVELS), np.int32), self.model.state_at(0)))
