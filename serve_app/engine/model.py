@@ -104,6 +104,7 @@ def _prefill_forcing(sampler, block, state, forced_unique):
 
     (rng, count), _ = jax.lax.scan(fold_in_frame, (rng, count), None, length=block.shape[1])
     last = forced_unique[:, -1:].astype(previous_frame.values.dtype)
+    # `delay`, upstream's encoder-lookahead countdown, is 0 for these models and stays 0
     df_state = (encoder_state, _with_values(previous_output, last),
                 (rng, _with_values(previous_frame, last), temporal, count), delay)
     codes = sl.Sequence.from_values(forced_unique.astype(previous_frame.values.dtype))
