@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
+from tqdm import tqdm
 
 from serve_app import logs
 from serve_app.audio.barclock import BarClock
@@ -67,10 +68,12 @@ def main() -> None:
             session = Session(loaded.style.embed_text("techno"), seed=i)
             session.prefill(codes)
             engine.add(session)
+            bar = tqdm(total=frames, desc=f"repeat {i + 1}: {mode}", unit="frame", leave=False)
             t0 = time.perf_counter()
             while session.prefill_pending:
-                engine.step()
+                bar.update(engine.step()[session.id].n_frames)
             force_ms[mode].append((time.perf_counter() - t0) * 1000)
+            bar.close()
             engine.remove(session.id)
 
     seconds = frames / FRAMES_PER_SECOND

@@ -43,6 +43,22 @@ def test_generate_rejects_bad_input_naming_the_field(tmp_path):
     assert not (tmp_path / "x.wav").exists()
 
 
+def test_bench_prefill_times_both_ways_of_forcing_a_loop(tmp_path, tiny_repo):
+    out = tmp_path / "prefill.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_prefill.py"), "--variant", "tiny",
+         "--repo", str(tiny_repo), "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["context_frames"] == 25 and report["prefill_runs"] == [16, 4]
+    assert report["encode_ms"] > 0 and report["force_ms"] > 0
+    assert report["runs_speedup"] == pytest.approx(
+        report["force_ms_frame_by_frame"] / report["force_ms"], rel=1e-2)
+    assert "force frame by frame" in result.stdout and "in runs" in result.stdout
+
+
 def test_bench_engine_prints_a_table_and_writes_json(tmp_path, tiny_repo):
     out = tmp_path / "bench.json"
     result = subprocess.run(

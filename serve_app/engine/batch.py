@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # Longest forced run: each size is one more compile at warm-up, and a run holds up
-# the batched step it goes with (on the 2-core CPU, tiny: 16 frames 9.7 ms, against
-# 3.9 ms for one batch-1 step; not yet measured on a GPU).
+# the batched step it goes with (2-core CPU, tiny: a 16-frame run 9.7 ms, one batch-1
+# step 3.5-3.9 ms; not yet measured on a GPU).
 DEFAULT_PREFILL_RUN_FRAMES = 64
 
 
