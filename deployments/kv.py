@@ -29,3 +29,9 @@ class RayKV:
 
     def delete(self, key: str) -> None:
         internal_kv._internal_kv_del(self._key(key), namespace=self.namespace)
+
+    def keys(self) -> list[str]:
+        """This app's keys in the namespace."""
+        prefix = self._key("")
+        found = internal_kv._internal_kv_list(prefix, namespace=self.namespace) or []
+        return [k[len(prefix):].decode() for k in found]

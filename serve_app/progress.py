@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -26,6 +27,9 @@ from .errors import ApiError, UnknownSession
 log = logging.getLogger(__name__)
 
 FINISHED = ("done", "error")
+# A render still going is rewritten as it moves on; one whose record has not moved for
+# this long past the retention period lost its ingress (no render takes an hour).
+ORPHAN_SECONDS = 3600.0
 SetStage = Callable[..., Awaitable[None]]  # set_stage(stage, **RenderProgress fields)
 
 
@@ -35,6 +39,7 @@ class ProgressStore(Protocol):
     def get(self, key: str) -> str | None: ...
     def put(self, key: str, value: str) -> None: ...
     def delete(self, key: str) -> None: ...
+    def keys(self) -> list[str]: ...
 
 
 class MemoryProgressStore:
@@ -56,6 +61,9 @@ class MemoryProgressStore:
     def delete(self, key: str) -> None:
         self._values.pop(key, None)
 
+    def keys(self) -> list[str]:
+        return list(self._values)
+
     def __len__(self) -> int:
         return len(self._values)
 
@@ -72,6 +80,10 @@ class RenderProgress:
     variant: str | None = None
     session_id: str | None = None
     error: str | None = None
+    expires_at: float | None = None  # unix seconds; None: written by an older version
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is None or now >= self.expires_at
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -85,14 +97,18 @@ class ProgressBoard:
     """Writes a render's stages under its request id and answers `/progress` from them.
 
     A finished record stays readable for `retention_seconds`, then this process
-    deletes it, so the store does not grow with every render ever made. A store
-    that fails is logged and never fails the render itself.
+    deletes it, so the store does not grow with every render ever made. Each record
+    also says when it expires, so that those an ingress that died can no longer
+    delete (Ray's store outlives replicas) are swept by any other: each board looks
+    for them once per retention period, when it writes. A store that fails is logged
+    and never fails the render itself.
     """
 
     def __init__(self, store: ProgressStore, retention_seconds: float = 600.0) -> None:
         self.store = store
         self.retention_seconds = retention_seconds
         self._forgetting: set[asyncio.Task] = set()
+        self._next_sweep = 0.0  # monotonic
 
     @contextlib.asynccontextmanager
     async def tracking(self, request_id: str | None) -> AsyncIterator[SetStage]:
@@ -113,16 +129,41 @@ class ProgressBoard:
             raise
 
     async def _write(self, request_id: str, record: RenderProgress) -> None:
-        value = record.to_json()
+        finished = record.stage in FINISHED
+        lifetime = self.retention_seconds + (0.0 if finished else ORPHAN_SECONDS)
+        value = dataclasses.replace(record, expires_at=time.time() + lifetime).to_json()
         try:
             await asyncio.to_thread(self.store.put, request_id, value)
         except Exception as e:
             log.warning("progress of %r not recorded (%s)", request_id, e)
             return
-        if record.stage in FINISHED:
-            task = asyncio.create_task(self._forget(request_id, value))
-            self._forgetting.add(task)  # the loop holds tasks weakly
-            task.add_done_callback(self._forgetting.discard)
+        if finished:
+            self._background(self._forget(request_id, value))
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.retention_seconds
+            self._background(self.sweep())
+
+    def _background(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._forgetting.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._forgetting.discard)
+
+    async def sweep(self) -> int:
+        """Deletes the expired records in the store, whoever wrote them; returns how many.
+        One round trip per record: it runs in the background, once per retention period."""
+        deleted = 0
+        try:
+            keys = await asyncio.to_thread(self.store.keys)
+            for key in keys:
+                value = await asyncio.to_thread(self.store.get, key)
+                if value is not None and _parsed(value).expired(time.time()):
+                    await asyncio.to_thread(self.store.delete, key)
+                    deleted += 1
+        except Exception as e:
+            log.warning("expired progress records not swept (%s)", e)
+        if deleted:
+            log.info("swept %d expired progress records", deleted)
+        return deleted
 
     async def _forget(self, request_id: str, value: str) -> None:
         await asyncio.sleep(self.retention_seconds)
@@ -135,9 +176,10 @@ class ProgressBoard:
 
     async def _record(self, request_id: str) -> RenderProgress:
         value = await asyncio.to_thread(self.store.get, request_id)
-        if value is None:
+        record = None if value is None else _parsed(value)
+        if record is None or record.expired(time.time()):
             raise UnknownSession(f"request_id: no generation known as {request_id!r}")
-        return RenderProgress.from_json(value)
+        return record
 
     async def read(self, request_id: str, generators: Mapping) -> dict:
         """`{n, total, percent, stage}` (and `error` for a failed render)."""
@@ -161,6 +203,14 @@ class ProgressBoard:
         if record.error is not None:
             answer["error"] = record.error
         return answer
+
+
+def _parsed(value: str) -> RenderProgress:
+    """A stored record; one this version cannot read counts as expired."""
+    try:
+        return RenderProgress.from_json(value)
+    except (TypeError, ValueError):
+        return RenderProgress(stage="unreadable")
 
 
 def _told(error: BaseException) -> str:

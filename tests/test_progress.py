@@ -7,11 +7,13 @@ tests/test_serve_http.py reads them through Ray's shared store from either ingre
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pytest
 
 from serve_app.errors import BadRequest, UnknownSession
-from serve_app.progress import MemoryProgressStore, ProgressBoard
+from serve_app.progress import MemoryProgressStore, ProgressBoard, RenderProgress
 
 
 def test_the_memory_store_keeps_the_newest_records_only():
@@ -97,5 +99,31 @@ def test_a_render_reusing_a_finished_ones_id_keeps_its_own_retention():
             await set_stage("done", n=2)
         await asyncio.sleep(0.2)  # the first render's retention has ended, not the second's
         assert (await board.read("same", {}))["n"] == 2
+
+    asyncio.run(scenario())
+
+
+def test_records_an_ingress_that_died_left_behind_are_swept_by_another():
+    """Ray's store outlives the ingress that wrote a record, and so its deletion: each
+    record says when it expires, and a board's first write sweeps what has."""
+    async def scenario():
+        store = MemoryProgressStore()
+        now = time.time()
+        store.put("orphan", RenderProgress("generating", total=9, expires_at=now - 1).to_json())
+        store.put("from-an-older-version", json.dumps({"stage": "done", "total": 8, "n": 8}))
+        store.put("unreadable", "{not json")
+        store.put("live", RenderProgress("generating", total=9, expires_at=now + 60).to_json())
+        board = ProgressBoard(store, retention_seconds=60)
+        with pytest.raises(UnknownSession, match="no generation known as 'orphan'"):
+            await board.read("orphan", {})  # expired: gone for readers at once
+        assert (await board.read("live", {}))["stage"] == "generating"
+        async with board.tracking("new") as set_stage:
+            await set_stage("decoding")
+        for _ in range(250):  # the sweep runs in the background
+            if sorted(store.keys()) == ["live", "new"]:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(store.keys()) == ["live", "new"]
+        assert await board.sweep() == 0
 
     asyncio.run(scenario())

@@ -111,6 +111,22 @@ def test_progress_answers_from_either_ingress_replica_during_and_after_a_render(
     assert after == [{"n": 800, "total": 800, "percent": 100.0, "stage": "done"}] * 8
 
 
+def test_rays_store_lists_and_sweeps_only_this_apps_progress_records(serve_root):
+    import asyncio
+
+    from deployments.kv import RayKV
+    from serve_app.progress import ProgressBoard, RenderProgress
+
+    mine, other = RayKV("mrt_test_sweep", "app-a"), RayKV("mrt_test_sweep", "app-b")
+    expired = RenderProgress("done", expires_at=time.time() - 1).to_json()
+    mine.put("old", expired)
+    mine.put("live", RenderProgress("generating", expires_at=time.time() + 60).to_json())
+    other.put("old", expired)
+    assert sorted(mine.keys()) == ["live", "old"]
+    assert asyncio.run(ProgressBoard(mine).sweep()) == 1
+    assert mine.keys() == ["live"] and other.keys() == ["old"]
+
+
 def test_a_failed_render_says_why_on_progress(http):
     r = http.post("/generate_style", data={"styles": "x", "bars": 65, "request_id": "too-long"})
     assert r.status_code == 400
