@@ -78,12 +78,16 @@ def _safe_relative(name: str) -> str:
 
 
 class Repo:
-    """Fetches files of one repo (local directory or Hub id) on demand."""
+    """Fetches files of one repo (local directory or Hub id) on demand. With
+    `allow_local` False the name is always a Hub id: a caller who may not read the
+    server's disk cannot even tell which directories exist."""
 
-    def __init__(self, repo: str, *, revision: str | None = None) -> None:
+    def __init__(self, repo: str, *, revision: str | None = None,
+                 allow_local: bool = True) -> None:
         self.repo = repo
         self.revision = revision
-        self.local = pathlib.Path(os.path.expanduser(repo)) if is_local(repo) else None
+        local = allow_local and is_local(repo)
+        self.local = pathlib.Path(os.path.expanduser(repo)) if local else None
 
     def where(self) -> str:
         if self.local is not None:
@@ -124,15 +128,28 @@ class Repo:
         raise CheckpointNotFound(f"{what}: none of {names} found in {self.where()}")
 
     def list_files(self) -> list[str]:
+        """The repo's files; for a local directory only where the Hub layout puts the
+        files we read (its top level, `checkpoints/`, the known resources), so that
+        naming a big directory costs two directory reads, not a walk of the disk."""
         if self.local is not None:
-            files = (p for p in self.local.rglob("*") if p.is_file())
-            return sorted(str(p.relative_to(self.local)) for p in files)
+            return _layout_files(self.local)
         from huggingface_hub import list_repo_files
 
         try:
             return sorted(list_repo_files(self.repo, revision=self.revision))
         except Exception as e:
             raise CheckpointNotFound(f"could not list {self.where()}: {e}") from e
+
+
+def _layout_files(root: pathlib.Path) -> list[str]:
+    def files_in(folder: pathlib.Path) -> list[str]:
+        if not folder.is_dir():
+            return []
+        return [str(p.relative_to(root)) for p in folder.iterdir() if p.is_file()]
+
+    resources = [ENCODER_FILE, *(f"{MUSICCOCA_DIR}/{name}" for name in MUSICCOCA_FILES)]
+    return sorted(files_in(root) + files_in(root / "checkpoints")
+                  + [f for f in resources if (root / f).is_file()])
 
 
 def list_steps(files: list[str]) -> list[int]:
@@ -143,10 +160,11 @@ def v1_steps(files: list[str]) -> list[int]:
     return sorted({int(m.group(1)) for f in files if (m := _V1_ARCHIVE.search(f))})
 
 
-def list_checkpoints(repo: str, *, revision: str | None = None) -> dict:
+def list_checkpoints(repo: str, *, revision: str | None = None,
+                     allow_local: bool = True) -> dict:
     """What a repo offers: finetune steps, the latest, base variant files, steering assets,
     and any MRT v1 archives (listed so a client can tell why they are not offered)."""
-    files = Repo(repo, revision=revision).list_files()
+    files = Repo(repo, revision=revision, allow_local=allow_local).list_files()
     steps = list_steps(files)
     bases = sorted(pathlib.PurePosixPath(f).stem for f in files
                    if f.startswith("checkpoints/") and f.endswith(".safetensors")

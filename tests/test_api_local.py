@@ -67,6 +67,21 @@ def test_model_writes_need_an_admin_key(core, tiny):
         assert http.get("/model/status", headers={"X-API-Key": "k1"}).status_code == 200
 
 
+def test_only_an_admin_key_may_name_a_directory_of_the_servers_disk(core, tiny, tiny_repo):
+    """With keys configured, a user key's repo_id is always a Hub id: an existing local
+    directory answers exactly as a missing one does, so the disk cannot be probed."""
+    params = {"repo_id": str(tiny_repo)}
+    with client(core, tiny, api_keys=["k1"], admin_keys=["root"]) as http:
+        admin = http.get("/model/checkpoints", params=params, headers={"X-API-Key": "root"})
+        assert admin.status_code == 200 and admin.json()["base_checkpoints"] == ["tiny"]
+        user = http.get("/model/checkpoints", params=params, headers={"X-API-Key": "k1"})
+        missing = http.get("/model/checkpoints", params={"repo_id": str(tiny_repo / "nope")},
+                           headers={"X-API-Key": "k1"})
+        assert user.status_code == missing.status_code and user.status_code in (400, 503)
+        assert user.json()["error"].startswith("repo_id:") and "Hub repo" in user.json()["error"]
+        assert "Hub repo" in missing.json()["error"]
+
+
 def test_no_keys_means_open_local_access(core, tiny):
     with client(core, tiny) as http:
         assert http.get("/ping").status_code == 200

@@ -29,6 +29,19 @@ def test_tiny_repo_has_the_hub_layout(tiny_repo):
     assert np.load(tiny_repo / checkpoints.CENTROIDS_FILE).shape == (3, 768)
 
 
+def test_a_local_listing_reads_only_where_the_hub_layout_puts_files(tmp_path):
+    """Naming a big directory (`/`, say) costs two directory reads, not a disk walk."""
+    for name in ("checkpoint_5.safetensors", "checkpoints/checkpoint_7.safetensors",
+                 checkpoints.ENCODER_FILE, "deep/er/checkpoint_9.safetensors",
+                 "checkpoints/old/checkpoint_11.safetensors"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert checkpoints.Repo(str(tmp_path)).list_files() == [
+        "checkpoint_5.safetensors", "checkpoints/checkpoint_7.safetensors",
+        checkpoints.ENCODER_FILE]
+    assert checkpoints.list_checkpoints(str(tmp_path))["steps"] == [5, 7]
+
+
 def test_checkpoint_round_trip_through_the_real_loader(tiny):
     expected = _fill_zero_matrices(random_params(tiny.model.sampler, 0), 0)
     got, want = weights.flatten(tiny.model.params), weights.flatten(expected)

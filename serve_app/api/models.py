@@ -13,7 +13,7 @@ import asyncio
 import os
 from typing import Literal
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,7 @@ from .. import checkpoints
 from ..engine.variants import SIZE_ALIASES, VARIANTS, variant_for_size
 from ..errors import BadRequest, Unavailable
 from ..selection import ModelSelection
+from .security import may_read_local_paths
 from .service import JamService
 
 BOOT_ENV = ("MRT_CKPT_REPO", "MRT_CKPT_STEP", "MRT_SIZE", "SPACE_MODE")
@@ -91,9 +92,10 @@ class AssetsRequest(BaseModel):
         return data
 
 
-async def _listing(repo: str, revision: str | None) -> dict:
+async def _listing(repo: str, revision: str | None, *, allow_local: bool = True) -> dict:
     try:
-        return await asyncio.to_thread(checkpoints.list_checkpoints, repo, revision=revision)
+        return await asyncio.to_thread(checkpoints.list_checkpoints, repo, revision=revision,
+                                       allow_local=allow_local)
     except checkpoints.CheckpointNotFound as e:
         if "cannot be reached" in str(e):
             raise Unavailable(f"repo_id: {e}") from e
@@ -161,10 +163,13 @@ def add_model_routes(app: FastAPI, service: JamService) -> None:
         }
 
     @app.get("/model/checkpoints")
-    async def model_checkpoints(repo_id: str = Query(..., min_length=1, max_length=500),
+    async def model_checkpoints(request: Request,
+                                repo_id: str = Query(..., min_length=1, max_length=500),
                                 revision: str | None = Query(None, max_length=200)):
-        """Finetune steps a repo (Hub id or local directory) offers, and the latest."""
-        return await _listing(repo_id, revision)
+        """Finetune steps a repo offers, and the latest: a Hub id, or a local directory
+        for an admin key (or when no keys are configured)."""
+        return await _listing(repo_id, revision,
+                              allow_local=may_read_local_paths(request.scope))
 
     @app.post("/model/assets/load")
     async def model_assets_load(request: AssetsRequest):

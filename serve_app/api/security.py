@@ -2,7 +2,9 @@
 
 No keys configured means open access (local use). With keys, every HTTP route
 and the WebSocket need one (header `X-API-Key`, `Authorization: Bearer`, or
-`?api_key=` for browsers' WebSockets); `/model/*` writes need an admin key.
+`?api_key=` for browsers' WebSockets); `/model/*` writes need an admin key, and so
+does naming a directory of the server's disk where a repo is asked for
+(`may_read_local_paths`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ def _key_from_scope(scope) -> str | None:
         return auth[7:].strip()
     query = parse_qs(scope.get("query_string", b"").decode())
     return query.get("api_key", [None])[0]
+
+
+# Set by ApiKeyMiddleware in each request's scope when keys are configured.
+_LOCAL_PATHS = "mrt.may_read_local_paths"
+
+
+def may_read_local_paths(scope) -> bool:
+    """Whether this request may name local directories as repos: with no keys
+    configured (local use) anyone may, with keys only an admin key may."""
+    return scope.get(_LOCAL_PATHS, True)
 
 
 def _matches(key: str | None, allowed: list[str]) -> bool:
@@ -61,6 +73,7 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket") or not (s.api_keys or s.admin_keys):
             return await self.app(scope, receive, send)
         key = _key_from_scope(scope)
+        scope[_LOCAL_PATHS] = _matches(key, s.admin_keys)
         if _is_admin_write(scope):
             if not _matches(key, s.admin_keys):
                 return await _reject(scope, receive, send, 403,
