@@ -126,6 +126,10 @@ def variant_of(session_id: str) -> str:
     return session_id.partition(SESSION_SEPARATOR)[0].rpartition(".")[2]
 
 
+class _Stopped(Exception):
+    """Shutdown asked for while the replica compiles: its boot ends between compiles."""
+
+
 class GeneratorCore:
     """`name` is the generator's name in the config (sessions carry it); the model it
     serves (`selection`) can change while it runs, see `select`."""
@@ -232,6 +236,10 @@ class GeneratorCore:
             self.state = "ready"
             progress.info("generator %s: ready after %.0f s on %s (buckets %s)", self.name,
                           time.monotonic() - started, self.device, list(self.engine.buckets))
+        except _Stopped:
+            self.state, self.error = "stopped", "shut down while compiling"
+            progress.info("generator %s: stopped while compiling", self.name)
+            return
         except Exception as e:  # reported by /health instead of a crash loop
             log.exception("generator %s: failed to start after %.0f s", self.name,
                           time.monotonic() - started)
@@ -267,8 +275,12 @@ class GeneratorCore:
             since = time.monotonic()
             if on_bucket:
                 on_bucket(bucket)
+            if self._stopping:  # leave XLA now rather than after every compile
+                raise _Stopped
 
         engine.warmup_buckets(progress=compiled)
+        if self._stopping:
+            raise _Stopped
         engine.warmup_runs()
         progress.info("generator %s: compiled forced runs of %s frames (loop prefill) in %.1f s",
                       self.name, list(engine.prefill_runs), time.monotonic() - since)
@@ -276,7 +288,8 @@ class GeneratorCore:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the step loop and waits (up to `timeout`) for its threads to leave XLA:
-        a thread killed inside a computation at interpreter exit aborts the process."""
+        a thread killed inside a computation at interpreter exit aborts the process. A
+        replica still compiling stops after the compile under way (`_Stopped`)."""
         self._stopping = True
         self._wake.set()
         self._finisher.shutdown()

@@ -202,3 +202,13 @@ def test_a_session_nobody_asks_about_expires_and_a_waiting_one_does_not(core):
             core.idle_seconds = 300.0
 
     asyncio.run(scenario())
+
+
+def test_a_replica_shut_down_while_compiling_stops_after_the_compile_under_way(tiny):
+    """Its thread leaves XLA before shutdown returns (killed inside a compile at exit,
+    the process would abort) instead of compiling every bucket first. Bucket sizes no
+    other test uses, so that no compile is already in this process's caches."""
+    core = GeneratorCore("tiny", loaded=tiny, max_sessions=7, buckets=(3, 5, 6, 7))
+    core.shutdown(timeout=120)
+    assert (core.state, core.error) == ("stopped", "shut down while compiling")
+    assert core.warmed == [3] and core.engine is None
