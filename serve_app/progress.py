@@ -107,7 +107,7 @@ class ProgressBoard:
     def __init__(self, store: ProgressStore, retention_seconds: float = 600.0) -> None:
         self.store = store
         self.retention_seconds = retention_seconds
-        self._forgetting: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # forgetting and sweeping, in the background
         self._next_sweep = 0.0  # monotonic
 
     @contextlib.asynccontextmanager
@@ -145,8 +145,8 @@ class ProgressBoard:
 
     def _background(self, work) -> None:
         task = asyncio.create_task(work)
-        self._forgetting.add(task)  # the loop holds tasks weakly
-        task.add_done_callback(self._forgetting.discard)
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
 
     async def sweep(self) -> int:
         """Deletes the expired records in the store, whoever wrote them; returns how many.
