@@ -259,7 +259,7 @@ def step_figures(before: dict | None, after: dict | None) -> dict | None:
         "rows_per_step_mean": round(added(lambda m: m["mrt_frames"]) / steps, 2),
         # each step slower than the frame it makes puts its sessions further behind
         "steps_over_frame_share": round(1 - in_time / steps, 4) if in_time is not None else None,
-        # host work per step on the step loop: chunking, bar-mode loudness
+        # host work per step on the step loop: handing frames out, cutting chunks
         "handout_ms_mean": (round(added(lambda m: m["mrt_handout_ms_sum"]) / steps, 3)
                             if all("mrt_handout_ms_sum" in a for _, a in pairs.values())
                             else None),

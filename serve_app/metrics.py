@@ -26,8 +26,8 @@ METRICS = {
     "mrt_step_ms": ("histogram", "wall time of one batched engine step, from when it could "
                     "start (dispatched, the step before it done) to its audio on the host"),
     "mrt_handout_ms": ("histogram", "host time the step loop takes to hand one step's frames "
-                       "to their sessions (chunks cut, bar-mode loudness matched); the next "
-                       "step is already on the device meanwhile"),
+                       "to their sessions (chunks cut; bar-mode loudness matching runs in "
+                       "finisher threads); the next step is already on the device meanwhile"),
     "mrt_chunk_latency_ms": ("histogram", "wall time from a chunk's first frame to its last"),
     "mrt_model_switches": ("counter", "successful model selections (hot swaps)"),
 }
