@@ -11,7 +11,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from serve_app import logs
 from serve_app.api.app import create_app
 from serve_app.api.settings import ApiSettings
-from serve_app.errors import ApiError, OverCapacity, Unavailable, UnknownSession
+from serve_app.errors import ApiError, OverCapacity, SessionLost, Unavailable
 from serve_app.replicas import variant_health, variant_model_status
 
 from .kv import RayKV
@@ -63,8 +63,8 @@ class HandleGenerator:
         except (ActorDiedError, ActorUnavailableError) as e:
             sid = kwargs.get("session_id")
             if sid:
-                raise UnknownSession(
-                    f"unknown session {sid}: its generator replica died; start a new session"
+                raise SessionLost(
+                    f"unknown session {sid}: its generator replica died{SessionLost.ADVICE}"
                 ) from e
             raise
 

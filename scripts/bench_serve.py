@@ -75,6 +75,7 @@ class SessionResult:
     variant: str | None = None  # the generator that served it, from `started`
     mode: str | None = None  # rt or bar, from `started`
     chunk_seconds: float | None = None  # the first chunk's length, as the server cut it
+    moves: int = 0  # times the stream moved to another replica (its own stopped)
     error: str | None = None
 
 
@@ -140,6 +141,9 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
                     continue
                 if kind == "status" and message.get("event") == "updated":
                     update_chunk = message["update_applies_from_chunk"]
+                    continue
+                if kind == "status" and message.get("event") == "moved":
+                    result.moves += 1
                     continue
                 if kind not in ("chunk_meta", "chunk"):
                     continue
@@ -294,6 +298,7 @@ async def run(url: str, sessions: int, seconds: float, chunk_seconds: float,
         "staggered": stagger,
         "underruns": sum(r.underruns for r in results),
         "failed_sessions": sum(r.error is not None for r in results),
+        "moved_sessions": sum(r.moves > 0 for r in results),
         "errors": sorted({r.error for r in results if r.error}),
         "chunks": sum(r.chunks for r in results),
         "time_to_first_audio_ms_p50": p50([r.time_to_first_audio_ms for r in results

@@ -20,6 +20,13 @@ class ApiError(Exception):
         # session refused for capacity or readiness is tried elsewhere by the ingress.
         self.replica = replica
 
+    def reworded(self, message: str) -> ApiError:
+        """This error (same status) with another message. Of its own class here: one
+        raised remotely arrives as a subclass Ray makes (`RayTaskError(OverCapacity)`),
+        which cannot be built from a message."""
+        own = next(k for k in type(self).__mro__ if k.__module__ == __name__)
+        return own(message, replica=self.replica)
+
 
 class BadRequest(ApiError):
     status = 400
@@ -35,6 +42,19 @@ class Forbidden(ApiError):
 
 class UnknownSession(ApiError):
     status = 404
+
+
+class SessionLost(UnknownSession):
+    """The session's generator replica is gone (scaled down, crashed): a WebSocket jam
+    moves to another replica (`serve_app/api/resume.py`); a polled jam must start anew,
+    as the message's last words (`ADVICE`) tell it."""
+
+    ADVICE = "; start a new session"
+
+    @property
+    def reason(self) -> str:
+        """What happened, without the advice: a moved stream's client needs no new session."""
+        return self.message.removesuffix(self.ADVICE)
 
 
 class NotReady(ApiError):

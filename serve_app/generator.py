@@ -32,7 +32,15 @@ from .engine.batch import DEFAULT_BUCKETS, PendingStep
 from .engine.device import device_name
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
-from .errors import ApiError, BadRequest, Conflict, OverCapacity, Unavailable, UnknownSession
+from .errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    OverCapacity,
+    SessionLost,
+    Unavailable,
+    UnknownSession,
+)
 from .jam import Chunk, JamStream, StreamConfig
 from .keyed_pool import KeyedPool
 from .logs import PROGRESS_LOGGER
@@ -82,12 +90,14 @@ class BarSpec:
     rate: int = SAMPLE_RATE
     loudness_mode: str = "auto"
     headroom_db: float = 1.0
+    skip_samples: int = 0  # a moved stream's first samples, heard already (BarChunker)
 
     def chunker(self, loop: np.ndarray | None) -> BarChunker:
         matcher = None
         if loop is not None and self.loudness_mode != "none":
             matcher = LoudnessMatcher(loop, self.loudness_mode, self.headroom_db, self.rate)
-        return BarChunker(self.clock, self.bars_per_chunk, self.rate, matcher)
+        return BarChunker(self.clock, self.bars_per_chunk, self.rate, matcher,
+                          self.skip_samples)
 
 
 @dataclasses.dataclass
@@ -101,6 +111,18 @@ class JamSpec:
     bar: BarSpec | None = None
     tempo_guidance_bpm: float | None = None  # experimental drum pulses on the beat
     polled: bool = False  # a /jam/start jam, which no connection holds: /jam/stop_all ends it
+    # int32 [n, 12]: the codes a moved stream's listener heard last, forced into the
+    # new session's state in place of the loop's, so that it plays on from there
+    heard: np.ndarray | None = None
+
+    def updated(self, update: JamUpdate) -> JamSpec:
+        """The spec that starts a session sounding as one started with this spec does
+        after `update` (the end of any style ramp): what a moved stream restarts with."""
+        style = update.style if update.style is not None and not update.style.empty \
+            else self.style
+        notes = update.notes if update.notes is not None else self.notes
+        return dataclasses.replace(self, style=style, notes=notes,
+                                   controls=self.controls.with_changes(**(update.controls or {})))
 
 
 @dataclasses.dataclass
@@ -391,7 +413,7 @@ class GeneratorCore:
                 jam = self._jams[sid]
                 jam.last_batch_size = len(frames)
                 if frame.audible:
-                    if jam.push(frame.audio, now) is not None:
+                    if jam.push(frame.audio, now, frame.heard) is not None:
                         completed.append(sid)
                         self._chunk_done(jam)
                     elif jam.unfinished:
@@ -470,9 +492,9 @@ class GeneratorCore:
             raise UnknownSession(f"session {session_id} ended: {self._ended[session_id]}")
         owner = replica_of(session_id)
         if owner and owner != self.replica_tag:
-            raise UnknownSession(
+            raise SessionLost(
                 f"unknown session {session_id}: it lived on generator replica {owner}, "
-                "which is no longer running; start a new session"
+                f"which is no longer running{SessionLost.ADVICE}"
             )
         raise UnknownSession(f"unknown session {session_id} (stopped, expired or never started)")
 
@@ -507,11 +529,13 @@ class GeneratorCore:
             chunker = (await asyncio.to_thread(spec.bar.chunker, spec.loop)
                        if spec.bar is not None else None)
             jam = JamStream(session, spec.stream, chunker=chunker)
+            if spec.heard is not None:
+                session.prefill(spec.heard[-self.loaded.variant.context_frames:])
+            elif spec.loop is not None:
+                clock = spec.bar.clock if spec.bar is not None else BarClock(120.0)
+                session.prefill(await asyncio.to_thread(self.encoder.codes, spec.loop, clock))
         except ValueError as e:
             raise BadRequest(str(e)) from e
-        if spec.loop is not None:
-            clock = spec.bar.clock if spec.bar is not None else BarClock(120.0)
-            session.prefill(await asyncio.to_thread(self.encoder.codes, spec.loop, clock))
         with self._lock:
             try:
                 self.engine.add(session)

@@ -29,6 +29,7 @@ import numpy as np
 
 from .audio.bars import BarChunker, BarCut
 from .engine import Session
+from .engine.session import CODE_LEVELS
 from .engine.variants import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 
 PACES = ("realtime", "asap")
@@ -45,6 +46,11 @@ class Chunk:
     generated_at: float  # unix seconds when its last frame was generated
     rate: int = SAMPLE_RATE
     extra: dict = dataclasses.field(default_factory=dict)  # bar mode: bars, loudness
+    # The codes of the frames heard since the chunk before (int32 [n, 12]), frame
+    # `codes_from` on: what a stream moved to another replica is continued from
+    # (`serve_app/api/resume.py`). Not sent to clients.
+    codes: np.ndarray | None = None
+    codes_from: int = 0
 
     @property
     def seconds(self) -> float:
@@ -107,6 +113,8 @@ class JamStream:
         self.started = clock()
         self.created_at = time.time()
         self._frames: list[np.ndarray] = []
+        self._heard: list[np.ndarray] = []  # codes of frames pushed since the last chunk
+        self._cut_codes: collections.deque[tuple[np.ndarray, int]] = collections.deque()
         # bar mode: bars cut and not yet finished, with when their first frame came
         self._cuts: collections.deque[tuple[BarCut, float]] = collections.deque()
         self.unfinished = 0  # cut and not landed yet (taken by a worker or waiting)
@@ -204,9 +212,12 @@ class JamStream:
         due_frame = self.next_frame + 1 - self._lead
         return self.started + due_frame / FRAMES_PER_SECOND
 
-    def push(self, frame: np.ndarray, now: float) -> Chunk | None:
-        """Adds one frame of audio; returns the chunk it completed, if any. Bars it
-        completes wait for `take_cut` instead."""
+    def push(self, frame: np.ndarray, now: float, codes: np.ndarray | None = None
+             ) -> Chunk | None:
+        """Adds one frame of audio (and the codes it was decoded from); returns the
+        chunk it completed, if any. Bars it completes wait for `take_cut` instead."""
+        if codes is not None:
+            self._heard.append(codes)
         self.frames_out += 1
         if self.config.pace == "realtime":
             lateness = (now - self.started) * FRAMES_PER_SECOND - self.frames_out
@@ -230,7 +241,9 @@ class JamStream:
         audio = np.concatenate(self._frames)
         first = self.frames_out - len(self._frames)
         self._frames = []
-        chunk = Chunk(self.next_chunk_index, audio, first, time.time())
+        codes, codes_from = self._take_heard()
+        chunk = Chunk(self.next_chunk_index, audio, first, time.time(), codes=codes,
+                      codes_from=codes_from)
         self.next_chunk_index += 1
         self.backlog.append(chunk)
         return chunk
@@ -248,8 +261,17 @@ class JamStream:
             self.last_chunk_late = True
             self.underruns += 1
 
+    def _take_heard(self) -> tuple[np.ndarray | None, int]:
+        """The codes pushed since the last chunk (none if its frames came without
+        theirs), and the number of the frame they start at."""
+        heard, self._heard = self._heard, []
+        if len(heard) == 0:
+            return np.zeros((0, CODE_LEVELS), np.int32), self.frames_out
+        return np.stack(heard), self.frames_out - len(heard)
+
     def _push_bars(self, frame: np.ndarray, now: float) -> None:
         for cut in self.chunker.feed(frame):
+            self._cut_codes.append(self._take_heard())  # joins its chunk in `land`
             self._cuts.append((cut, self._chunk_started_at or now))
             self.unfinished += 1
             self._chunk_started_at = None
@@ -262,18 +284,19 @@ class JamStream:
         """The cut's bars loudness-matched, as a chunk still without its index (`land`
         gives it one). Call in the order the cuts were taken."""
         bars = self.chunker.finish(cut)
-        first = bars.first_bar * self.chunker.clock.seconds_per_bar * FRAMES_PER_SECOND
+        first = self.chunker.clock.first_frame(bars.first_bar)
         extra = {"bar_mode": True, "first_bar": bars.first_bar, "bars": bars.bars,
                  "bpm": self.chunker.clock.bpm,
                  "beats_per_bar": self.chunker.clock.beats_per_bar}
         if bars.loudness is not None:
             extra["loudness"] = bars.loudness
-        return Chunk(-1, bars.audio, int(first), time.time(), bars.rate, extra)
+        return Chunk(-1, bars.audio, first, time.time(), bars.rate, extra)
 
     def land(self, chunk: Chunk, started_at: float, now: float) -> None:
         """A finished bar chunk joins the backlog; it counts as late if it lands later
         than real time needs it, however long its finishing took."""
         chunk.index = self.next_chunk_index
+        chunk.codes, chunk.codes_from = self._cut_codes.popleft()
         self.next_chunk_index += 1
         self.unfinished -= 1
         self.backlog.append(chunk)

@@ -1,8 +1,8 @@
 """Two generator replicas of one variant through real Ray Serve: every call for a
 session reaches the replica that holds it, a new session goes to a replica that can
 take it, /health, /model/status, /jam/stop_all and the benchmark reach every
-replica, a model switch reaches both, and a replica that dies takes only its own
-sessions with it.
+replica, a model switch reaches both, a replica that dies takes only its own polled
+sessions with it, and a WebSocket stream whose replica dies moves to the other one.
 
 A third application ("pool", under /pool) on the test session's Ray Serve instance:
 tiny, two generator replicas of one session each, so that after the first start
@@ -20,10 +20,11 @@ import time
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from serve_app.generator import replica_of
 
-from .serve_fixtures import deploy, tiny_config
+from .serve_fixtures import deploy, recv_json, tiny_config
 
 
 def post_start(http) -> httpx.Response:
@@ -142,6 +143,7 @@ def test_the_benchmark_adds_up_the_steps_of_both_replicas(http, tmp_path):
     assert bench.returncode == 0, bench.stderr
     run = json.loads(out.read_text())["runs"][0]
     assert run["failed_sessions"] == 0, run["errors"]
+    assert run["moved_sessions"] == 0  # no replica stopped: every stream stays where it is
     steps = run["generator_steps"]  # one session per replica, each in its own 1-row steps
     assert len(steps["replicas"]) == 2 and steps["rows_per_step_mean"] == 1.0
     assert steps["steps"] >= 2 * 2 * 25  # 2 s of 40 ms frames on each replica
@@ -153,14 +155,18 @@ def tiny_replica_states(http) -> tuple[dict, dict[str, str]]:
     return tiny, {r["replica"]: r["state"] for r in tiny["replicas"]}
 
 
-def test_a_dead_replica_loses_only_its_own_sessions(http):
+def kill_replica(replica: str) -> None:
     import ray
 
-    doomed, survivor = one_on_each(http)
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
-              if "Generator_tiny" in a["name"] and replica_of(doomed) in a["name"]]
+              if "Generator_tiny" in a["name"] and replica in a["name"]]
     assert len(actors) == 1, actors
     ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]))
+
+
+def test_a_dead_replica_loses_only_its_own_sessions(http):
+    doomed, survivor = one_on_each(http)
+    kill_replica(replica_of(doomed))
     # a start now finds the survivor full and the other replica dead: refused, clearly
     refused = start(http, expect=429)
     assert "full" in refused["error"], refused
@@ -203,6 +209,73 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
     fresh = one_on_each(http)
     assert {replica_of(sid) for sid in fresh} == set(states)
     assert [next_index(http, sid) for sid in fresh] == [0, 0]
+
+
+def test_a_websocket_stream_moves_to_another_replica_when_its_own_dies(http):
+    """The listener keeps hearing one stream: told of the move, chunk indices and
+    frames run on, and the new session starts from the codes it heard last."""
+    stop(http, *one_on_each(http))  # both replicas serve (the one before was replaced)
+    url = str(http.base_url).rstrip("/").replace("http://", "ws://") + "/ws/jam"
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
+                            "params": {"styles": "ambient", "chunk_seconds": 0.2,
+                                       "seed": 3}}))
+        started = recv_json(ws)
+        assert started["type"] == "started", started
+        sid = started["session_id"]
+        heard = [recv_json(ws, "chunk_meta") for _ in range(8)]  # 40 frames: > 25 context
+        kill_replica(replica_of(sid))
+
+        moved, after = None, []
+        while len(after) < 5:
+            message = recv_json(ws)
+            assert message["type"] in ("chunk_meta", "status"), message
+            if message["type"] == "status":
+                moved = message
+            elif moved is None:
+                heard.append(message)  # sent before the replica died
+            else:
+                after.append(message)
+        assert moved["event"] == "moved" and moved["previous_session_id"] == sid, moved
+        assert "no longer running" in moved["reason"] or "died" in moved["reason"], moved
+        assert "new session" not in moved["reason"]  # the stream goes on: no advice to start one
+        assert replica_of(moved["session_id"]) not in (replica_of(sid), None)
+        assert moved["context_frames"] == 25 and moved["moves"] == 1  # tiny's whole context
+        indices = [m["index"] for m in heard + after]
+        assert indices == list(range(len(indices))) and after[0]["index"] == moved["next_index"]
+        assert [m["metadata"]["first_frame"] for m in heard + after] == [5 * i for i in indices]
+
+        ws.send(json.dumps({"type": "status"}))
+        status = recv_json(ws, "status")
+        assert status["session_id"] == moved["session_id"] and status["moves"] == 1, status
+        ws.send(json.dumps({"type": "stop"}))
+        assert recv_json(ws, "stopped")["session_id"] == moved["session_id"]
+    stop(http, *one_on_each(http))  # the dead replica's replacement serves again
+
+
+def test_a_stream_with_no_replica_to_move_to_ends_with_the_reason(http):
+    stop(http, *one_on_each(http))
+    url = str(http.base_url).rstrip("/").replace("http://", "ws://") + "/ws/jam"
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
+                            "params": {"styles": "ambient", "chunk_seconds": 0.2}}))
+        sid = recv_json(ws)["session_id"]
+        other = start(http)["session_id"]  # the other replica is full now
+        assert replica_of(other) != replica_of(sid)
+        recv_json(ws, "chunk_meta")
+        kill_replica(replica_of(sid))
+        error = recv_json(ws, "error")
+        assert error["type"] == "error", error
+        assert f"unknown session {sid}" in error["error"], error
+        assert "moving the stream to another replica failed" in error["error"], error
+        assert error["error"].endswith("start a new session"), error
+        ws.send(json.dumps({"type": "ping"}))  # the socket itself is fine
+        assert recv_json(ws, "pong")["type"] == "pong"
+        ws.send(json.dumps({"type": "status"}))
+        assert recv_json(ws, "status")["session_id"] is None
+        assert next_index(http, other) >= 0  # and the other replica's session plays on
+    stop(http, other)
+    stop(http, *one_on_each(http))  # the dead replica's replacement serves again
 
 
 def test_a_model_switch_shows_on_every_replica(http, finetunes):

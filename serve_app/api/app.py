@@ -357,8 +357,9 @@ def create_app(
         style_ramp_seconds: float = Form(0.0, ge=0),
         use_current_mix_as_style: bool = Form(False),
     ):
-        return await service.update(session_id, controls, style_ramp_seconds,
-                                    use_current_mix_as_style=use_current_mix_as_style)
+        applied, _ = await service.update(session_id, controls, style_ramp_seconds,
+                                          use_current_mix_as_style=use_current_mix_as_style)
+        return applied
 
     @app.post("/jam/reseed")
     async def jam_reseed(session_id: str = Form(...), loop_audio: UploadFile = File(...)):

@@ -207,9 +207,17 @@ class JamService:
         started = {**await client.start(spec), "assigned_by": assigned_by}
         return started, spec
 
+    async def restart(self, session_id: str, spec: JamSpec) -> dict:
+        """Starts `spec` as a new session of the variant that `session_id` ran on (a
+        moved WebSocket stream's continuation, `resume.py`)."""
+        _, client = self.generator(variant_of(session_id))
+        return await client.start(spec)
+
     async def update(self, session_id: str, fields: ControlFields,
                      style_ramp_seconds: float = 0.0, *,
-                     use_current_mix_as_style: bool = False) -> dict:
+                     use_current_mix_as_style: bool = False) -> tuple[dict, JamUpdate]:
+        """Applies an update; returns the generator's answer and the update itself (a
+        WebSocket stream remembers it, to move with it)."""
         client = self.of_session(session_id)
         try:
             changes = fields.control_changes()
@@ -231,7 +239,7 @@ class JamService:
             controls=changes or None,
             notes=notes,
         )
-        return await client.update(session_id, update)
+        return await client.update(session_id, update), update
 
     async def reseed(self, session_id: str, data: bytes | None,
                      anchor_bars: float | None = None) -> dict:

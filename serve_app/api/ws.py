@@ -7,7 +7,10 @@ Client -> server JSON: `start` {mode, binary_audio, audio_format, params}, `upda
 `loop_audio_b64` (optional) in chunks of `bars_per_chunk` whole bars at `bpm`.
 Server -> client: `started`, `chunk` (base64 audio in JSON) or a binary frame followed
 by `chunk_meta`, `status`, `stopped`, `pong`, `error`. A bad message gets an `error`
-and the session goes on; a disconnect stops the session at once.
+and the session goes on; a disconnect stops the session at once. A session whose
+generator replica stops (scale-down, crash) moves to another replica and plays on from
+what the listener heard (`resume.py`): the client gets a `status` with event `moved`
+and its new `session_id`, and chunk indices run on.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
-from ..errors import ApiError, BadRequest, field_problems
+from ..errors import ApiError, BadRequest, SessionLost, field_problems
 from ..jam import Chunk, StreamConfig, frames_for
 from . import offload
 from .flow import FlowControl
+from .resume import StreamMemory
 from .service import ControlFields, JamService
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,11 @@ NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant", "window_chunks", "b
                  "beats_per_bar", "bars_per_chunk", "target_sr", "loudness_mode",
                  "headroom_db", "loop_audio_b64", "loop_weight", "tempo_guidance", "client_id")
 MODES = ("rt", "bar")
+# Moves in a row without a chunk delivered in between before a stream gives up: every
+# replica failing in turn is an outage, not a scale-down.
+MAX_MOVES_WITHOUT_AUDIO = 3
+# How long a call that found the session gone waits for the stream to move it.
+MOVE_WAIT_SECONDS = 60.0
 
 
 class WsParams(BaseModel):
@@ -124,6 +133,8 @@ class JamSocket:
         self._send_lock = asyncio.Lock()
         self._pump: asyncio.Task | None = None
         self.flow: FlowControl | None = None
+        self.memory: StreamMemory | None = None
+        self._moving: asyncio.Future | None = None  # a move under way (`_move`)
 
     async def send_json(self, message: dict) -> None:
         async with self._send_lock:
@@ -180,7 +191,7 @@ class JamSocket:
             pace=params.pace or "realtime",
             max_backlog=service.settings.max_backlog_chunks,
         )
-        started, _ = await service.start(params.control_fields(), stream, params.seed,
+        started, spec = await service.start(params.control_fields(), stream, params.seed,
                                          params.variant, loop=loop,
                                          loop_weight=params.loop_weight, bar=bar,
                                          tempo_guidance_bpm=tempo, client_id=params.client_id)
@@ -189,6 +200,7 @@ class JamSocket:
                            bpm=bar.clock.bpm, beats_per_bar=bar.clock.beats_per_bar,
                            sample_rate=bar.rate)
         self.session_id = started["session_id"]
+        self.memory = StreamMemory(spec)
         self.binary = bool(message.get("binary_audio", False))
         self.audio_format = audio_format
         settings = self.service.settings
@@ -210,13 +222,15 @@ class JamSocket:
         fixed = [k for k in NOT_UPDATABLE if raw.get(k) is not None]
         if fixed:
             raise BadRequest(f"{fixed[0]}: cannot change during a session; stop and start again")
-        applied = await self.service.update(
-            self.session_id, params.control_fields(), params.style_ramp_seconds,
-            use_current_mix_as_style=params.use_current_mix_as_style)
+        applied, jam_update = await self._on_session(lambda sid: self.service.update(
+            sid, params.control_fields(), params.style_ramp_seconds,
+            use_current_mix_as_style=params.use_current_mix_as_style))
+        self.memory.update(jam_update)
         await self.send_json({
             "type": "status", "event": "updated",
-            "update_applies_from_chunk": applied["applies_from_chunk"],
-            "update_applies_from_frame": applied["applies_from_frame"],
+            "update_applies_from_chunk": self.memory.client_index(applied["applies_from_chunk"]),
+            "update_applies_from_frame":
+                applied["applies_from_frame"] + self.memory.frame_offset,
         })
 
     def ack(self, message: dict) -> None:
@@ -238,7 +252,9 @@ class JamSocket:
         index = message.get("chunk_index", message.get("index"))
         if not isinstance(index, int) or isinstance(index, bool):
             raise BadRequest("chunk_index: consume needs the integer index of a chunk")
-        await self.service.of_session(self.session_id).consume(self.session_id, index)
+        own = self.memory.session_index(index)
+        if own >= 0:  # not a chunk of the session before a move
+            await self._on_session(lambda sid: self.service.of_session(sid).consume(sid, own))
         if self.flow is not None and index <= self.flow.last_sent:
             self.flow.ack(index)
 
@@ -250,7 +266,8 @@ class JamSocket:
         anchor = raw.get("anchor_bars", 1.0) if splice else None
         if anchor is not None and not isinstance(anchor, int | float):
             raise BadRequest("anchor_bars: must be a number")
-        result = await self.service.reseed(self.session_id, data, anchor)
+        result = await self._on_session(lambda sid: self.service.reseed(sid, data, anchor))
+        result["applies_from_chunk"] = self.memory.client_index(result["applies_from_chunk"])
         await self.send_json({"type": "status", "event": message.get("type"), **result})
 
     async def stop(self) -> None:
@@ -262,26 +279,90 @@ class JamSocket:
     async def _status(self) -> dict:
         if not self.session_id:
             return {"session_id": None, "running": False}
-        status = await self.service.of_session(self.session_id).status(self.session_id)
-        return {**status, **(self.flow.status() if self.flow else {})}
+        status = await self._on_session(lambda sid: self.service.of_session(sid).status(sid))
+        memory = self.memory
+        for key in ("last_delivered", "last_consumed"):  # as this client counts chunks
+            if status.get(key, -1) >= 0:
+                status[key] = memory.client_index(status[key])
+        status["chunks_generated"] = memory.client_index(status.get("chunks_generated", 0))
+        return {**status, "moves": memory.moves, **(self.flow.status() if self.flow else {})}
+
+    async def _on_session(self, call):
+        """`call(session_id)` on the running session. If the session's replica is gone,
+        the stream moves it (`_move`): wait for that, then call the new session."""
+        session_id = self.session_id
+        try:
+            return await call(session_id)
+        except SessionLost:
+            deadline = time.monotonic() + MOVE_WAIT_SECONDS
+            while self.session_id == session_id and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.session_id is None or self.session_id == session_id:
+                raise
+            return await call(self.session_id)
 
     # -- audio out -----------------------------------------------------------
     async def _stream(self, session_id: str) -> None:
-        client = self.service.of_session(session_id)
-        flow = self.flow
+        flow, memory = self.flow, self.memory
+        moves_without_audio = 0
         try:
             while self.session_id == session_id:
                 await flow.wait_for_room()
-                chunk = await client.next_chunk(session_id, 5.0)
+                try:
+                    chunk = await self.service.of_session(session_id).next_chunk(session_id, 5.0)
+                except SessionLost as lost:
+                    if moves_without_audio >= MAX_MOVES_WITHOUT_AUDIO:
+                        raise
+                    session_id = await self._move(session_id, lost)
+                    moves_without_audio += 1
+                    continue
                 if chunk is not None:
+                    chunk = memory.played(chunk)
                     await self._send_chunk(chunk)
                     flow.sent(chunk)
+                    moves_without_audio = 0
         except ApiError as e:
             if self.session_id == session_id:
                 self.session_id = None
                 await self.error(e.message)
         except (WebSocketDisconnect, RuntimeError):
             pass  # the socket closed under us; the receive loop cleans up
+        except Exception as e:  # a fault of ours: the client is told, not left waiting
+            log.exception("stream of session %s failed", session_id)
+            if self.session_id == session_id:
+                self.session_id = None
+                await self.error(f"internal error: the stream stopped ({type(e).__name__}); "
+                                 "start a new session")
+
+    async def _move(self, session_id: str, lost: SessionLost) -> str:
+        """Starts the stream's continuation on another replica and returns its session
+        id. Shielded from the stream's cancellation: a stop that comes while the new
+        session starts must stop that session too, not leave it playing unheard until
+        it expires."""
+        self._moving = asyncio.ensure_future(self._restart(session_id, lost))
+        return await asyncio.shield(self._moving)
+
+    async def _restart(self, session_id: str, lost: SessionLost) -> str:
+        continuation = self.memory.continuation()
+        try:
+            started = await self.service.restart(session_id, continuation.spec)
+        except ApiError as e:
+            raise e.reworded(f"{lost.reason}; moving the stream to another replica failed: "
+                             f"{e.message}{SessionLost.ADVICE}") from e
+        new_id = started["session_id"]
+        if self.session_id != session_id:  # stopped meanwhile
+            await self.service.stop(new_id)
+            return new_id
+        self.memory.moved(continuation)
+        self.session_id = new_id
+        log.info("session %s moved to %s: %s", session_id, new_id, lost.reason)
+        await self.send_json({
+            "type": "status", "event": "moved", "session_id": new_id,
+            "previous_session_id": session_id, "reason": lost.reason,
+            "next_index": continuation.index, "moves": self.memory.moves,
+            "context_frames": int(started.get("prefill_frames", 0)),
+        })
+        return new_id
 
     async def _send_chunk(self, chunk: Chunk) -> None:
         # Binary pcm16 is a copy of the samples (3 ms for the longest chunk): always inline.

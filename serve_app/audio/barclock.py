@@ -12,7 +12,7 @@ import dataclasses
 import math
 from fractions import Fraction
 
-from ..frames import FRAME_SAMPLES, SAMPLE_RATE
+from ..frames import FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 
 
 def _round(x: Fraction) -> int:
@@ -38,6 +38,10 @@ class BarClock:
     def boundary(self, bars: int | Fraction, rate: int = SAMPLE_RATE) -> int:
         """The sample at which bar number `bars` starts (bar 0 starts at 0)."""
         return _round(bars * self.seconds_per_bar * rate)
+
+    def first_frame(self, bar: int) -> int:
+        """The 40 ms frame in which bar number `bar` starts (a bar chunk's `first_frame`)."""
+        return int(bar * self.seconds_per_bar * FRAMES_PER_SECOND)
 
     def samples(self, bars: int, rate: int = SAMPLE_RATE) -> int:
         """Length of `bars` bars from the origin: round(bars * spb * rate)."""

@@ -46,9 +46,16 @@ class BarChunker:
     next step)."""
 
     def __init__(self, clock: BarClock, bars_per_chunk: int, rate: int = SAMPLE_RATE,
-                 loudness: LoudnessMatcher | None = None) -> None:
+                 loudness: LoudnessMatcher | None = None, skip_samples: int = 0) -> None:
+        """`skip_samples` (48 kHz) are dropped from the front of the stream: a bar-mode
+        stream moved to another replica restarts on the frame line just before the bar
+        line it stopped at, and the listener has heard the samples in between."""
         if not 1 <= bars_per_chunk <= 64:
             raise ValueError(f"bars_per_chunk: must be within 1..64, got {bars_per_chunk}")
+        if not 0 <= skip_samples < FRAME_SAMPLES:
+            raise ValueError(f"skip_samples: must be within 0..{FRAME_SAMPLES - 1}")
+        self.skip_samples = skip_samples
+        self._to_skip = skip_samples
         self.clock = clock
         self.bars_per_chunk = bars_per_chunk
         self.rate = rate
@@ -90,6 +97,8 @@ class BarChunker:
     def feed(self, frame: np.ndarray) -> list[BarCut]:
         """Adds one int16 frame [1920, 2]; returns the bars it completed (usually none),
         for `finish` in the order they came."""
+        if self._to_skip:
+            frame, self._to_skip = frame[self._to_skip:], 0
         audio = to_float(frame)
         if self._resampler is not None:
             audio = self._resampler.resample_chunk(audio)
@@ -116,4 +125,4 @@ class BarChunker:
     def chunk_of_sample(self, sample_48k: int) -> int:
         """The chunk a 48 kHz sample position falls in."""
         bar_samples = self.clock.seconds_per_bar * SAMPLE_RATE * self.bars_per_chunk
-        return int(sample_48k // bar_samples)
+        return int((sample_48k - self.skip_samples) // bar_samples)

@@ -74,8 +74,12 @@ class Frame:
     audio: np.ndarray  # int16 [1920, 2]; a forced run: [n_frames * 1920, 2]
     codes: np.ndarray  # int32 [12]; a forced run: [n_frames, 12]
     forced: bool
-    audible: bool
+    heard: np.ndarray | None  # int32 [12]: the codes `audio` was made from, if audible
     n_frames: int = 1  # steps this covers: more than one for a forced run
+
+    @property
+    def audible(self) -> bool:
+        return self.heard is not None
 
 
 @dataclasses.dataclass
@@ -276,12 +280,13 @@ class BatchedEngine:
                 continue  # left between dispatch and finish
             if i in pending.runs:
                 audio, codes = pending.runs[i]
-                heard = [session.record(c, forced=True) for c in codes]
-                frames[session.id] = Frame(audio[0], codes, True, any(heard), len(codes))
+                heard = [h for c in codes if (h := session.record(c, forced=True)) is not None]
+                frames[session.id] = Frame(audio[0], codes, True, heard[0] if heard else None,
+                                           len(codes))
                 continue
             forced = bool(pending.force[i])
-            audible = session.record(pending.codes[i], forced=forced)
-            frames[session.id] = Frame(pending.audio[i], pending.codes[i], forced, audible)
+            heard = session.record(pending.codes[i], forced=forced)
+            frames[session.id] = Frame(pending.audio[i], pending.codes[i], forced, heard)
         return frames
 
     def _frame_inputs(self, rows: list[int]):

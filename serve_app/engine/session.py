@@ -77,6 +77,14 @@ class Controls:
             if not -1.0 <= value <= 7.0:
                 raise ValueError(f"cfg_{key}: guidance must be within -1..7, got {value}")
 
+    def with_changes(self, **changes) -> Controls:
+        """These controls with an update's changes (`cfg` merged key by key), validated:
+        what a session applies, and what the ingress remembers for a moved stream."""
+        cfg = {**self.cfg, **changes.pop("cfg", {})}
+        candidate = dataclasses.replace(self, cfg=cfg, **changes)
+        candidate.validate()
+        return candidate
+
 
 class Session:
     """Per-listener host state; `next_frame_inputs` is called once per generated frame."""
@@ -106,9 +114,10 @@ class Session:
         self.frames_forced = 0
         self._prefill: collections.deque[np.ndarray] = collections.deque()
         self.context = collections.deque(maxlen=context_frames)  # codes, forced or sampled
-        # Per step still inside the decoder's delay: whether that step's frame was
-        # sampled. Set when the session first joins an engine (`attach_decoder`).
-        self._decoding: collections.deque[bool] | None = None
+        # Per step still inside the decoder's delay: that step's codes if they were
+        # sampled, None if forced. Set when the session first joins an engine
+        # (`attach_decoder`).
+        self._decoding: collections.deque[np.ndarray | None] | None = None
         self.pulse: BeatPulse | None = None
 
     # -- loop context ---------------------------------------------------------
@@ -147,32 +156,35 @@ class Session:
         (`Variant.decoder_delay_frames`). A session moved between engines keeps its
         count, as it keeps its decoder state."""
         if self._decoding is None:
-            self._decoding = collections.deque([False] * delay_frames)
+            self._decoding = collections.deque([None] * delay_frames)
 
     @property
     def audio_in_decoder(self) -> bool:
         """Whether a sampled frame is still inside the decoder's delay: the next steps
         owe its audio to the listener, so they must hand out audio one step at a time."""
-        return self._decoding is not None and any(self._decoding)
+        return self._decoding is not None and any(c is not None for c in self._decoding)
 
     @property
     def decoder_delay(self) -> int:
         """Steps between a frame's codes and its audio (0 until the session joins)."""
         return len(self._decoding) if self._decoding is not None else 0
 
-    def record(self, codes: np.ndarray, *, forced: bool) -> bool:
-        """Called by the engine after each step with the frame's codes. Returns whether
-        the step's audio is the listener's: it is the frame sampled `decoder_delay`
-        steps ago, not silence before the first one, nor the decode of forced loop
-        codes (which is why a loop's continuation starts exactly on the bar line)."""
-        self.context.append(np.asarray(codes, np.int32))
+    def record(self, codes: np.ndarray, *, forced: bool) -> np.ndarray | None:
+        """Called by the engine after each step with the frame's codes. Returns the codes
+        the step's audio was decoded from when that audio is the listener's: the frame
+        sampled `decoder_delay` steps ago. None for silence before the first one and
+        for the decode of forced loop codes (which is why a loop's continuation starts
+        exactly on the bar line). The codes travel with the audio so that a stream
+        moved to another replica can be continued from what its listener heard."""
+        codes = np.asarray(codes, np.int32)
+        self.context.append(codes)
         if forced:
             self.frames_forced += 1
         else:
             self.frames_generated += 1
         if self._decoding is None:
             raise RuntimeError(f"session {self.id} stepped outside an engine")
-        self._decoding.append(not forced)
+        self._decoding.append(None if forced else codes)
         return self._decoding.popleft()
 
     def set_style(self, embedding: np.ndarray, ramp_seconds: float = 0.0) -> None:
@@ -185,10 +197,7 @@ class Session:
 
     def update_controls(self, **changes) -> None:
         """Applies changes atomically: all valid, or none applied."""
-        cfg = {**self.controls.cfg, **changes.pop("cfg", {})}
-        candidate = dataclasses.replace(self.controls, cfg=cfg, **changes)
-        candidate.validate()
-        self.controls = candidate
+        self.controls = self.controls.with_changes(**changes)
 
     def _style_tokens(self, style_model: StyleModel) -> np.ndarray | None:
         if self._ramp is None:
