@@ -37,7 +37,7 @@ def play(jam: JamStream, memory: StreamMemory, frames: list[np.ndarray], first_c
     played = []
     for i, audio in enumerate(frames):
         jam.session.frames_generated += 1
-        chunk = jam.push(audio, 0.0, codes_of(first_code + i))
+        jam.push(audio, 0.0, codes_of(first_code + i))
         if jam.chunker is not None:
             while (taken := jam.take_cut()) is not None:
                 jam.land(jam.finish(taken[0]), taken[1], 0.0)
