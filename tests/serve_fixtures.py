@@ -92,3 +92,38 @@ def recv_json(ws, kind: str | None = None, timeout: float = 60) -> dict:
         data = json.loads(message)
         if kind is None or data["type"] == kind or data["type"] == "error":
             return data
+
+
+def start_jam(url: str, **params):
+    """A WebSocket jam of 0.2 s pcm16 chunks (5 frames each): its socket and session id."""
+    from websockets.sync.client import connect
+
+    ws = connect(url)
+    ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
+                        "params": {"styles": "ambient", "chunk_seconds": 0.2, **params}}))
+    started = recv_json(ws)
+    assert started["type"] == "started", started
+    return ws, started["session_id"]
+
+
+def follow_move(ws, session_id: str, heard: list[dict], after: int = 5,
+                timeout: float = 60) -> dict:
+    """Reads a `start_jam` stream through its move to another replica; returns the
+    `moved` status once `after` chunks have come after it (those before it join
+    `heard`, the chunks read so far). Checks what every move keeps: the listener's
+    chunk indices and frames run on, and the new session starts from tiny's whole
+    context of codes heard."""
+    moved, later = None, []
+    while len(later) < after:
+        message = recv_json(ws, timeout=timeout)
+        assert message["type"] in ("chunk_meta", "status"), message
+        if message["type"] == "status":
+            moved = message
+        else:
+            (heard if moved is None else later).append(message)
+    assert moved["event"] == "moved" and moved["previous_session_id"] == session_id, moved
+    assert moved["context_frames"] == 25, moved
+    indices = [m["index"] for m in heard + later]
+    assert indices == list(range(len(indices))) and later[0]["index"] == moved["next_index"]
+    assert [m["metadata"]["first_frame"] for m in heard + later] == [5 * i for i in indices]
+    return moved

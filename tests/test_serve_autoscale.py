@@ -16,11 +16,10 @@ import time
 
 import httpx
 import pytest
-from websockets.sync.client import connect
 
 from serve_app.generator import replica_of
 
-from .serve_fixtures import deploy, recv_json, tiny_config
+from .serve_fixtures import deploy, follow_move, recv_json, start_jam, tiny_config
 
 AUTOSCALING = {
     "min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 1,
@@ -57,25 +56,16 @@ def wait_for(http: httpx.Client, ready: int, timeout: float = 240) -> dict[str, 
         time.sleep(0.5)
 
 
-def jam(url: str, **params):
-    ws = connect(url)
-    ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
-                        "params": {"styles": "ambient", "chunk_seconds": 0.2, **params}}))
-    started = recv_json(ws)
-    assert started["type"] == "started", started
-    return ws, started["session_id"]
-
-
 def test_a_stream_on_the_replica_a_scale_down_stops_moves_to_the_one_left(base):
     ws_url = base.replace("http://", "ws://") + "/ws/jam"
     with httpx.Client(base_url=base, timeout=60) as http:
         (first,) = wait_for(http, 1)
-        a, sid_a = jam(ws_url)
-        b, sid_b = jam(ws_url)
+        a, sid_a = start_jam(ws_url)
+        b, sid_b = start_jam(ws_url)
         assert {replica_of(sid_a), replica_of(sid_b)} == {first}
         added = set(wait_for(http, 2)) - {first}  # two sessions, a target of one each
         assert len(added) == 1
-        c, sid_c = jam(ws_url)  # the first replica is full: the added one takes it
+        c, sid_c = start_jam(ws_url)  # the first replica is full: the added one takes it
         assert replica_of(sid_c) in added
         heard = [recv_json(c, "chunk_meta") for _ in range(8)]
         for ws in (a, b):  # one session left: one replica is enough, the newest goes
@@ -83,22 +73,8 @@ def test_a_stream_on_the_replica_a_scale_down_stops_moves_to_the_one_left(base):
             assert recv_json(ws, "stopped")["type"] == "stopped"
             ws.close()
 
-        moved, after = None, []
-        while len(after) < 5:
-            message = recv_json(c, timeout=120)
-            assert message["type"] in ("chunk_meta", "status"), message
-            if message["type"] == "status":
-                moved = message
-            elif moved is None:
-                heard.append(message)
-            else:
-                after.append(message)
-        assert moved["event"] == "moved" and moved["previous_session_id"] == sid_c, moved
+        moved = follow_move(c, sid_c, heard, timeout=120)
         assert replica_of(moved["session_id"]) == first
-        assert moved["context_frames"] == 25
-        indices = [m["index"] for m in heard + after]
-        assert indices == list(range(len(indices)))
-        assert [m["metadata"]["first_frame"] for m in heard + after] == [5 * i for i in indices]
         assert set(wait_for(http, 1)) == {first}
         c.send(json.dumps({"type": "stop"}))
         assert recv_json(c, "stopped")["session_id"] == moved["session_id"]

@@ -20,11 +20,10 @@ import time
 
 import httpx
 import pytest
-from websockets.sync.client import connect
 
 from serve_app.generator import replica_of
 
-from .serve_fixtures import deploy, recv_json, tiny_config
+from .serve_fixtures import deploy, follow_move, recv_json, start_jam, tiny_config
 
 
 def post_start(http) -> httpx.Response:
@@ -155,6 +154,10 @@ def tiny_replica_states(http) -> tuple[dict, dict[str, str]]:
     return tiny, {r["replica"]: r["state"] for r in tiny["replicas"]}
 
 
+def ws_url(http) -> str:
+    return str(http.base_url).rstrip("/").replace("http://", "ws://") + "/ws/jam"
+
+
 def kill_replica(replica: str) -> None:
     import ray
 
@@ -215,35 +218,15 @@ def test_a_websocket_stream_moves_to_another_replica_when_its_own_dies(http):
     """The listener keeps hearing one stream: told of the move, chunk indices and
     frames run on, and the new session starts from the codes it heard last."""
     stop(http, *one_on_each(http))  # both replicas serve (the one before was replaced)
-    url = str(http.base_url).rstrip("/").replace("http://", "ws://") + "/ws/jam"
-    with connect(url) as ws:
-        ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
-                            "params": {"styles": "ambient", "chunk_seconds": 0.2,
-                                       "seed": 3}}))
-        started = recv_json(ws)
-        assert started["type"] == "started", started
-        sid = started["session_id"]
+    ws, sid = start_jam(ws_url(http), seed=3)
+    with ws:
         heard = [recv_json(ws, "chunk_meta") for _ in range(8)]  # 40 frames: > 25 context
         kill_replica(replica_of(sid))
-
-        moved, after = None, []
-        while len(after) < 5:
-            message = recv_json(ws)
-            assert message["type"] in ("chunk_meta", "status"), message
-            if message["type"] == "status":
-                moved = message
-            elif moved is None:
-                heard.append(message)  # sent before the replica died
-            else:
-                after.append(message)
-        assert moved["event"] == "moved" and moved["previous_session_id"] == sid, moved
+        moved = follow_move(ws, sid, heard)
         assert "no longer running" in moved["reason"] or "died" in moved["reason"], moved
         assert "new session" not in moved["reason"]  # the stream goes on: no advice to start one
         assert replica_of(moved["session_id"]) not in (replica_of(sid), None)
-        assert moved["context_frames"] == 25 and moved["moves"] == 1  # tiny's whole context
-        indices = [m["index"] for m in heard + after]
-        assert indices == list(range(len(indices))) and after[0]["index"] == moved["next_index"]
-        assert [m["metadata"]["first_frame"] for m in heard + after] == [5 * i for i in indices]
+        assert moved["moves"] == 1
 
         ws.send(json.dumps({"type": "status"}))
         status = recv_json(ws, "status")
@@ -255,11 +238,8 @@ def test_a_websocket_stream_moves_to_another_replica_when_its_own_dies(http):
 
 def test_a_stream_with_no_replica_to_move_to_ends_with_the_reason(http):
     stop(http, *one_on_each(http))
-    url = str(http.base_url).rstrip("/").replace("http://", "ws://") + "/ws/jam"
-    with connect(url) as ws:
-        ws.send(json.dumps({"type": "start", "binary_audio": True, "audio_format": "pcm16",
-                            "params": {"styles": "ambient", "chunk_seconds": 0.2}}))
-        sid = recv_json(ws)["session_id"]
+    ws, sid = start_jam(ws_url(http))
+    with ws:
         other = start(http)["session_id"]  # the other replica is full now
         assert replica_of(other) != replica_of(sid)
         recv_json(ws, "chunk_meta")
