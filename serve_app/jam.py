@@ -261,9 +261,9 @@ class JamStream:
             self.last_chunk_late = True
             self.underruns += 1
 
-    def _take_heard(self) -> tuple[np.ndarray | None, int]:
-        """The codes pushed since the last chunk (none if its frames came without
-        theirs), and the number of the frame they start at."""
+    def _take_heard(self) -> tuple[np.ndarray, int]:
+        """The codes pushed since the last chunk (an empty array if its frames came
+        without theirs), and the number of the frame they start at."""
         heard, self._heard = self._heard, []
         if len(heard) == 0:
             return np.zeros((0, CODE_LEVELS), np.int32), self.frames_out

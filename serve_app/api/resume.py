@@ -13,7 +13,8 @@ listener is:
 
 What does not carry over: the sampler's random stream (the continuation is a new draw
 from the same context), a style ramp in progress (the new session starts at its
-target), and a reseed's loop codes (the heard codes are the context after a move).
+target), and a reseed still waiting for its chunk boundary (one that has applied is in
+the codes heard).
 """
 
 from __future__ import annotations
