@@ -111,9 +111,14 @@ class JamSpec:
     bar: BarSpec | None = None
     tempo_guidance_bpm: float | None = None  # experimental drum pulses on the beat
     polled: bool = False  # a /jam/start jam, which no connection holds: /jam/stop_all ends it
-    # int32 [n, 12]: the codes a moved stream's listener heard last, forced into the
-    # new session's state in place of the loop's, so that it plays on from there
+    # int32 [n, 12]: the context a moved stream's listener heard last (loop codes
+    # included), forced into the new session's state in place of the loop's, so that it
+    # plays on from there
     heard: np.ndarray | None = None
+    # A moved stream's reseed that had not applied yet: its codes, and the chunk of the
+    # new session it opens (1 or later; one due at chunk 0 ends `heard` instead)
+    reseed: np.ndarray | None = None
+    reseed_chunk: int = 0
 
     def updated(self, update: JamUpdate) -> JamSpec:
         """The spec that starts a session sounding as one started with this spec does
@@ -534,6 +539,8 @@ class GeneratorCore:
             elif spec.loop is not None:
                 clock = spec.bar.clock if spec.bar is not None else BarClock(120.0)
                 session.prefill(await asyncio.to_thread(self.encoder.codes, spec.loop, clock))
+            if spec.reseed is not None:
+                jam.reseed(spec.reseed, spec.reseed_chunk)
         except ValueError as e:
             raise BadRequest(str(e)) from e
         with self._lock:
@@ -645,13 +652,11 @@ class GeneratorCore:
         if anchor.shape[0]:
             codes = np.concatenate([codes[anchor.shape[0]:], anchor])
         with self._lock:
-            jam = self._jam(session_id)
-            jam.pending_context = codes
-            jam.reseed_at_boundary()
-            applies = jam.reseed_chunk()
+            applies = self._jam(session_id).reseed(codes)
         self._wake.set()
         return {"session_id": session_id, "applies_from_chunk": applies,
-                "context_frames": int(codes.shape[0]), "anchor_frames": int(anchor.shape[0])}
+                "context_frames": int(codes.shape[0]), "anchor_frames": int(anchor.shape[0]),
+                "codes": codes}
 
     async def recent_audio(self, session_id: str, seconds: float = RECENT_AUDIO_SECONDS):
         """The last `seconds` of audio generated for the session (int16 [n, 2], 48 kHz)."""

@@ -46,11 +46,15 @@ class Chunk:
     generated_at: float  # unix seconds when its last frame was generated
     rate: int = SAMPLE_RATE
     extra: dict = dataclasses.field(default_factory=dict)  # bar mode: bars, loudness
-    # The codes of the frames heard since the chunk before (int32 [n, 12]), frame
-    # `codes_from` on: what a stream moved to another replica is continued from
-    # (`serve_app/api/resume.py`). Not sent to clients.
+    # The context's codes since the chunk before (int32 [n, 12]), through the last frame
+    # heard: what a stream moved to another replica is continued from
+    # (`serve_app/api/resume.py`). The rows in `codes_forced` are loop codes forced in
+    # (heard only through what follows); the others are the frames heard, frame
+    # `codes_from` on. Not sent to clients. (A tuple, not an array: Ray's serializer
+    # takes about 20 us per array.)
     codes: np.ndarray | None = None
     codes_from: int = 0
+    codes_forced: tuple[int, ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -106,15 +110,17 @@ class JamStream:
         self.session = session
         self.config = config
         self.chunker = chunker
-        self.pending_context: np.ndarray | None = None  # reseed codes for the next chunk
+        self.pending_context: np.ndarray | None = None  # reseed codes, waiting for a chunk
+        self.pending_from_chunk = 0  # the chunk they open (`reseed`)
         self._recent: collections.deque[np.ndarray] = collections.deque(
             maxlen=max(1, round(recent_seconds * FRAMES_PER_SECOND)))
         self._clock = clock
         self.started = clock()
         self.created_at = time.time()
         self._frames: list[np.ndarray] = []
-        self._heard: list[np.ndarray] = []  # codes of frames pushed since the last chunk
-        self._cut_codes: collections.deque[tuple[np.ndarray, int]] = collections.deque()
+        # per frame pushed since the last chunk: its codes with those forced before it
+        self._heard: list[np.ndarray] = []
+        self._cut_codes: collections.deque[dict] = collections.deque()
         # bar mode: bars cut and not yet finished, with when their first frame came
         self._cuts: collections.deque[tuple[BarCut, float]] = collections.deque()
         self.unfinished = 0  # cut and not landed yet (taken by a worker or waiting)
@@ -174,7 +180,7 @@ class JamStream:
         return self.session.frames_generated + self.sampled_in_flight
 
     def due(self, now: float) -> bool:
-        if self.in_flight and self.pending_context is not None:
+        if self.in_flight and self._reseed_is_next:
             return False  # a reseed starts exactly at the chunk boundary: wait for it
         if self.session.prefill_pending:
             return True
@@ -214,10 +220,11 @@ class JamStream:
 
     def push(self, frame: np.ndarray, now: float, codes: np.ndarray | None = None
              ) -> Chunk | None:
-        """Adds one frame of audio (and the codes it was decoded from); returns the
-        chunk it completed, if any. Bars it completes wait for `take_cut` instead."""
+        """Adds one frame of audio (and the context's codes through the frame it was
+        decoded from, `Frame.heard`); returns the chunk it completed, if any. Bars it
+        completes wait for `take_cut` instead."""
         if codes is not None:
-            self._heard.append(codes)
+            self._heard.append(codes if codes.ndim == 2 else codes[None])
         self.frames_out += 1
         if self.config.pace == "realtime":
             lateness = (now - self.started) * FRAMES_PER_SECOND - self.frames_out
@@ -241,9 +248,8 @@ class JamStream:
         audio = np.concatenate(self._frames)
         first = self.frames_out - len(self._frames)
         self._frames = []
-        codes, codes_from = self._take_heard()
-        chunk = Chunk(self.next_chunk_index, audio, first, time.time(), codes=codes,
-                      codes_from=codes_from)
+        chunk = Chunk(self.next_chunk_index, audio, first, time.time(),
+                      **self._take_heard())
         self.next_chunk_index += 1
         self.backlog.append(chunk)
         return chunk
@@ -261,13 +267,19 @@ class JamStream:
             self.last_chunk_late = True
             self.underruns += 1
 
-    def _take_heard(self) -> tuple[np.ndarray, int]:
-        """The codes pushed since the last chunk (an empty array if its frames came
-        without theirs), and the number of the frame they start at."""
+    def _take_heard(self) -> dict:
+        """A chunk's `codes`, `codes_from` and `codes_forced`: the codes pushed since
+        the last chunk (an empty array if its frames came without theirs)."""
         heard, self._heard = self._heard, []
-        if len(heard) == 0:
-            return np.zeros((0, CODE_LEVELS), np.int32), self.frames_out
-        return np.stack(heard), self.frames_out - len(heard)
+        if not heard:
+            return {"codes": np.zeros((0, CODE_LEVELS), np.int32),
+                    "codes_from": self.frames_out}
+        forced, row = [], 0
+        for codes in heard:
+            forced.extend(range(row, row + len(codes) - 1))
+            row += len(codes)
+        return {"codes": np.concatenate(heard), "codes_from": self.frames_out - len(heard),
+                "codes_forced": tuple(forced)}
 
     def _push_bars(self, frame: np.ndarray, now: float) -> None:
         for cut in self.chunker.feed(frame):
@@ -296,7 +308,8 @@ class JamStream:
         """A finished bar chunk joins the backlog; it counts as late if it lands later
         than real time needs it, however long its finishing took."""
         chunk.index = self.next_chunk_index
-        chunk.codes, chunk.codes_from = self._cut_codes.popleft()
+        for field, value in self._cut_codes.popleft().items():  # `_take_heard`'s
+            setattr(chunk, field, value)
         self.next_chunk_index += 1
         self.unfinished -= 1
         self.backlog.append(chunk)
@@ -316,10 +329,25 @@ class JamStream:
         n = self.session.frames_generated
         return not self.sampled_in_flight and (n == 0 or self._chunk_at(n - 1) < self._chunk_at(n))
 
+    def reseed(self, codes: np.ndarray, from_chunk: int | None = None) -> int:
+        """Replaces the context with `codes` where chunk `from_chunk` starts (default:
+        the next chunk that can still open with them); returns that chunk. A second
+        reseed before the first applies replaces it."""
+        self.pending_context = codes
+        self.pending_from_chunk = self.reseed_chunk() if from_chunk is None else from_chunk
+        self.reseed_at_boundary()
+        return self.pending_from_chunk
+
+    @property
+    def _reseed_is_next(self) -> bool:
+        """A reseed waits for the chunk that the next frame to sample opens."""
+        return (self.pending_context is not None
+                and self._chunk_at(self.next_frame) >= self.pending_from_chunk)
+
     def reseed_at_boundary(self) -> None:
-        """Puts a waiting reseed's loop in once the frames sampled end a chunk: when the
-        reseed is asked for, and after each frame sampled until then."""
-        if self.pending_context is not None and self.at_chunk_boundary:
+        """Puts a waiting reseed's loop in once the frames sampled end the chunk before
+        its own: when the reseed is asked for, and after each frame sampled until then."""
+        if self._reseed_is_next and self.at_chunk_boundary:
             self.session.prefill(self.pending_context)
             self.pending_context = None
 

@@ -107,7 +107,7 @@ def start_jam(url: str, **params):
 
 
 def follow_move(ws, session_id: str, heard: list[dict], after: int = 5,
-                timeout: float = 60) -> dict:
+                timeout: float = 60, chunk_frames: int = 5) -> dict:
     """Reads a `start_jam` stream through its move to another replica; returns the
     `moved` status once `after` chunks have come after it (those before it join
     `heard`, the chunks read so far). Checks what every move keeps: the listener's
@@ -125,5 +125,6 @@ def follow_move(ws, session_id: str, heard: list[dict], after: int = 5,
     assert moved["context_frames"] == 25, moved
     indices = [m["index"] for m in heard + later]
     assert indices == list(range(len(indices))) and later[0]["index"] == moved["next_index"]
-    assert [m["metadata"]["first_frame"] for m in heard + later] == [5 * i for i in indices]
+    assert [m["metadata"]["first_frame"] for m in heard + later] == [
+        chunk_frames * i for i in indices]
     return moved

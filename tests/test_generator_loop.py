@@ -108,6 +108,43 @@ def test_a_reseed_starts_the_new_loop_exactly_at_its_chunk(core, tiny):
     assert_heard_as_decoded(audio.reshape(chunk, -1, 2), decoded)
 
 
+def test_a_moved_streams_context_and_waiting_reseed_go_in_where_they_belong(core):
+    """A moved stream's continuation (`JamSpec.heard`, `reseed`, `reseed_chunk`) on the
+    real engine: the context forced at the start comes back with chunk 0's codes, the
+    reseed with the codes of the chunk it opens, each forced row marked so, then the
+    frames heard after it; and the chunks' codes in order are the state's own context.
+    This is what `StreamMemory` continues a later move from."""
+    chunk = 5
+    rng = np.random.default_rng(3)
+    heard = core.encoder.codes(rng.uniform(-0.3, 0.3, (48000, 2)).astype(np.float32),
+                               BarClock(120.0))[-8:]
+    reseed = core.encoder.codes(rng.uniform(-0.3, 0.3, (48000, 2)).astype(np.float32),
+                                BarClock(120.0))[-6:]
+    spec = JamSpec(style=StyleSpec(), seed=4, heard=heard, reseed=reseed, reseed_chunk=2,
+                   stream=StreamConfig(chunk_frames=chunk, pace="asap", max_backlog=8))
+
+    async def scenario() -> list:
+        sid = (await core.start(spec))["session_id"]
+        try:
+            return [await core.next_chunk(sid, timeout=60) for _ in range(3)]
+        finally:
+            await core.stop(sid)
+
+    chunks = asyncio.run(scenario())
+    assert [c.index for c in chunks] == [0, 1, 2]
+    # the forced rows first, then the chunk's own frames
+    assert [c.codes_forced for c in chunks] == [tuple(range(8)), (), tuple(range(6))]
+    assert [(len(c.codes), c.codes_from) for c in chunks] == [(13, 0), (5, 5), (11, 10)]
+    np.testing.assert_array_equal(chunks[0].codes[:8], heard)
+    np.testing.assert_array_equal(chunks[2].codes[:6], reseed)
+    # and they are the state's whole context: chunk 2's audio is its frames decoded
+    # after everything the chunks' codes hold, in that order (the last frame's audio
+    # looks ahead into codes that came after)
+    decoded = decode_at_once(core.loaded, np.concatenate([c.codes for c in chunks]))
+    assert_heard_as_decoded(chunks[2].audio.reshape(chunk, -1, 2)[:-1],
+                            decoded[-(chunk - 1):])
+
+
 def test_an_update_takes_effect_from_the_frame_it_names(core):
     """An asap stream keeps a step on the device nearly all the time; its controls were
     read at dispatch, so an update lands after it. The frame the update names is the

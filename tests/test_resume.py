@@ -4,6 +4,9 @@ itself through real Ray Serve is in `test_serve_replicas.py`."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -30,44 +33,145 @@ def codes_of(n: int) -> np.ndarray:
     return np.full(CODE_LEVELS, n, np.int32)
 
 
-def play(jam: JamStream, memory: StreamMemory, frames: list[np.ndarray], first_code: int
-         ) -> list:
-    """Pushes frames (with their codes) as the generator does and plays each finished
-    chunk through `memory`, as the WebSocket stream does."""
-    played = []
-    for i, audio in enumerate(frames):
-        jam.session.frames_generated += 1
-        jam.push(audio, 0.0, codes_of(first_code + i))
-        if jam.chunker is not None:
-            while (taken := jam.take_cut()) is not None:
-                jam.land(jam.finish(taken[0]), taken[1], 0.0)
-        while (chunk := jam.take_next()) is not None:
-            played.append(memory.played(chunk))
-    return played
+def codes_from(first: int, n: int) -> np.ndarray:
+    return np.stack([codes_of(first + i) for i in range(n)])
+
+
+class Stream:
+    """A real jam stream stepped as the engine and the generator step it: queued loop
+    codes forced first, each audio frame's codes sampled, the audio handed out one step
+    later (the decoder's delay), a waiting reseed put in at its chunk boundary. Each
+    chunk finished is played through `memory`, as the WebSocket stream plays it, unless
+    `lost` (made, never sent: its replica died)."""
+
+    def __init__(self, memory: StreamMemory, spec: JamSpec, chunk_frames: int = 3):
+        """A session started from `spec`, as `Generator.start` starts one."""
+        self.memory = memory
+        session = Session(None)
+        session.attach_decoder(1)
+        chunker = spec.bar.chunker(None) if spec.bar is not None else None
+        self.jam = JamStream(session, StreamConfig(chunk_frames=chunk_frames,
+                                                   max_backlog=64), chunker=chunker)
+        if spec.heard is not None:
+            session.prefill(spec.heard)
+        if spec.reseed is not None:
+            self.jam.reseed(spec.reseed, spec.reseed_chunk)
+        self._audio: collections.deque[np.ndarray] = collections.deque()
+
+    def play(self, audio: list[np.ndarray], first_code: int, *, lost: bool = False) -> list:
+        played = []
+        for i, frame in enumerate(audio):
+            while self.jam.session.prefill_pending:
+                forced = self.jam.session.next_frame_inputs(None).forced
+                played += self._step(forced, None, lost)
+            played += self._step(codes_of(first_code + i), frame, lost)
+            self.jam.reseed_at_boundary()
+        return played
+
+    def _step(self, codes: np.ndarray, audio: np.ndarray | None, lost: bool) -> list:
+        if audio is not None:
+            self._audio.append(audio)
+        heard = self.jam.session.record(codes, forced=audio is None)
+        if heard is None:
+            return []
+        self.jam.push(self._audio.popleft(), 0.0, heard)
+        while (taken := self.jam.take_cut()) is not None:
+            self.jam.land(self.jam.finish(taken[0]), taken[1], 0.0)
+        if lost:
+            return []
+        chunks = []
+        while (chunk := self.jam.take_next()) is not None:
+            chunks.append(self.memory.played(chunk))
+        return chunks
 
 
 def test_a_moved_stream_counts_on_and_continues_from_the_codes_heard():
     memory = StreamMemory(JamSpec(StyleSpec(names=["ambient"])))
-    first = play(JamStream(Session(None), StreamConfig(chunk_frames=3)), memory,
-                 noise(13), first_code=0)
+    first = Stream(memory, memory.spec).play(noise(14), first_code=0)  # 13 frames heard
     assert [(c.index, c.first_frame) for c in first] == [(0, 0), (1, 3), (2, 6), (3, 9)]
-    assert all(c.codes is None for c in first)  # codes stay on the server
+    assert all(c.codes is None and c.codes_forced == () for c in first)  # server only
 
     moved = memory.continuation()
     assert (moved.index, moved.frame, moved.bar) == (4, 12, 0)  # frame 12: not in a chunk yet
-    np.testing.assert_array_equal(moved.spec.heard[:, 0], np.arange(12))
-    assert moved.spec.heard.shape == (12, CODE_LEVELS) and moved.spec.heard.dtype == np.int32
+    np.testing.assert_array_equal(moved.spec.heard, codes_from(0, 12))
+    assert moved.spec.heard.dtype == np.int32 and moved.spec.reseed is None
     memory.moved(moved)
 
-    second = play(JamStream(Session(None), StreamConfig(chunk_frames=3)), memory,
-                  noise(6, seed=1), first_code=100)
+    again = memory.continuation()  # moved again before a chunk came: the same context
+    np.testing.assert_array_equal(again.spec.heard, moved.spec.heard)
+    assert (again.index, again.frame) == (4, 12)
+
+    second = Stream(memory, moved.spec).play(noise(7, seed=1), first_code=100)
     assert [(c.index, c.first_frame) for c in second] == [(4, 12), (5, 15)]
     assert memory.session_index(5) == 1 and memory.session_index(3) < 0
     assert memory.client_index(1) == 5 and memory.moves == 1
     again = memory.continuation()  # a second move keeps what the first forced
     assert (again.index, again.frame) == (6, 18)
-    np.testing.assert_array_equal(again.spec.heard[:, 0],
-                                  np.r_[np.arange(12), np.arange(100, 106)])
+    np.testing.assert_array_equal(again.spec.heard,
+                                  np.r_[codes_from(0, 12), codes_from(100, 6)])
+
+
+def test_a_moved_loop_jam_keeps_its_loop_in_the_context():
+    """A loop's codes go into the state forced, never heard as themselves: a move soon
+    after the start must force them again, not only the few frames heard since."""
+    loop = codes_from(500, 8)
+    memory = StreamMemory(JamSpec(StyleSpec()))
+    Stream(memory, dataclasses.replace(memory.spec, heard=loop)).play(noise(7), 0)
+    np.testing.assert_array_equal(memory.continuation().spec.heard,
+                                  np.r_[loop, codes_from(0, 6)])
+
+
+def test_an_applied_reseed_is_the_context_a_move_continues_from():
+    memory = StreamMemory(JamSpec(StyleSpec()))
+    stream = Stream(memory, memory.spec)
+    stream.play(noise(5), 0)  # chunk 0 played; frames 3 and 4 sampled
+    new_loop = codes_from(700, 4)
+    applies = stream.jam.reseed(new_loop)
+    assert applies == 2  # frame 5 was sampled already: chunk 1 stays the old loop's
+    memory.reseeded(new_loop, applies)
+    played = stream.play(noise(6, seed=1), 100)  # chunks 1 and 2
+    assert [c.index for c in played] == [1, 2]
+    moved = memory.continuation()
+    assert moved.spec.reseed is None  # applied: in the context, not waiting any more
+    np.testing.assert_array_equal(moved.spec.heard, np.r_[
+        codes_from(0, 5), codes_of(100)[None], new_loop, codes_from(101, 3)])
+
+
+def test_a_reseed_waiting_for_the_next_chunk_opens_the_moved_sessions_first():
+    memory = StreamMemory(JamSpec(StyleSpec()))
+    stream = Stream(memory, memory.spec)
+    stream.play(noise(5), 0)
+    memory.reseeded(codes_from(700, 4), stream.jam.reseed(codes_from(700, 4)))  # chunk 2
+    stream.play(noise(2, seed=1), 100)  # chunk 1 played; the reseed waits for its boundary
+    moved = memory.continuation()
+    assert moved.index == 2 and moved.spec.reseed is None
+    np.testing.assert_array_equal(moved.spec.heard, np.r_[
+        codes_from(0, 5), codes_of(100)[None], codes_from(700, 4)])
+
+
+def test_a_reseed_for_a_chunk_lost_with_its_replica_opens_that_chunk_after_the_move():
+    """The generator ran ahead: chunk 1 was made but died with the replica, and the
+    reseed opens chunk 2. The new session replays chunk 1 and opens chunk 2 with it."""
+    memory = StreamMemory(JamSpec(StyleSpec()))
+    stream = Stream(memory, memory.spec)
+    stream.play(noise(4), 0)  # chunk 0 played
+    stream.play(noise(2, seed=1), 100, lost=True)  # frames 4 and 5 sampled
+    new_loop = codes_from(700, 4)
+    memory.reseeded(new_loop, stream.jam.reseed(new_loop))  # chunk 2, forced at once
+    stream.play(noise(1, seed=3), 300, lost=True)  # its first step hands out chunk 1's end
+    assert stream.jam.next_chunk_index == 2  # chunk 1 made, never sent
+    moved = memory.continuation()
+    assert moved.index == 1 and moved.spec.reseed_chunk == 1
+    np.testing.assert_array_equal(moved.spec.reseed, new_loop)
+    np.testing.assert_array_equal(moved.spec.heard, codes_from(0, 3))
+    memory.moved(moved)
+
+    after = Stream(memory, moved.spec).play(noise(8, seed=2), 200)
+    assert [c.index for c in after] == [1, 2]
+    again = memory.continuation()
+    assert again.spec.reseed is None
+    np.testing.assert_array_equal(again.spec.heard, np.r_[
+        codes_from(0, 3), codes_from(200, 3), new_loop, codes_from(203, 3)])
 
 
 def test_a_moved_stream_starts_as_its_updates_left_it():
@@ -90,8 +194,7 @@ def test_a_moved_bar_stream_restarts_on_its_bar_line_without_repeating_a_sample(
     spec = JamSpec(StyleSpec(), bar=BarSpec(CLOCK, bars_per_chunk, loudness_mode="none"))
     audio = noise(400)
     memory = StreamMemory(spec)
-    chunks = play(JamStream(Session(None), StreamConfig(chunk_frames=1),
-                            chunker=spec.bar.chunker(None)), memory, audio[:200], 0)
+    chunks = Stream(memory, spec, chunk_frames=1).play(audio[:201], 0)  # 200 heard
     stream = np.concatenate(audio)
     bars_played = len(chunks) * bars_per_chunk
     assert [c.extra["first_bar"] for c in chunks] == list(range(0, bars_played,
@@ -103,14 +206,12 @@ def test_a_moved_bar_stream_restarts_on_its_bar_line_without_repeating_a_sample(
     assert (moved.bar, moved.frame) == (bars_played, line // FRAME_SAMPLES)
     assert moved.spec.bar.skip_samples == line % FRAME_SAMPLES
     # the context is every whole frame before the line, none after it
-    np.testing.assert_array_equal(moved.spec.heard[:, 0], np.arange(moved.frame))
+    np.testing.assert_array_equal(moved.spec.heard, codes_from(0, moved.frame))
     memory.moved(moved)
 
     # The continuation's first frame is the one holding the bar line: fed the same audio
     # from there, its chunker cuts the bars the listener has not heard, from the line on.
-    after = play(JamStream(Session(None), StreamConfig(chunk_frames=1),
-                           chunker=moved.spec.bar.chunker(None)), memory,
-                 audio[moved.frame:], 1000)
+    after = Stream(memory, moved.spec, chunk_frames=1).play(audio[moved.frame:], 1000)
     assert after[0].index == len(chunks)
     assert after[0].extra["first_bar"] == bars_played
     assert after[0].first_frame == CLOCK.first_frame(bars_played)

@@ -12,6 +12,7 @@ the time; and two ingress replicas, as configs/serve.yaml has.
 
 from __future__ import annotations
 
+import base64
 import json
 import pathlib
 import subprocess
@@ -216,13 +217,23 @@ def test_a_dead_replica_loses_only_its_own_sessions(http):
 
 def test_a_websocket_stream_moves_to_another_replica_when_its_own_dies(http):
     """The listener keeps hearing one stream: told of the move, chunk indices and
-    frames run on, and the new session starts from the codes it heard last."""
+    frames run on, and the new session starts from the codes it heard last. A reseed
+    answered just before still opens the chunk it was promised for."""
+    from .test_loops import LOOP
+
     stop(http, *one_on_each(http))  # both replicas serve (the one before was replaced)
-    ws, sid = start_jam(ws_url(http), seed=3)
+    ws, sid = start_jam(ws_url(http), seed=3, chunk_seconds=1.0)
     with ws:
-        heard = [recv_json(ws, "chunk_meta") for _ in range(8)]  # 40 frames: > 25 context
+        heard = [recv_json(ws, "chunk_meta") for _ in range(2)]  # 50 frames: > 25 context
+        ws.send(json.dumps({"type": "reseed", "loop_audio_b64": base64.b64encode(LOOP).decode()}))
+        while (message := recv_json(ws))["type"] == "chunk_meta":
+            heard.append(message)
+        assert message["event"] == "reseed", message
+        # Its chunk is at least one chunk (1 s) away: the replica dies before it is made.
         kill_replica(replica_of(sid))
-        moved = follow_move(ws, sid, heard)
+        moved = follow_move(ws, sid, heard, after=2, chunk_frames=25)
+        assert moved["reseed_applies_from_chunk"] == message["applies_from_chunk"], moved
+        assert moved["next_index"] <= message["applies_from_chunk"], (moved, message)
         assert "no longer running" in moved["reason"] or "died" in moved["reason"], moved
         assert "new session" not in moved["reason"]  # the stream goes on: no advice to start one
         assert replica_of(moved["session_id"]) not in (replica_of(sid), None)

@@ -364,7 +364,8 @@ def create_app(
     @app.post("/jam/reseed")
     async def jam_reseed(session_id: str = Form(...), loop_audio: UploadFile = File(...)):
         """A new loop: the session's context restarts from it at the next chunk."""
-        return await service.reseed(session_id, await loop_audio.read())
+        answer, _ = await service.reseed(session_id, await loop_audio.read())
+        return answer
 
     @app.post("/jam/reseed_splice")
     async def jam_reseed_splice(
@@ -374,7 +375,8 @@ def create_app(
     ):
         """New audio spliced in, keeping the last `anchor_bars` bars of what the session
         has been playing at the end of its context, so it carries on from there."""
-        return await service.reseed(session_id, await loop_audio.read(), anchor_bars)
+        answer, _ = await service.reseed(session_id, await loop_audio.read(), anchor_bars)
+        return answer
 
     @app.get("/jam/status")
     async def jam_status(session_id: str = Query(...)):

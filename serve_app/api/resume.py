@@ -5,16 +5,19 @@ the state of its sessions goes with it. The ingress holds each stream's client s
 so it remembers what a session on another replica needs to continue where the
 listener is:
 - the spec the session would start with now: the start's, with each update merged in;
-- the codes of the frames the listener heard last: the model's own context, forced
-  into the new session's state (no re-encoding of audio, so nothing is lost to the
-  codec), so that it plays on from there rather than from nothing;
+- the context the listener heard last: the codes of the frames heard, with the loop
+  codes forced in between them (a loop jam's loop, an applied reseed). This is the
+  model's own context, forced into the new session's state (no re-encoding of audio,
+  so nothing is lost to the codec), so that it plays on from there rather than from
+  nothing;
+- a reseed not applied yet: its codes and the chunk it opens, so that it still opens
+  that chunk after a move;
 - where the listener's count of chunks, frames and bars stands, so that indices,
   `first_frame` and bar numbers run on across the move, and bar mode stays on its grid.
 
 What does not carry over: the sampler's random stream (the continuation is a new draw
-from the same context), a style ramp in progress (the new session starts at its
-target), and a reseed still waiting for its chunk boundary (one that has applied is in
-the codes heard).
+from the same context) and a style ramp in progress (the new session starts at its
+target).
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from ..frames import FRAME_SAMPLES, SAMPLE_RATE
 from ..generator import JamSpec, JamUpdate
 from ..jam import Chunk
 
-# Codes kept per stream: more than any variant's context (mrt2_base: 500 frames), about
-# 24 KB a stream. The generator keeps the last `context_frames` of what it is given.
-MAX_HEARD_FRAMES = 1024
+# Context rows kept per stream: more than any variant's context (mrt2_base: 500
+# frames), about 24 KB a stream. The generator keeps the last `context_frames` of them.
+MAX_CONTEXT_ROWS = 1024
+FORCED = -1  # a context row's frame number when it was forced, not heard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +47,20 @@ class Continuation:
     index: int
     frame: int
     bar: int
+    # the context rows the spec forces (frame numbers and codes), reseed excluded: what
+    # the stream remembers until the new session's first chunk brings them back
+    context: tuple[tuple[int, np.ndarray], ...] = ()
 
 
 class StreamMemory:
     def __init__(self, spec: JamSpec) -> None:
         self.spec = spec
-        self._heard: collections.deque[np.ndarray] = collections.deque(maxlen=MAX_HEARD_FRAMES)
-        self._heard_end = 0  # the listener's frame after the last code kept
+        # (frame number as the listener counts it, or FORCED; codes [12])
+        self._context: collections.deque[tuple[int, np.ndarray]] = collections.deque(
+            maxlen=MAX_CONTEXT_ROWS)
+        self._heard_end = 0  # the listener's frame after the last frame heard
+        self._forced_again = False  # a moved session's first codes repeat what it forced
+        self._reseed: tuple[np.ndarray, int] | None = None  # codes, the listener's chunk
         # the current session's chunk 0, frame 0 and bar 0 in the listener's count
         self.index_offset = self.frame_offset = self.bar_offset = 0
         self.next_index = 0  # the listener's next chunk
@@ -58,6 +69,18 @@ class StreamMemory:
 
     def update(self, update: JamUpdate) -> None:
         self.spec = self.spec.updated(update)
+
+    def reseeded(self, codes: np.ndarray, applies_from_chunk: int) -> None:
+        """A reseed answered: `codes` replace the context where the listener's chunk
+        `applies_from_chunk` starts (a later reseed replaces a waiting one). One whose
+        chunk has been played already (the answer raced the stream) is in the codes."""
+        if applies_from_chunk >= self.next_index:
+            self._reseed = (codes, applies_from_chunk)
+
+    @property
+    def reseed_waiting(self) -> int | None:
+        """The listener's chunk that a reseed not applied yet opens."""
+        return self._reseed[1] if self._reseed is not None else None
 
     def played(self, chunk: Chunk) -> Chunk:
         """The session's chunk as the listener counts it; its codes are remembered."""
@@ -68,16 +91,28 @@ class StreamMemory:
             self.next_bar = extra["first_bar"] + extra["bars"]
         else:
             first_frame = chunk.first_frame + self.frame_offset
-        if chunk.codes is not None and len(chunk.codes):
-            start = chunk.codes_from + self.frame_offset
-            if start != self._heard_end:
-                self._heard.clear()  # not contiguous with what is kept: keep the newest
-            self._heard.extend(chunk.codes)
-            self._heard_end = start + len(chunk.codes)
         index = chunk.index + self.index_offset
+        if self._reseed is not None and index >= self._reseed[1]:
+            self._reseed = None  # applied: its codes come with this chunk's
+        if chunk.codes is not None and len(chunk.codes):
+            self._remember(chunk)
         self.next_index = index + 1
         return dataclasses.replace(chunk, index=index, first_frame=first_frame, extra=extra,
-                                   codes=None)
+                                   codes=None, codes_forced=())
+
+    def _remember(self, chunk: Chunk) -> None:
+        frame = chunk.codes_from + self.frame_offset
+        if self._forced_again or frame != self._heard_end:
+            self._context.clear()  # not contiguous with what is kept: keep the newest
+            self._forced_again = False
+        forced = set(chunk.codes_forced)
+        for row, codes in enumerate(chunk.codes):
+            if row in forced:
+                self._context.append((FORCED, codes))
+            else:
+                self._context.append((frame, codes))
+                frame += 1
+        self._heard_end = frame
 
     def session_index(self, index: int) -> int:
         """The current session's number for the listener's chunk `index` (negative: a
@@ -92,31 +127,49 @@ class StreamMemory:
         its last chunk's last frame. A bar-mode stream continues from the bar line its
         last chunk ended on: frames line up with bars only by chance, so the new session
         is forced up to the frame line before it, and its chunker drops the samples
-        from there to the bar line, which the listener has heard."""
+        from there to the bar line, which the listener has heard. A reseed still
+        waiting opens the same chunk of the listener's as it would have."""
         spec, frame = self.spec, self._heard_end
         if spec.bar is not None:
             line = spec.bar.clock.boundary(self.next_bar, SAMPLE_RATE)
             frame, skip = divmod(line, FRAME_SAMPLES)
             spec = dataclasses.replace(spec, bar=dataclasses.replace(spec.bar,
                                                                      skip_samples=skip))
-        heard = list(self._heard)
-        if frame > self._heard_end:  # the codes before the line are not all here
-            heard = []
-        elif frame < self._heard_end:
-            heard = heard[:len(heard) - (self._heard_end - frame)]
-        codes = np.asarray(heard, np.int32).reshape(-1, CODE_LEVELS)
-        if codes.shape[0]:
-            spec = dataclasses.replace(spec, heard=codes)
-        return Continuation(spec, self.next_index, frame, self.next_bar)
+        context = self._context_before(frame)
+        codes = [c for _, c in context]
+        if self._reseed is not None:
+            reseed, applies = self._reseed
+            if applies <= self.next_index:  # it opens the new session's first chunk
+                codes.extend(reseed)
+            else:
+                spec = dataclasses.replace(spec, reseed=reseed,
+                                           reseed_chunk=applies - self.next_index)
+        if codes:
+            spec = dataclasses.replace(
+                spec, heard=np.asarray(codes, np.int32).reshape(-1, CODE_LEVELS))
+        return Continuation(spec, self.next_index, frame, self.next_bar, tuple(context))
+
+    def _context_before(self, frame: int) -> list[tuple[int, np.ndarray]]:
+        """The rows kept before frame `frame`: the frames heard before it, each with the
+        rows forced just before it."""
+        if frame > self._heard_end:  # the frames before it are not all here
+            return []
+        rows = list(self._context)
+        while rows and rows[-1][0] >= frame:  # a frame heard from `frame` on
+            rows.pop()
+            while rows and rows[-1][0] == FORCED:  # forced just before it
+                rows.pop()
+        return rows
 
     def moved(self, continuation: Continuation) -> None:
         """The continuation's session has started: its chunks count on from here."""
         self.index_offset = continuation.index
         self.frame_offset = continuation.frame
         self.bar_offset = continuation.bar
-        # what was forced is the new session's context: kept for a move after this one
-        self._heard.clear()
-        if continuation.spec.heard is not None:
-            self._heard.extend(continuation.spec.heard)
+        # What was forced is the new session's context: kept for a move before its first
+        # chunk, which brings the same codes back (as forced rows) and replaces them.
+        self._context.clear()
+        self._context.extend(continuation.context)
+        self._forced_again = True
         self._heard_end = continuation.frame
         self.moves += 1

@@ -242,13 +242,18 @@ class JamService:
         return await client.update(session_id, update), update
 
     async def reseed(self, session_id: str, data: bytes | None,
-                     anchor_bars: float | None = None) -> dict:
+                     anchor_bars: float | None = None) -> tuple[dict, np.ndarray]:
+        """Reseeds a session; returns the generator's answer and the codes that will
+        replace its context (a WebSocket stream remembers them until they apply, to
+        move with them)."""
         client = self.of_session(session_id)
         if data is None:
             raise BadRequest("loop_audio: required (the new loop to jam on)")
         if anchor_bars is not None and not 0 < anchor_bars <= 16:
             raise BadRequest(f"anchor_bars: must be within 0..16, got {anchor_bars:g}")
-        return await client.reseed(session_id, await self.decode_loop(data), anchor_bars)
+        answer = await client.reseed(session_id, await self.decode_loop(data), anchor_bars)
+        codes = answer.pop("codes")
+        return answer, codes
 
     async def stop(self, session_id: str) -> dict:
         return await self.of_session(session_id).stop(session_id)

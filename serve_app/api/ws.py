@@ -266,8 +266,10 @@ class JamSocket:
         anchor = raw.get("anchor_bars", 1.0) if splice else None
         if anchor is not None and not isinstance(anchor, int | float):
             raise BadRequest("anchor_bars: must be a number")
-        result = await self._on_session(lambda sid: self.service.reseed(sid, data, anchor))
+        result, codes = await self._on_session(
+            lambda sid: self.service.reseed(sid, data, anchor))
         result["applies_from_chunk"] = self.memory.client_index(result["applies_from_chunk"])
+        self.memory.reseeded(codes, result["applies_from_chunk"])
         await self.send_json({"type": "status", "event": message.get("type"), **result})
 
     async def stop(self) -> None:
@@ -361,6 +363,8 @@ class JamSocket:
             "previous_session_id": session_id, "reason": lost.reason,
             "next_index": continuation.index, "moves": self.memory.moves,
             "context_frames": int(started.get("prefill_frames", 0)),
+            **({"reseed_applies_from_chunk": waiting}
+               if (waiting := self.memory.reseed_waiting) is not None else {}),
         })
         return new_id
 

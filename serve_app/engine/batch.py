@@ -74,7 +74,9 @@ class Frame:
     audio: np.ndarray  # int16 [1920, 2]; a forced run: [n_frames * 1920, 2]
     codes: np.ndarray  # int32 [12]; a forced run: [n_frames, 12]
     forced: bool
-    heard: np.ndarray | None  # int32 [12]: the codes `audio` was made from, if audible
+    # int32 [k, 12], if audible: the context's codes through the frame `audio` was made
+    # from (any loop codes forced since the frame heard before it, then its own)
+    heard: np.ndarray | None
     n_frames: int = 1  # steps this covers: more than one for a forced run
 
     @property

@@ -114,6 +114,10 @@ class Session:
         self.frames_forced = 0
         self._prefill: collections.deque[np.ndarray] = collections.deque()
         self.context = collections.deque(maxlen=context_frames)  # codes, forced or sampled
+        # The context's codes since the last frame the listener heard, forced ones
+        # included: handed out with the next frame heard (`record`).
+        self._since_heard: collections.deque[np.ndarray] = collections.deque(
+            maxlen=context_frames)
         # Per step still inside the decoder's delay: that step's codes if they were
         # sampled, None if forced. Set when the session first joins an engine
         # (`attach_decoder`).
@@ -170,14 +174,18 @@ class Session:
         return len(self._decoding) if self._decoding is not None else 0
 
     def record(self, codes: np.ndarray, *, forced: bool) -> np.ndarray | None:
-        """Called by the engine after each step with the frame's codes. Returns the codes
-        the step's audio was decoded from when that audio is the listener's: the frame
-        sampled `decoder_delay` steps ago. None for silence before the first one and
-        for the decode of forced loop codes (which is why a loop's continuation starts
-        exactly on the bar line). The codes travel with the audio so that a stream
-        moved to another replica can be continued from what its listener heard."""
+        """Called by the engine after each step with the frame's codes. When the step's
+        audio is the listener's (the frame sampled `decoder_delay` steps ago), returns
+        the codes that entered the context since the frame heard before it, up to and
+        including its own (int32 [k, 12], the last row its own): the loop codes forced
+        in between, then it. None for silence before the first one and for the decode
+        of forced loop codes (which is why a loop's continuation starts exactly on the
+        bar line). The codes travel with the audio so that a stream moved to another
+        replica continues from the context its listener heard, a loop or reseed
+        included."""
         codes = np.asarray(codes, np.int32)
         self.context.append(codes)
+        self._since_heard.append(codes)
         if forced:
             self.frames_forced += 1
         else:
@@ -185,7 +193,13 @@ class Session:
         if self._decoding is None:
             raise RuntimeError(f"session {self.id} stepped outside an engine")
         self._decoding.append(None if forced else codes)
-        return self._decoding.popleft()
+        heard = self._decoding.popleft()
+        if heard is None:
+            return None
+        # the frames after the one heard are those still inside the decoder's delay
+        keep = len(self._decoding)
+        through = [self._since_heard.popleft() for _ in range(len(self._since_heard) - keep)]
+        return through[0][None] if len(through) == 1 else np.stack(through)
 
     def set_style(self, embedding: np.ndarray, ramp_seconds: float = 0.0) -> None:
         if ramp_seconds < 0:
