@@ -41,6 +41,23 @@ def test_second_process_reuses_the_compiled_step(tmp_path, tiny_repo):
     assert sorted(p.name for p in cache.iterdir()) == written, "nothing new compiled"
 
 
-def test_off_writes_nothing(tmp_path, tiny_repo):
-    assert warm_up(tmp_path, tiny_repo, "off") == 0
-    assert not (tmp_path / "xla").exists()
+COMPILE_ONE = """
+import jax
+from serve_app.engine import compile_cache
+print("DIR", compile_cache.enable())
+jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()
+print("CONFIGURED", jax.config.jax_compilation_cache_dir)
+"""
+
+
+def test_off_writes_nothing(tmp_path):
+    """`off`: no directory, not even the default one (under $XDG_CACHE_HOME here), and
+    JAX is not pointed at any. A trivial function, not the engine: whether JAX gets a
+    cache is decided before the first compilation, whatever it is."""
+    env = {**os.environ, "MRT_COMPILE_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", COMPILE_ONE], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DIR None" in done.stdout and "CONFIGURED None" in done.stdout, done.stdout
+    assert list(tmp_path.iterdir()) == []
