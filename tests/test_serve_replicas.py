@@ -1,8 +1,9 @@
 """Two generator replicas of one variant through real Ray Serve: every call for a
 session reaches the replica that holds it, a new session goes to a replica that can
 take it, /health, /model/status, /jam/stop_all and the benchmark reach every
-replica, a model switch reaches both, a replica that dies takes only its own polled
-sessions with it, and a WebSocket stream whose replica dies moves to the other one.
+replica, a model switch reaches both, a replica that dies takes only its own sessions
+with it (a stream with nowhere to move ends with the reason), and a WebSocket stream
+whose replica dies moves to the other one.
 
 A third application ("pool", under /pool) on the test session's Ray Serve instance:
 tiny, two generator replicas of one session each, so that after the first start
@@ -169,23 +170,32 @@ def kill_replica(replica: str) -> None:
 
 
 def test_a_dead_replica_loses_only_its_own_sessions(http):
-    doomed, survivor = one_on_each(http)
-    kill_replica(replica_of(doomed))
-    # a start now finds the survivor full and the other replica dead: refused, clearly
-    refused = start(http, expect=429)
-    assert "full" in refused["error"], refused
-
-    deadline = time.monotonic() + 120
-    survivor_index = next_index(http, survivor)
-    while True:  # the survivor streams on while the dead replica's session fails loudly
-        r = http.get("/jam/next", params={"session_id": doomed, "timeout": 1})
-        if r.status_code == 404:
-            break
-        assert time.monotonic() < deadline, r.text
-        survivor_index, last = next_index(http, survivor), survivor_index
-        assert survivor_index == last + 1
-    assert "start a new session" in r.json()["error"]
-    assert next_index(http, survivor) == survivor_index + 1
+    """One kill, with the other replica full: the stream on the dead one cannot move and
+    ends with the reason (its socket stays usable), the other replica's session plays on,
+    a start is refused clearly, and Serve's replacement loads while the service stays
+    ready. (A polled session on a dead replica: `test_serve_http`.)"""
+    stop(http, *one_on_each(http))
+    ws, doomed = start_jam(ws_url(http))
+    with ws:
+        survivor = start(http)["session_id"]  # the other replica is full now
+        assert replica_of(survivor) != replica_of(doomed)
+        recv_json(ws, "chunk_meta")
+        survivor_index = next_index(http, survivor)
+        kill_replica(replica_of(doomed))
+        # a start now finds the survivor full and the other replica dead: refused, clearly
+        refused = start(http, expect=429)
+        assert "full" in refused["error"], refused
+        error = recv_json(ws, "error")
+        assert error["type"] == "error", error
+        assert f"unknown session {doomed}" in error["error"], error
+        assert "moving the stream to another replica failed" in error["error"], error
+        assert error["error"].endswith("start a new session"), error
+        ws.send(json.dumps({"type": "ping"}))  # the socket itself is fine
+        assert recv_json(ws, "pong")["type"] == "pong"
+        ws.send(json.dumps({"type": "status"}))
+        assert recv_json(ws, "status")["session_id"] is None
+        # and the survivor streamed on throughout
+        assert next_index(http, survivor) == survivor_index + 1
     stop(http, survivor)
 
     # Serve replaces the dead replica. While the replacement loads its model the
@@ -244,28 +254,6 @@ def test_a_websocket_stream_moves_to_another_replica_when_its_own_dies(http):
         assert status["session_id"] == moved["session_id"] and status["moves"] == 1, status
         ws.send(json.dumps({"type": "stop"}))
         assert recv_json(ws, "stopped")["session_id"] == moved["session_id"]
-    stop(http, *one_on_each(http))  # the dead replica's replacement serves again
-
-
-def test_a_stream_with_no_replica_to_move_to_ends_with_the_reason(http):
-    stop(http, *one_on_each(http))
-    ws, sid = start_jam(ws_url(http))
-    with ws:
-        other = start(http)["session_id"]  # the other replica is full now
-        assert replica_of(other) != replica_of(sid)
-        recv_json(ws, "chunk_meta")
-        kill_replica(replica_of(sid))
-        error = recv_json(ws, "error")
-        assert error["type"] == "error", error
-        assert f"unknown session {sid}" in error["error"], error
-        assert "moving the stream to another replica failed" in error["error"], error
-        assert error["error"].endswith("start a new session"), error
-        ws.send(json.dumps({"type": "ping"}))  # the socket itself is fine
-        assert recv_json(ws, "pong")["type"] == "pong"
-        ws.send(json.dumps({"type": "status"}))
-        assert recv_json(ws, "status")["session_id"] is None
-        assert next_index(http, other) >= 0  # and the other replica's session plays on
-    stop(http, other)
     stop(http, *one_on_each(http))  # the dead replica's replacement serves again
 
 
