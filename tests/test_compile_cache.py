@@ -17,7 +17,7 @@ jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
 from serve_app.engine import BatchedEngine, load_model
 loaded = load_model("tiny")
-BatchedEngine(loaded.model, loaded.style, buckets=(2,)).warmup()
+BatchedEngine(loaded.model, loaded.style, buckets=(2,)).warmup_buckets()
 print("HITS", len(hits))
 """
 
