@@ -114,10 +114,9 @@ class Session:
         self.frames_forced = 0
         self._prefill: collections.deque[np.ndarray] = collections.deque()
         self.context = collections.deque(maxlen=context_frames)  # codes, forced or sampled
-        # The context's codes since the last frame the listener heard, forced ones
-        # included: handed out with the next frame heard (`record`).
-        self._since_heard: collections.deque[np.ndarray] = collections.deque(
-            maxlen=context_frames)
+        # How many of the context's newest codes came since the last frame the listener
+        # heard (forced ones included): handed out with the next frame heard (`record`).
+        self._since_heard = 0
         # Per step still inside the decoder's delay: that step's codes if they were
         # sampled, None if forced. Set when the session first joins an engine
         # (`attach_decoder`).
@@ -185,7 +184,7 @@ class Session:
         included."""
         codes = np.asarray(codes, np.int32)
         self.context.append(codes)
-        self._since_heard.append(codes)
+        self._since_heard += 1
         if forced:
             self.frames_forced += 1
         else:
@@ -198,7 +197,9 @@ class Session:
             return None
         # the frames after the one heard are those still inside the decoder's delay
         keep = len(self._decoding)
-        through = [self._since_heard.popleft() for _ in range(len(self._since_heard) - keep)]
+        since = min(self._since_heard, len(self.context))  # older ones left the context
+        self._since_heard = keep
+        through = [self.context[-i] for i in range(since, keep, -1)]
         return through[0][None] if len(through) == 1 else np.stack(through)
 
     def set_style(self, embedding: np.ndarray, ramp_seconds: float = 0.0) -> None:
