@@ -22,14 +22,20 @@ print("HITS", len(hits))
 """
 
 
-def warm_up(tmp_path, tiny_repo, cache: str) -> int:
-    env = {**os.environ, "MRT_COMPILE_CACHE": cache, "MRT_TINY_REPO": str(tiny_repo)}
+def run_fresh(script: str, cwd, **env: str) -> str:
+    """`script`'s stdout from a new Python process with `env` added (and no JAX cache
+    directory of the caller's)."""
+    env = {**os.environ, **env}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", WARM_UP], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    return int(done.stdout.split("HITS")[-1])
+    return done.stdout
+
+
+def warm_up(tmp_path, tiny_repo, cache: str) -> int:
+    out = run_fresh(WARM_UP, tmp_path, MRT_COMPILE_CACHE=cache, MRT_TINY_REPO=str(tiny_repo))
+    return int(out.split("HITS")[-1])
 
 
 def test_second_process_reuses_the_compiled_step(tmp_path, tiny_repo):
@@ -54,10 +60,7 @@ def test_off_writes_nothing(tmp_path):
     """`off`: no directory, not even the default one (under $XDG_CACHE_HOME here), and
     JAX is not pointed at any. A trivial function, not the engine: whether JAX gets a
     cache is decided before the first compilation, whatever it is."""
-    env = {**os.environ, "MRT_COMPILE_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path)}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", COMPILE_ONE], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "DIR None" in done.stdout and "CONFIGURED None" in done.stdout, done.stdout
+    out = run_fresh(COMPILE_ONE, tmp_path, MRT_COMPILE_CACHE="off",
+                    XDG_CACHE_HOME=str(tmp_path))
+    assert "DIR None" in out and "CONFIGURED None" in out, out
     assert list(tmp_path.iterdir()) == []
