@@ -1,4 +1,5 @@
-"""The persistent XLA cache: a second process compiles nothing it compiled before.
+"""The persistent caches: a second process compiles nothing it compiled before (XLA's),
+and runs none of the model's Python to trace its steps again (`exported`).
 
 Subprocesses, because JAX decides whether to use the cache at a process's first
 compilation (the test process decided long ago).
@@ -15,10 +16,31 @@ import jax
 hits = []
 jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
-from serve_app.engine import BatchedEngine, load_model
+from serve_app.engine import BatchedEngine, load_model, model
+traced = []  # each time the step's Python runs
+forcing = model._step_forcing
+model._step_forcing = lambda *args, **kwargs: traced.append(1) or forcing(*args, **kwargs)
 loaded = load_model("tiny")
-BatchedEngine(loaded.model, loaded.style, buckets=(2,)).warmup_buckets()
+traced.clear()  # loading traces the step once to lay out the weights (cpu_tuning)
+engine = BatchedEngine(loaded.model, loaded.style, buckets=(2,))
+engine.warmup_buckets()
+print("TRACED", len(traced))
 print("HITS", len(hits))
+compiled = []  # what serving compiles after warm-up: nothing (no session waits on XLA)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kw: compiled.append(kw.get("fun_name"))
+    if event.endswith("backend_compile_duration") else None)
+from serve_app.engine.session import Session
+a, b = (Session(loaded.style.embed_text("disco"), seed=i) for i in range(2))
+for session in (a, b):
+    engine.add(session)
+    engine.step()
+moved = engine.snapshot(a.id)
+engine.remove(a.id)
+engine.step()
+engine.restore(moved)
+engine.step()
+print("SERVING_COMPILED", compiled)
 """
 
 
@@ -33,18 +55,29 @@ def run_fresh(script: str, cwd, **env: str) -> str:
     return done.stdout
 
 
-def warm_up(tmp_path, tiny_repo, cache: str) -> int:
+def warm_up(tmp_path, tiny_repo, cache: str) -> tuple[int, int]:
+    """(XLA cache hits, times the step's Python ran) warming up a 2-row bucket in a new
+    process; sessions joining, stepping, moving out and back in after it compile nothing
+    (the step takes the same committed state in both: `StreamingModel.on_device`)."""
     out = run_fresh(WARM_UP, tmp_path, MRT_COMPILE_CACHE=cache, MRT_TINY_REPO=str(tiny_repo))
-    return int(out.split("HITS")[-1])
+    assert "SERVING_COMPILED []" in out, out
+    return int(out.split("HITS")[-1].split()[0]), int(out.split("TRACED")[-1].split()[0])
+
+
+def listing(cache) -> list[str]:
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
 
 
 def test_second_process_reuses_the_compiled_step(tmp_path, tiny_repo):
     cache = tmp_path / "xla"
-    assert warm_up(tmp_path, tiny_repo, str(cache)) == 0
-    written = sorted(p.name for p in cache.iterdir())
+    hits, traced = warm_up(tmp_path, tiny_repo, str(cache))
+    assert hits == 0 and traced >= 1
+    written = listing(cache)
     assert any(name.startswith("jit_step-") for name in written), written
-    assert warm_up(tmp_path, tiny_repo, str(cache)) >= 1
-    assert sorted(p.name for p in cache.iterdir()) == written, "nothing new compiled"
+    assert any(name.startswith("exported/step-") for name in written), written
+    hits, traced = warm_up(tmp_path, tiny_repo, str(cache))
+    assert hits >= 1 and traced == 0, "compiled and traced programs read back"
+    assert listing(cache) == written, "nothing new compiled or traced"
 
 
 COMPILE_ONE = """

@@ -186,7 +186,7 @@ class BatchedEngine:
         return SessionSnapshot(self._sessions[session_id], state)
 
     def restore(self, snapshot: SessionSnapshot) -> None:
-        self.add(snapshot.session, jax.device_put(snapshot.state))
+        self.add(snapshot.session, self.model.on_device(snapshot.state))
 
     # -- batching -------------------------------------------------------------
     def _bucket_for(self, n: int) -> int:

@@ -3,7 +3,8 @@
 A replica compiles one step per batch bucket before it serves. On an H100 that is
 37-55 s a bucket cold and about 12 s from this cache (mrt2_base, measured with
 scripts/bench_engine.py), so a replica that restarts or is added by the autoscaler
-is ready minutes sooner.
+is ready minutes sooner. The traced programs those compiles start from are kept in
+its `exported/` (`exported.py`), so a start does not run the model's Python either.
 
 Every compilation is kept, not only those over JAX's default threshold of 1 s: a
 replica start also compiles about ten small programs (the row moves between

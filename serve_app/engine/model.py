@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +33,7 @@ import numpy as np
 import sequence_layers.jax as sl
 from magenta_rt.jax import system as upstream_system
 
-from . import cpu_tuning
+from . import cpu_tuning, exported
 from .sampling import with_fast_sampling
 from .session import CODE_LEVELS
 from .variants import FRAME_SAMPLES, Variant
@@ -147,6 +148,11 @@ def neutral_step_inputs(rows: int) -> tuple[np.ndarray, ...]:
     )
 
 
+def _config_text(sampler) -> str:
+    """The sampler's whole config, without the addresses its functions print with."""
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(sampler.cfg))
+
+
 def _init_variables(module, block, constants):
     state = module.get_initial_state(
         block.shape[0], _input_spec(), training=False, constants=constants
@@ -237,7 +243,6 @@ class StreamingModel:
             return out.values, new_state
 
         self.init_state = jax.jit(init_state)
-        self.prefill = jax.jit(prefill, donate_argnums=(3,))
         if self.tune_for_cpu is None:
             self.tune_for_cpu = cpu_tuning.wanted()
         example = (*neutral_step_inputs(1), self.init_state(self.params, jnp.uint32(0)))
@@ -245,7 +250,12 @@ class StreamingModel:
             step, self.params, *example, enabled=self.tune_for_cpu
         )
         self.weights = self._layout.prepare(self.params)
-        self.step = jax.jit(tuned, donate_argnums=(7,))
+        # A replica start reads each bucket's step and each run's prefill traced
+        # (`exported`); the salt is what their closures hold beyond the arguments.
+        salt = "|".join(map(str, (self.variant.name, self.tune_for_cpu, self._layout.perms,
+                                  _config_text(sampler))))
+        self.prefill = exported.jit(prefill, salt=salt, donate_argnums=(3,))
+        self.step = exported.jit(tuned, salt=salt, donate_argnums=(7,))
 
     @property
     def frame_samples(self) -> int:
@@ -260,6 +270,13 @@ class StreamingModel:
         return other
 
     def state_at(self, seed: int) -> State:
-        return self.init_state(self.params, jnp.asarray(seed, jnp.uint32))
+        return self.on_device(self.init_state(self.params, jnp.asarray(seed, jnp.uint32)))
+
+    def on_device(self, state: State) -> State:
+        """`state` committed to JAX's default device. A jit specializes on whether its
+        inputs are committed, and what an exported step returns always is (`exported`):
+        every state starts committed, so that warm-up compiles the variant the steps
+        after it take, and none compiles while serving."""
+        return jax.device_put(state, jax.devices()[0])
 
 
