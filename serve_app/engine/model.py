@@ -273,10 +273,11 @@ class StreamingModel:
         return self.on_device(self.init_state(self.params, jnp.asarray(seed, jnp.uint32)))
 
     def on_device(self, state: State) -> State:
-        """`state` committed to JAX's default device. A jit specializes on whether its
-        inputs are committed, and what an exported step returns always is (`exported`):
-        every state starts committed, so that warm-up compiles the variant the steps
-        after it take, and none compiles while serving."""
-        return jax.device_put(state, jax.devices()[0])
+        """`state` committed to the device the weights are on. A jit specializes on
+        whether its inputs are committed, and what an exported step returns always is
+        (`exported`): every state starts committed, so that warm-up compiles the variant
+        the steps after it take, and none compiles while serving."""
+        (device,) = jax.tree.leaves(self.params)[0].devices()
+        return jax.device_put(state, device)
 
 
