@@ -59,13 +59,12 @@ def _code_version() -> str:
     return digest.hexdigest()
 
 
-def _key(name: str, salt: str, leaves: Sequence[Any], treedef: Any) -> str:
+def _key(name: str, salt: str, avals: Sequence[Any], treedef: Any) -> str:
     digest = hashlib.sha256()
     for part in (name, salt, _code_version(), jax.default_backend(), str(treedef)):
         digest.update(part.encode())
         digest.update(b"\0")
-    for leaf in leaves:
-        aval = jax.typeof(leaf)
+    for aval in avals:
         digest.update(f"{aval.shape}{aval.dtype}{aval.weak_type};".encode())
     return digest.hexdigest()[:32]
 
@@ -90,7 +89,7 @@ def _load(path: pathlib.Path) -> tuple[jax.export.Exported, Any] | None:
         return None
 
 
-def _export(fn: Callable[..., Any], leaves: Sequence[Any], treedef: Any
+def _export(name: str, fn: Callable[..., Any], avals: Sequence[Any], treedef: Any
             ) -> tuple[jax.export.Exported, Any]:
     """Traces `fn` on flat arguments (the export keeps no custom pytree types)."""
     out_tree = None
@@ -100,9 +99,9 @@ def _export(fn: Callable[..., Any], leaves: Sequence[Any], treedef: Any
         out, out_tree = jax.tree.flatten(fn(*jax.tree.unflatten(treedef, flat_args)))
         return out
 
-    flat.__name__ = getattr(fn, "__name__", "program")
-    avals = [jax.ShapeDtypeStruct(jax.typeof(x).shape, jax.typeof(x).dtype) for x in leaves]
-    return jax.export.export(jax.jit(flat))(*avals), out_tree
+    flat.__name__ = name
+    specs = [jax.ShapeDtypeStruct(aval.shape, aval.dtype) for aval in avals]
+    return jax.export.export(jax.jit(flat))(*specs), out_tree
 
 
 def _program(name: str, fn: Callable[..., Any], salt: str, args: tuple[Any, ...]
@@ -112,13 +111,14 @@ def _program(name: str, fn: Callable[..., Any], salt: str, args: tuple[Any, ...]
     if where is None:
         return None
     leaves, treedef = jax.tree.flatten(args)
-    path = where / f"{name}-{_key(name, salt, leaves, treedef)}.exp"
+    avals = [jax.typeof(leaf) for leaf in leaves]
+    path = where / f"{name}-{_key(name, salt, avals, treedef)}.exp"
     found = _load(path)
     if found is not None:
         log.debug("exported program %s read from %s", name, path.name)
         return found
     try:
-        exported, out_tree = _export(fn, leaves, treedef)
+        exported, out_tree = _export(name, fn, avals, treedef)
         _write(path, pickle.dumps((bytes(exported.serialize()), out_tree)))
     except Exception as e:  # e.g. an op export does not support: trace as usual
         log.warning("program %s not exported (%s); it is traced at each start", name, e)
