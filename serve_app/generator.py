@@ -411,7 +411,7 @@ class GeneratorCore:
             self.steps += 1
             self.batch_sizes[len(frames)] += 1
             self.metrics.record("mrt_step_ms", 1000 * seconds)
-            self.metrics.record("mrt_frames", sum(f.n_frames for f in frames.values()))
+            self.metrics.record("mrt_frames", pending.frames)
             now = time.monotonic()
             completed, cut = [], []
             for sid, frame in frames.items():

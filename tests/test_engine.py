@@ -276,6 +276,22 @@ def test_forced_runs_compile_nothing_after_warm_up(tiny, make_engine):
     assert [f._cache_size() for f in compiled] == before
 
 
+def test_a_step_counts_the_frames_it_computed_even_for_a_session_that_left(tiny, make_engine):
+    """The generator's frame counter (rows per step in bench_serve) counts at dispatch:
+    a session stopped while its frame is computed still cost that frame."""
+    engine = make_engine()
+    looped, plain, leaver = (Session(style(tiny), seed=i) for i in range(3))
+    looped.prefill(np.zeros((17, 12), np.int32))
+    for s in (looped, plain, leaver):
+        engine.add(s)
+    pending = engine.dispatch()
+    engine.remove(leaver.id)
+    frames = engine.finish(pending.fetch())
+    assert sorted(frames) == sorted([looped.id, plain.id])
+    assert frames[looped.id].n_frames == 16
+    assert pending.frames == 16 + 1 + 1
+
+
 def test_prefill_changes_what_follows_and_is_deterministic(tiny, make_engine):
     loop = np.random.default_rng(0).integers(0, 1024, (20, 12))
 

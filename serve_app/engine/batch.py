@@ -97,6 +97,14 @@ class PendingStep:
         default_factory=dict)
     started: float = 0.0  # perf_counter at dispatch (the generator's step timing)
 
+    @property
+    def frames(self) -> int:
+        """Frames this step generates: one per stepped row, a run's length per forced
+        run; counted at dispatch, so a session that leaves while its frame is computed
+        still counts the frame that was computed."""
+        return len(self.rows) - len(self.runs) + sum(len(forced) for _, forced in
+                                                     self.runs.values())
+
     def fetch(self) -> PendingStep:
         """Waits for the step; the one host sync per step: the audio itself (and 48
         bytes of codes per row)."""
