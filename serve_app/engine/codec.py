@@ -19,6 +19,7 @@ from magenta_rt.jax import spectrostream
 
 from . import weights
 from .model import Params
+from .run_once import run_once
 from .variants import CHANNELS, FRAME_SAMPLES, Variant
 
 ENCODER_PREFIX = "params/encoder/"
@@ -46,7 +47,7 @@ def expected_encoder_shapes(variant: Variant) -> Params:
 def random_encoder_params(variant: Variant, seed: int) -> Params:
     codec = _codec(variant)
     rngs = {"params": jax.random.PRNGKey(seed)}
-    tree = jax.jit(lambda r: _all_codec_vars(codec, r, _dummy_audio()))(rngs)
+    tree = run_once(lambda r: _all_codec_vars(codec, r, _dummy_audio()), rngs)
     return {"params": {"encoder": tree["params"]["encoder"]}}
 
 

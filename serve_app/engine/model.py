@@ -34,6 +34,7 @@ import sequence_layers.jax as sl
 from magenta_rt.jax import system as upstream_system
 
 from . import cpu_tuning, exported
+from .run_once import run_once
 from .sampling import with_fast_sampling
 from .session import CODE_LEVELS
 from .variants import FRAME_SAMPLES, Variant
@@ -164,8 +165,8 @@ def random_params(sampler, seed: int = 0) -> Params:
     """Random parameters with the exact tree of a real checkpoint (for tiny and benchmarks)."""
     block, constants = dummy_inputs(1)
     rngs = {"params": jax.random.PRNGKey(seed), "random": jax.random.PRNGKey(seed)}
-    init = jax.jit(lambda r: sampler.init(r, block, constants, method=_init_variables))
-    return nn.unbox(init(rngs))
+    return nn.unbox(run_once(
+        lambda r: sampler.init(r, block, constants, method=_init_variables), rngs))
 
 
 def expected_param_shapes(sampler) -> Params:
