@@ -29,7 +29,7 @@ from .audio.bars import BarChunker
 from .audio.loudness import LoudnessMatcher
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
 from .engine.batch import DEFAULT_BUCKETS, PendingStep
-from .engine.device import device_name
+from .engine.device import device_name, steps_share_the_host
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import (
@@ -58,6 +58,13 @@ SESSION_SEPARATOR = "@"
 RECENT_AUDIO_SECONDS = 10.0
 SELECTION_POLL_SECONDS = 2.0  # how soon other replicas follow a model switch
 ENDED_SESSIONS_REMEMBERED = 1024
+# Replies first (`_let_replies_out`, CPU hosts): how long a step that completed chunks
+# realtime clients wait for holds the next one at most, and how long it leaves the replies
+# once they were taken. bench_serve, tiny, 8 realtime sessions, 0.5 s chunks through Ray
+# on the 2-core box, alternated: overhead p50 5.88 -> 5.12 ms, p90 8.8 -> 7.3 ms (median of
+# 6 runs each; 2 ms here and 6 ms gave the same); docs/performance.md.
+REPLY_HOLD_SECONDS = 0.010
+REPLY_SECONDS = 0.002
 # A session nobody has asked about for this long is ended (its client is gone): a
 # WebSocket stream asks at least every few seconds, a polling client every chunk.
 IDLE_SESSION_SECONDS = 300.0
@@ -205,6 +212,8 @@ class GeneratorCore:
         self._lock = threading.RLock()
         self._switch_lock = threading.Lock()
         self._wake = threading.Event()
+        self._taken = threading.Event()  # a waiting caller took its chunk (replies first)
+        self._replies_first = False  # set at boot: where steps compute on this host's CPU
         self._stopping = False
         self._poll_seconds = selection_poll_seconds
         self._follower: threading.Thread | None = None
@@ -242,6 +251,7 @@ class GeneratorCore:
             # first, so that a replica whose model fails to load (out of GPU memory, say)
             # still says where it tried
             self.device = device_name()
+            self._replies_first = steps_share_the_host()
             record = None if loaded is not None else self._stored()
             if record is not None:
                 try:
@@ -337,9 +347,17 @@ class GeneratorCore:
                         self._next_expiry_check = now + 1.0
                         self.expire_idle(now)
                     due = self._due(now)
-                    following = self._dispatch(due) if due else None
+                    # Replies first: a step that completes chunks realtime clients wait
+                    # on is delivered before the next one is dispatched, and the replies
+                    # get a moment to leave, so that they do not wait for cores behind it.
+                    awaited = (self._awaited(pending) if pending is not None
+                               and self._replies_first else set())
+                    following = self._dispatch(due) if due and not awaited else None
                 if pending is not None:
-                    self._deliver(pending)
+                    completed = self._deliver(pending)
+                    if awaited:
+                        self._let_replies_out({sid: index for sid, index in completed.items()
+                                               if sid in awaited})
                 pending = following
             except Exception as e:
                 log.exception("generator %s: step failed", self.name)
@@ -392,9 +410,35 @@ class GeneratorCore:
                 self._jams[session.id].step_dispatched(bool(pending.force[row]))
         return pending
 
-    def _deliver(self, pending: PendingStep) -> None:
+    def _awaited(self, pending: PendingStep) -> set[str]:
+        """The realtime sessions whose chunk `pending` completes while a caller waits for
+        it (an asap stream's next step is its next chunk: holding it would only slow it)."""
+        return {session.id for _, session in pending.rows
+                if (jam := self._jams.get(session.id)) is not None and jam.waiting
+                and jam.config.pace == "realtime" and jam.completing}
+
+    def _let_replies_out(self, completed: dict[str, int]) -> None:
+        """Holds the step loop until the waiting callers have taken the chunks just
+        completed ({session: chunk index}), and REPLY_SECONDS more for the replies to
+        leave, but no longer than REPLY_HOLD_SECONDS in all: on a CPU host the next
+        step would take every core from them (the lead absorbs the wait)."""
+        began = time.monotonic()
+        deadline = began + REPLY_HOLD_SECONDS
+        while time.monotonic() < deadline:
+            with self._lock:
+                untaken = [sid for sid, index in completed.items()
+                           if (jam := self._jams.get(sid)) is not None
+                           and jam.delivered < index]
+            if not untaken:
+                break
+            self._taken.wait(deadline - time.monotonic())
+            self._taken.clear()
+        time.sleep(max(0.0, min(REPLY_SECONDS, deadline - time.monotonic())))
+        self.metrics.record("mrt_reply_hold_ms", 1000 * (time.monotonic() - began))
+
+    def _deliver(self, pending: PendingStep) -> dict[str, int]:
         """Waits for a dispatched step (outside the lock: API calls go on meanwhile), then
-        hands each session its frame."""
+        hands each session its frame; returns {session: index} of the chunks completed."""
         pending.fetch()
         done = time.perf_counter()
         # Pipelined, a step is dispatched while the one before it still runs and cannot
@@ -413,13 +457,13 @@ class GeneratorCore:
             self.metrics.record("mrt_step_ms", 1000 * seconds)
             self.metrics.record("mrt_frames", pending.frames)
             now = time.monotonic()
-            completed, cut = [], []
+            completed, cut = {}, []
             for sid, frame in frames.items():
                 jam = self._jams[sid]
                 jam.last_batch_size = len(frames)
                 if frame.audible:
-                    if jam.push(frame.audio, now, frame.heard) is not None:
-                        completed.append(sid)
+                    if (chunk := jam.push(frame.audio, now, frame.heard)) is not None:
+                        completed[sid] = chunk.index
                         self._chunk_done(jam)
                     elif jam.unfinished:
                         cut.append((sid, jam))
@@ -435,6 +479,7 @@ class GeneratorCore:
             self._notify(sid)
         for sid, jam in cut:
             self._finisher.submit(sid, functools.partial(self._finish_bars, sid, jam))
+        return completed
 
     def _finish_bars(self, session_id: str, jam: JamStream) -> None:
         """In a finisher worker: one chunk of bars cut by the step loop, loudness-matched
@@ -587,6 +632,7 @@ class GeneratorCore:
                 finished = jam.status()["finished"]
             if chunk is not None:
                 self._wake.set()  # delivering may unblock a full backlog
+                self._taken.set()
                 return chunk
             remaining = deadline - time.monotonic()
             if finished or remaining <= 0:

@@ -152,12 +152,17 @@ class JamStream:
         total = self.config.total_frames
         return total is not None and self.frames_out >= total
 
+    @property
+    def completing(self) -> bool:
+        """The frames in flight complete a chunk (fixed-length chunks; bars are cut by
+        finisher workers, off the step loop)."""
+        return bool(self.in_flight and self.chunker is None
+                    and len(self._frames) + self.in_flight >= self.config.chunk_frames)
+
     def _make_room(self) -> bool:
         """Room for one more frame: the backlog, counting the chunk that frames already in
         flight will complete, stays within `max_backlog`."""
-        completing = (self.in_flight and self.chunker is None
-                      and len(self._frames) + self.in_flight >= self.config.chunk_frames)
-        while len(self.backlog) + self.unfinished + bool(completing) >= self.config.max_backlog:
+        while len(self.backlog) + self.unfinished + self.completing >= self.config.max_backlog:
             if not self.backlog or self.backlog[0].index > self.delivered:
                 return False  # the client has not seen it (or the frames in flight fill it)
             self.backlog.popleft()

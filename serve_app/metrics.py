@@ -28,6 +28,9 @@ METRICS = {
     "mrt_handout_ms": ("histogram", "host time the step loop takes to hand one step's frames "
                        "to their sessions (chunks cut; bar-mode loudness matching runs in "
                        "finisher threads); the next step is already on the device meanwhile"),
+    "mrt_reply_hold_ms": ("histogram", "time the step loop held the next step after completing "
+                          "chunks realtime clients were waiting for, so that their replies "
+                          "leave before it takes the cores (CPU hosts only)"),
     "mrt_chunk_latency_ms": ("histogram", "wall time from a chunk's first frame to its last"),
     "mrt_model_switches": ("counter", "successful model selections (hot swaps)"),
 }

@@ -10,3 +10,9 @@ def device_name() -> str:
     HBM3 x1" or "cpu:cpu x1": a replica that fell back to CPU says so here."""
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
+
+
+def steps_share_the_host() -> bool:
+    """JAX computes on this host's CPU: a step takes the cores that the replies of the
+    chunks before it need (the generator lets those out first)."""
+    return jax.default_backend() == "cpu"
