@@ -424,15 +424,16 @@ class GeneratorCore:
         step would take every core from them (the lead absorbs the wait)."""
         began = time.monotonic()
         deadline = began + REPLY_HOLD_SECONDS
-        while time.monotonic() < deadline:
+        while True:
+            self._taken.clear()  # before looking: a take after the look wakes the wait
             with self._lock:
                 untaken = [sid for sid, index in completed.items()
                            if (jam := self._jams.get(sid)) is not None
                            and jam.delivered < index]
-            if not untaken:
+            remaining = deadline - time.monotonic()
+            if not untaken or remaining <= 0:
                 break
-            self._taken.wait(deadline - time.monotonic())
-            self._taken.clear()
+            self._taken.wait(remaining)
         time.sleep(max(0.0, min(REPLY_SECONDS, deadline - time.monotonic())))
         self.metrics.record("mrt_reply_hold_ms", 1000 * (time.monotonic() - began))
 
