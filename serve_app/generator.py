@@ -61,8 +61,8 @@ ENDED_SESSIONS_REMEMBERED = 1024
 # Replies first (`_let_replies_out`, CPU hosts): how long a step that completed chunks
 # realtime clients wait for holds the next one at most, and how long it leaves the replies
 # once they were taken. bench_serve, tiny, 8 realtime sessions, 0.5 s chunks through Ray
-# on the 2-core box, alternated: overhead p50 5.88 -> 5.12 ms, p90 8.8 -> 7.3 ms (median of
-# 6 runs each; 2 ms here and 6 ms gave the same); docs/performance.md.
+# on the 2-core box, alternated: overhead p50 5.76 -> 5.14 ms, p90 8.76 -> 7.69 ms (median
+# of 9 runs each, a modest gain; 2 ms here and 6 ms gave the same); docs/performance.md.
 REPLY_HOLD_SECONDS = 0.010
 REPLY_SECONDS = 0.002
 # A session nobody has asked about for this long is ended (its client is gone): a
