@@ -6,8 +6,10 @@
 
 Random weights (speed does not depend on their values). Each row times whole
 engine steps as a server runs them: conditioning for every session, one batched
-jitted step, audio back on the host. `--compare-upstream` times magenta_rt's own
-`MagentaRT2System` streaming step (batch 1) on the same weights in the same run.
+jitted step, audio back on the host; `dispatch_ms` is the part of it before
+`BatchedEngine.dispatch` returns (inputs built, the call into JAX).
+`--compare-upstream` times magenta_rt's own `MagentaRT2System` streaming step
+(batch 1) on the same weights in the same run.
 `--breakdown` also times the step's two halves alone at each batch size (the
 depthformer that samples the frame's 12 codes, and the codec decoder that turns
 them into audio): the profile that says which one limits a batch. With XLA's
@@ -57,6 +59,23 @@ def time_steps(step, frames: int, warmup: int, desc: str) -> list[float]:
         step()
         times.append((time.perf_counter() - t0) * 1000)
     return times
+
+
+def time_engine_steps(engine: BatchedEngine, frames: int, warmup: int,
+                      desc: str) -> tuple[list[float], list[float]]:
+    """Whole engine steps as a server runs them (ms), and of each the time `dispatch`
+    took to return: the host's share before the step runs on its own, which a pipelined
+    loop overlaps with the step before and a lone realtime session waits through."""
+    dispatch_ms = []
+
+    def step() -> None:
+        t0 = time.perf_counter()
+        pending = engine.dispatch()
+        dispatch_ms.append((time.perf_counter() - t0) * 1000)
+        engine.finish(pending.fetch())
+
+    times = time_steps(step, frames, warmup, desc)
+    return times, dispatch_ms[warmup:]
 
 
 def _depthformer_step(module, block, state, constants):
@@ -132,13 +151,14 @@ def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
     style = loaded.style.embed_text("bench")
     for i in range(batch):
         engine.add(Session(style, seed=i))
-    times = time_steps(engine.step, frames, warmup, f"batch {batch}")
+    times, dispatch_ms = time_engine_steps(engine, frames, warmup, f"batch {batch}")
     ms = statistics.median(times)
     return {
         "batch": batch,
         "rows": engine.capacity,  # more than batch where a step keeps a minimum (min_rows)
         "ms_per_frame": round(ms, 3),
         "ms_per_frame_p90": round(float(np.percentile(times, 90)), 3),
+        "dispatch_ms": round(statistics.median(dispatch_ms), 3),
         "frames_per_second": round(batch * 1000 / ms, 2),
         "rtf_per_stream": round(FRAME_MS / ms, 3),
         "realtime_streams": round(batch * FRAME_MS / ms, 2),
@@ -256,10 +276,11 @@ def main() -> int:
 
     print(f"\n{args.variant} on {report['device']} ({dtype}"
           f"{', CPU-tuned step' if tuned else ''})")
-    print(f"{'batch':>5} {'ms/frame':>9} {'p90':>8} {'frames/s':>9} {'RTF/stream':>10} "
-          f"{'RT streams':>10} {'x batch1':>8} {'compile s':>9}")
+    print(f"{'batch':>5} {'ms/frame':>9} {'p90':>8} {'dispatch':>8} {'frames/s':>9} "
+          f"{'RTF/stream':>10} {'RT streams':>10} {'x batch1':>8} {'compile s':>9}")
     for r in results:
         print(f"{r['batch']:>5} {r['ms_per_frame']:>9.2f} {r['ms_per_frame_p90']:>8.2f} "
+              f"{r['dispatch_ms']:>8.2f} "
               f"{r['frames_per_second']:>9.1f} {r['rtf_per_stream']:>10.2f} "
               f"{r['realtime_streams']:>10.2f} {r.get('fps_vs_batch1', 0):>8.2f} "
               f"{r['compile_seconds']:>9.1f}"

@@ -24,7 +24,8 @@ METRICS = {
     "mrt_chunks": ("counter", "chunks completed"),
     "mrt_underruns": ("counter", "realtime chunks completed after the client needed them"),
     "mrt_step_ms": ("histogram", "wall time of one batched engine step, from when it could "
-                    "start (dispatched, the step before it done) to its audio on the host"),
+                    "start (its dispatch began, the step before it done) to its audio on "
+                    "the host"),
     "mrt_handout_ms": ("histogram", "host time the step loop takes to hand one step's frames "
                        "to their sessions (chunks cut; bar-mode loudness matching runs in "
                        "finisher threads); the next step is already on the device meanwhile"),

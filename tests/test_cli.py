@@ -74,6 +74,8 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, tiny_repo):
     assert [r["rows"] for r in report["results"]] == [1, 2]  # CPU keeps 1-row steps
     for row in report["results"]:
         assert row["ms_per_frame"] > 0
+        # the host's share of each step, timed inside it: no more than the whole
+        assert 0 < row["dispatch_ms"] <= row["ms_per_frame"]
         assert row["depthformer_ms"] > 0 and row["decoder_ms"] > 0
         # the JSON rounds each figure from the unrounded median
         assert row["frames_per_second"] == pytest.approx(row["batch"] * 1000 / row["ms_per_frame"],

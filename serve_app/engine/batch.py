@@ -95,7 +95,7 @@ class PendingStep:
     # row -> (the run's audio, its forced codes [k, 12]) for rows forced in a run
     runs: dict[int, tuple[jax.Array | np.ndarray, np.ndarray]] = dataclasses.field(
         default_factory=dict)
-    started: float = 0.0  # perf_counter at dispatch (the generator's step timing)
+    started: float = 0.0  # perf_counter as its dispatch began (the generator's step timing)
 
     @property
     def frames(self) -> int:
