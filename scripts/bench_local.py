@@ -4,13 +4,16 @@ on a config, waits until the variant is ready, runs scripts/bench_serve.py again
 and stops the server.
 
     scripts/bench_local.py configs/serve.yaml --variant mrt2_base --random-weights \\
-        -- --sessions 1,8,16,32 --seconds 20 --chunk-seconds 2.0 --json out.json
+        [--buckets 2,8,32] -- --sessions 1,8,16,32 --seconds 20 --chunk-seconds 2.0 \\
+        --json out.json
 
 Everything after `--` goes to bench_serve.py (its `--url`, `--variant` and `--wait-ready`
 are set here). This is how serving is measured on a GPU box that has JAX but no Ray (the
 device machines; `--random-weights` reads no checkpoint files): one command that fails in
 seconds, with the server's last words, when the server dies while its model compiles,
-where a benchmark started beside it would wait out its whole timeout.
+where a benchmark started beside it would wait out its whole timeout. `--buckets` serves
+the variant with other batch buckets than the config's (each is a compile of about 50 s
+cold for mrt2_base on a GPU: a short lease measures with fewer).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,24 +47,62 @@ def stop(process: subprocess.Popen, grace_s: float = 60.0) -> None:
             process.wait()
 
 
+def with_buckets(config: pathlib.Path, variant: str, buckets: str, folder: str) -> pathlib.Path:
+    """A copy of `config` (written in `folder`) whose first application serves `variant`
+    with `buckets` ("2,8,32") and as many sessions as the largest holds (a replica serves
+    no more sessions than its largest bucket)."""
+    try:
+        sizes = sorted({int(b) for b in buckets.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise SystemExit(f"bench_local: --buckets: comma-separated batch sizes, got {buckets!r}")
+    document = yaml.safe_load(config.read_text())
+    variants = document["applications"][0]["args"]["variants"]
+    entry = next((v for v in variants if v.get("name") == variant), None)
+    if entry is None:
+        names = [v.get("name") for v in variants]
+        raise SystemExit(f"bench_local: --variant: {variant!r} is not among {names}")
+    entry["buckets"], entry["max_sessions"] = sizes, sizes[-1]
+    copy = pathlib.Path(folder) / config.name
+    copy.write_text(yaml.safe_dump(document, sort_keys=False))
+    return copy
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        usage="%(prog)s [CONFIG] [--variant NAME] [--random-weights] -- BENCH_SERVE_ARGS")
+        usage="%(prog)s [CONFIG] [--variant NAME] [--random-weights] [--buckets N,N,...] "
+              "-- BENCH_SERVE_ARGS")
     parser.add_argument("config", nargs="?", type=pathlib.Path,
                         default=ROOT / "configs/tiny.yaml")
     parser.add_argument("--variant", default=None,
                         help="the config's variant to serve and measure (default: the "
                              "config's default variant, every variant served)")
     parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--buckets", default=None, metavar="N,N,...",
+                        help="the variant's batch buckets instead of the config's, and "
+                             "the largest as its max_sessions (needs --variant)")
     parser.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
                         metavar="SECONDS")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, bench_args = parser.parse_args(argv[:split]), argv[split + 1:]
+    if args.buckets and not args.variant:
+        parser.error("--buckets needs --variant (the variant whose buckets it sets)")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = args.config.resolve()
+        if args.buckets:
+            config = with_buckets(config, args.variant, args.buckets, tmp)
+        return serve_and_bench(config, args, bench_args)
 
+
+def serve_and_bench(config: pathlib.Path, args: argparse.Namespace,
+                    bench_args: list[str]) -> int:
+    """Starts the server on `config`, benchmarks it once ready, stops it; the benchmark's
+    exit status, or 1 when the server died first."""
     port = free_port()
-    server_cmd = [sys.executable, "-m", "serve_app.cli", "local", str(args.config.resolve()),
+    server_cmd = [sys.executable, "-m", "serve_app.cli", "local", str(config),
                   "--host", "127.0.0.1", "--port", str(port)]
     if args.variant:
         server_cmd += ["--variant", args.variant]

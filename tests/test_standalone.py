@@ -184,15 +184,16 @@ def test_bench_local_serves_one_variant_of_a_config_and_measures_it(tiny_repo, t
     missing, so serving it too would fail its boot."""
     args = {"variants": [{"name": "broken", "variant": "tiny",
                           "repo": str(tmp_path / "no-such-repo")},
-                         tiny_config(tiny_repo, max_sessions=1, buckets=(1,))["variants"][0]],
+                         tiny_config(tiny_repo, max_sessions=2, buckets=(1, 2))["variants"][0]],
             "default_variant": "broken"}
     config = write_config(tmp_path / "two.yaml", args, free_port())
     report = tmp_path / "bench.json"
-    done = bench_local(config, "--variant", "tiny", "--", "--sessions", "1", "--seconds",
-                       "1", "--chunk-seconds", "0.2", "--json", str(report))
+    done = bench_local(config, "--variant", "tiny", "--buckets", "1", "--", "--sessions",
+                       "1", "--seconds", "1", "--chunk-seconds", "0.2", "--json", str(report))
     assert done.returncode == 0, done.stderr
     assert "serving tiny (" in done.stderr and "broken" not in done.stderr
     assert "generator tiny: ready after" in done.stderr
+    assert "compiling 1 batch buckets [1]" in done.stderr  # --buckets, not the config's
     assert done.stderr.rstrip().endswith("mrt-serve local: stopped")  # stopped after
     bench = json.loads(report.read_text())
     assert bench["variant"] == "tiny" and bench["max_sessions_zero_underruns"] == 1
@@ -204,6 +205,17 @@ def test_bench_local_serves_one_variant_of_a_config_and_measures_it(tiny_repo, t
     assert failed.returncode == 1
     assert "--wait-ready: broken failed to start" in failed.stderr
     assert "no-such-repo" in failed.stderr
+
+
+def test_bench_local_names_what_is_wrong_with_its_buckets(tmp_path):
+    config = write_config(tmp_path / "one.yaml", {"variants": [{"name": "tiny"}]}, free_port())
+    for args, reason in [(["--buckets", "2"], "--buckets needs --variant"),
+                         (["--variant", "tiny", "--buckets", "2,x"],
+                          "--buckets: comma-separated batch sizes, got '2,x'"),
+                         (["--variant", "nope", "--buckets", "2"],
+                          "--variant: 'nope' is not among ['tiny']")]:
+        refused = bench_local(config, *args, "--", "--json", str(tmp_path / "b.json"))
+        assert refused.returncode != 0 and reason in refused.stderr, refused.stderr
 
 
 def test_bench_local_fails_fast_when_the_server_dies(tmp_path):
