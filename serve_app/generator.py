@@ -337,7 +337,9 @@ class GeneratorCore:
     def _run(self) -> None:
         """The step loop, pipelined one step deep: step k+1 is dispatched before step k's
         audio is fetched and delivered, so the device computes while the host hands out
-        chunks. Joins, leaves and switches happen between iterations, under the lock."""
+        chunks; on a CPU host, not when step k completes chunks realtime clients wait for
+        (replies first). Joins, leaves and switches happen between iterations, under the
+        lock."""
         pending: PendingStep | None = None
         while not self._stopping:
             try:
