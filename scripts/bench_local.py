@@ -31,6 +31,7 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve_app.config import read_config_file  # noqa: E402
 from serve_app.ports import free_port  # noqa: E402
 
 READY_TIMEOUT_S = 1800.0  # a cold mrt2_base replica compiles 5 buckets in 4-5 min
@@ -48,7 +49,7 @@ def stop(process: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 
 def with_buckets(config: pathlib.Path, variant: str, buckets: str, folder: str) -> pathlib.Path:
-    """A copy of `config` (written in `folder`) whose first application serves `variant`
+    """A copy of `config`'s first application (written in `folder`) that serves `variant`
     with `buckets` ("2,8,32") and as many sessions as the largest holds (a replica serves
     no more sessions than its largest bucket)."""
     try:
@@ -57,15 +58,21 @@ def with_buckets(config: pathlib.Path, variant: str, buckets: str, folder: str) 
         sizes = []
     if not sizes or sizes[0] < 1:
         raise SystemExit(f"bench_local: --buckets: comma-separated batch sizes, got {buckets!r}")
-    document = yaml.safe_load(config.read_text())
-    variants = document["applications"][0]["args"]["variants"]
+    try:  # the application and file checks `mrt-serve local` makes, with its messages
+        args, http = read_config_file(config)
+    except ValueError as e:
+        raise SystemExit(f"bench_local: {e}") from None
+    variants = args.get("variants") or []
     entry = next((v for v in variants if v.get("name") == variant), None)
     if entry is None:
         names = [v.get("name") for v in variants]
         raise SystemExit(f"bench_local: --variant: {variant!r} is not among {names}")
     entry["buckets"], entry["max_sessions"] = sizes, sizes[-1]
     copy = pathlib.Path(folder) / config.name
-    copy.write_text(yaml.safe_dump(document, sort_keys=False))
+    # all `mrt-serve local` reads: the application's args and the file's http_options
+    copy.write_text(yaml.safe_dump({"http_options": http,
+                                    "applications": [{"name": "bench", "args": args}]},
+                                   sort_keys=False))
     return copy
 
 
