@@ -14,7 +14,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from serve_app.config import VariantConfig, load_app_config
+from serve_app.config import AppConfig, VariantConfig, load_app_config
 
 from .generator import Generator
 from .ingress import Ingress
@@ -97,16 +97,17 @@ def generator_options(v: VariantConfig, placement: Placement) -> dict:
     return options
 
 
-def _generator(v: VariantConfig, placement: Placement):
+def _generator(config: AppConfig, v: VariantConfig, placement: Placement):
     options = generator_options(v, placement)
-    return Generator.options(**options).bind(v.name, v.model_variant, v.core_options())
+    return Generator.options(**options).bind(v.name, v.model_variant,
+                                             config.generator_options(v))
 
 
 def build_app(args: dict) -> serve.Application:
     config = load_app_config(args)
     placements = (fit_to_cluster(config, _cluster_nodes()) if config.fit_to_cluster
                   else as_configured(config))
-    generators = {v.name: _generator(v, placements[v.name]) for v in config.variants}
+    generators = {v.name: _generator(config, v, placements[v.name]) for v in config.variants}
     styles = StyleEmbedder.options(
         ray_actor_options={"num_cpus": STYLE_EMBEDDER_CPUS,
                            "runtime_env": {"env_vars": CPU_ENV}},

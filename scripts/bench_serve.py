@@ -390,14 +390,16 @@ def main() -> int:
               file=sys.stderr, flush=True)
     # Where the generator computes (JAX's device, from /health): a figure taken on a GPU
     # box from a server that fell back to CPU must not pass for a GPU figure.
-    device = (variant_entry(health, args.variant) or {}).get("device")
-    print(f"  generator device: {device or 'unknown'}", file=sys.stderr, flush=True)
+    entry = variant_entry(health, args.variant) or {}
+    device, random_weights = entry.get("device"), entry.get("random_weights")
+    print(f"  generator device: {device or 'unknown'}"
+          f"{', random weights' if random_weights else ''}", file=sys.stderr, flush=True)
     report = {"url": url, "seconds": args.seconds, "chunk_seconds": args.chunk_seconds,
               "variant": args.variant, "audio": args.audio, "staggered": args.stagger,
               "mode": "bar" if loop else "rt", "loop_seconds": args.loop_seconds,
               "bpm": args.bpm if loop else None,
               "bars_per_chunk": loop.bars_per_chunk if loop else None,
-              "device": device, "runs": []}
+              "device": device, "random_weights": random_weights, "runs": []}
     print(f"{'sessions':>8} {'underruns':>9} {'failed':>6} {'ttfa ms':>8} {'update ms':>9} "
           f"{'overhead ms':>11} {'step ms':>7} {'rows':>5} {'steps > ' + FRAME_MS + ' ms':>13} "
           f"{'handout ms':>10}",

@@ -3,7 +3,12 @@
 (`scripts/bench_local.py`, docs/performance.md): the distributions that the one-process server
 and bench_serve.py import, less those the device image already holds.
 
-    .venv/bin/python scripts/device_wheels.py [--out .whl] [--python-version 3.12]
+    .venv/bin/python scripts/device_wheels.py [--out .whl] [--python-version 3.12] [--ray]
+
+`--ray` also writes `.whl-ray/`: what serving through Ray (`bench_local.py --ray`) imports
+beyond that, Ray itself in a slimmed wheel (below). Each folder fits one call's 64 MiB, so a
+lease carries `.whl-ray` in a first call and `.whl` in a second to the still-warm machine,
+which keeps the first call's files.
 
 What is imported is found by running that path here on `tiny` (random weights, 1 session,
 2 s): every Python process of it writes the modules it loaded when it exits, and each
@@ -24,53 +29,75 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import zipfile
 
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The device image's packages, which are not carried (one per line; `#` starts a comment).
 DEVICE_PACKAGES = pathlib.Path(__file__).with_name("device_image_packages.txt")
 OURS = "mrt-serve"
+# Left out of Ray's wheel, which (79 MB) would not fit a call: the Java workers' jar (31 MB
+# compressed) and the dashboard's JavaScript source map; a Python-only cluster loads neither.
+RAY_LEFT_OUT = ("ray/jars/", ".js.map")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 
-# Written as sitecustomize.py on the traced processes' path: at exit, each appends the
-# files of the modules it loaded to $MRT_TRACE_IMPORTS (one JSON list a line). Files, not
-# names: a namespace package ("google", "opentelemetry") spans several distributions.
+# Written as sitecustomize.py on the traced processes' path: each writes the files of the
+# modules it has loaded to $MRT_TRACE_IMPORTS/<pid>.json every half second and at exit (Ray
+# kills its dashboard and agents at shutdown: an exit hook alone would miss them). Files,
+# not names: a namespace package ("google", "opentelemetry") spans several distributions.
 TRACER = """
-import atexit, json, os, sys
+import atexit, json, os, sys, threading, time
 
 def _dump():
     files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
-    with open(os.environ["MRT_TRACE_IMPORTS"], "a") as f:
-        f.write(json.dumps(sorted(os.path.realpath(p) for p in files if p)) + "\\n")
+    path = os.path.join(os.environ["MRT_TRACE_IMPORTS"], f"{os.getpid()}.json")
+    part = f"{path}.{threading.get_ident()}"  # the exit hook and the thread may overlap
+    with open(part, "w") as f:
+        json.dump(sorted(os.path.realpath(p) for p in files if isinstance(p, str)), f)
+    os.replace(part, path)
+
+def _every_half_second():
+    while True:
+        time.sleep(0.5)
+        try:
+            _dump()
+        except Exception:
+            pass
 
 atexit.register(_dump)
+threading.Thread(target=_every_half_second, daemon=True).start()
 """
 
 
-def imported_files() -> set[str]:
-    """The files of the modules loaded by the one-process server and bench_serve.py, serving
-    tiny for 2 s (the device command's path, on a smaller model)."""
+def imported_files(through_ray: bool = False) -> set[str]:
+    """The files of the modules loaded by the one-process server (or, `through_ray`, the
+    Serve graph's processes: driver, controller, proxy, replicas) and bench_serve.py,
+    serving tiny for 2 s (the device command's path, on a smaller model)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = pathlib.Path(tmp)
         (tmp_path / "sitecustomize.py").write_text(TRACER)
-        trace = tmp_path / "imports.jsonl"
+        trace = tmp_path / "imports"
+        trace.mkdir()
         env = {**os.environ, "MRT_TRACE_IMPORTS": str(trace), "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")]))}
-        print("==> serving tiny for 2 s to see what is imported ...", file=sys.stderr,
+        how = "through Ray" if through_ray else "in one process"
+        print(f"==> serving tiny {how} for 2 s to see what is imported ...", file=sys.stderr,
               flush=True)
         subprocess.run(
             [sys.executable, str(ROOT / "scripts/bench_local.py"), "configs/tiny.yaml",
-             "--variant", "tiny", "--random-weights", "--", "--sessions", "1", "--seconds",
-             "2", "--chunk-seconds", "0.5", "--json", str(tmp_path / "bench.json")],
+             "--variant", "tiny", "--random-weights", *(["--ray"] if through_ray else []),
+             "--", "--sessions", "1", "--seconds", "2", "--chunk-seconds", "0.5", "--json",
+             str(tmp_path / "bench.json")],
             cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if through_ray else None,
         )
-        lines = trace.read_text().splitlines()
-    if len(lines) < 3:  # bench_local, the server, bench_serve
-        raise SystemExit(f"device_wheels: expected 3 traced processes, got {len(lines)}")
-    return {path for line in lines for path in json.loads(line)}
+        dumps = [json.loads(f.read_text()) for f in trace.glob("*.json")]
+    if len(dumps) < 3:  # bench_local, the server, bench_serve
+        raise SystemExit(f"device_wheels: expected 3 traced processes, got {len(dumps)}")
+    return {path for dump in dumps for path in dump}
 
 
 def needed_distributions(files: set[str]) -> dict[str, str]:
@@ -104,19 +131,57 @@ def download(needed: dict[str, str], out: pathlib.Path, python_version: str) -> 
     )
 
 
+def slimmed(wheel: pathlib.Path, left_out: tuple[str, ...] = RAY_LEFT_OUT) -> None:
+    """Rewrites `wheel` without the files whose names start or end with one of
+    `left_out`, and without their lines in its RECORD (the list of the wheel's files
+    that pip installs from)."""
+    def kept(name: str) -> bool:
+        return not any(name.startswith(x) or name.endswith(x) for x in left_out)
+
+    slim = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(
+            slim, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for info in src.infolist():
+            if not kept(info.filename):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(line for line in data.splitlines(keepends=True)
+                                if kept(line.split(b",", 1)[0].decode()))
+            dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    slim.replace(wheel)
+
+
+def report(out: pathlib.Path) -> None:
+    wheels = sorted(out.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels) / 2**20
+    print(f"{len(wheels)} wheels, {size:.1f} MiB in {out} (a call carries 64 MiB with the "
+          "working tree)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / ".whl")
     parser.add_argument("--python-version", default="3.12", help="the device's Python")
+    parser.add_argument("--ray", action="store_true",
+                        help="also write OUT-ray/: what serving through Ray adds")
     args = parser.parse_args()
     needed = needed_distributions(imported_files())
     print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in needed.items()),
           file=sys.stderr, flush=True)
     download(needed, args.out, args.python_version)
-    wheels = sorted(args.out.glob("*.whl"))
-    size = sum(w.stat().st_size for w in wheels) / 2**20
-    print(f"{len(wheels)} wheels, {size:.1f} MiB in {args.out} (carry limit 64 MiB with the "
-          "working tree)")
+    report(args.out)
+    if args.ray:
+        ray_out = args.out.with_name(args.out.name + "-ray")
+        added = {n: v for n, v in needed_distributions(imported_files(through_ray=True)).items()
+                 if n not in needed}
+        print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in added.items()),
+              file=sys.stderr, flush=True)
+        download(added, ray_out, args.python_version)
+        for wheel in ray_out.glob("*.whl"):
+            if parse_wheel_filename(wheel.name)[0] == "ray":
+                slimmed(wheel)
+        report(ray_out)
     return 0
 
 

@@ -57,7 +57,8 @@ class VariantConfig(BaseModel):
         return self.variant or self.name
 
     def core_options(self) -> dict:
-        """Keyword arguments of this variant's GeneratorCore, wherever it runs."""
+        """This variant's own keyword arguments of its GeneratorCore (the app's are added
+        by `AppConfig.generator_options`)."""
         options = {
             "repo": self.repo, "step": self.step, "max_sessions": self.max_sessions,
             "compute_dtype": self.compute_dtype,
@@ -79,6 +80,11 @@ class AppConfig(BaseModel):
     # Ask Ray for the generators' CPUs and GPUs as the cluster can place them when the app
     # is built (deployments/placement.py); false on a cluster that adds nodes on demand.
     fit_to_cluster: bool = True
+    # Benchmarks only: every variant starts with random weights (seed 0) and style
+    # embeddings are mocked, so no checkpoint or MusicCoCa file is read (a GPU box with
+    # no Hub access; speed does not depend on weight values). `mrt-serve local
+    # --random-weights` sets it.
+    random_weights: bool = False
 
     @property
     def api_config(self) -> dict:
@@ -89,9 +95,17 @@ class AppConfig(BaseModel):
     @property
     def style_mock(self) -> bool:
         """Mock style embeddings unless told otherwise when only `tiny` is served (it has
-        no MusicCoCa of its own); real MusicCoCa for real models."""
-        return self.style_embedder.get(
+        no MusicCoCa of its own); real MusicCoCa for real models; always mock with
+        random weights."""
+        return self.random_weights or self.style_embedder.get(
             "mock", all(v.model_variant == "tiny" for v in self.variants))
+
+    def generator_options(self, v: VariantConfig) -> dict:
+        """Keyword arguments of variant `v`'s GeneratorCore, wherever it runs."""
+        options = v.core_options()
+        if self.random_weights:
+            options["random_weights_seed"] = 0
+        return options
 
 
 def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ, *,

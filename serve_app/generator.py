@@ -184,6 +184,7 @@ class GeneratorCore:
         metrics: GeneratorMetrics | None = None,
         selection_poll_seconds: float = SELECTION_POLL_SECONDS,
         idle_seconds: float = IDLE_SESSION_SECONDS,
+        random_weights_seed: int | None = None,
     ) -> None:
         self.name = name or variant
         self.idle_seconds = idle_seconds
@@ -191,6 +192,8 @@ class GeneratorCore:
         self.max_sessions = max_sessions
         self.buckets = tuple(buckets or DEFAULT_BUCKETS)
         self.compute_dtype = compute_dtype
+        # benchmarks: boot on random weights, whatever model was selected before
+        self.random_weights_seed = random_weights_seed
         self.boot_selection = ModelSelection(variant, repo, step)
         self.selection = self.boot_selection
         self.generation = 0  # of the stored selection this replica serves
@@ -252,7 +255,8 @@ class GeneratorCore:
             # still says where it tried
             self.device = device_name()
             self._replies_first = steps_share_the_host()
-            record = None if loaded is not None else self._stored()
+            random = self.random_weights_seed is not None
+            record = None if loaded is not None or random else self._stored()
             if record is not None:
                 try:
                     progress.info("generator %s: loading the selected model, %s, on %s",
@@ -264,9 +268,12 @@ class GeneratorCore:
                               "serving the boot default", self.name, e)
                     self.generation = record.generation
             if loaded is None:
-                progress.info("generator %s: loading %s on %s", self.name,
-                              self.boot_selection.label(), self.device)
-                loaded = self._load(self.boot_selection)
+                what = (f"{self.variant} with random weights" if random
+                        else self.boot_selection.label())
+                progress.info("generator %s: loading %s on %s", self.name, what, self.device)
+                loaded = (load_model(self.variant, random_weights_seed=self.random_weights_seed,
+                                     compute_dtype=self.compute_dtype) if random
+                          else self._load(self.boot_selection))
             self.loaded = loaded
             self.engine = self._make_engine(loaded, on_bucket=self.warmed.append)
             self.encoder = build_loop_encoder(loaded, self.name)
@@ -805,6 +812,9 @@ class GeneratorCore:
                 "state": self.state,
                 "error": self.error,
                 "device": self.device,
+                # a benchmark's figures on random weights say so (speed is the same)
+                "random_weights": bool(self.loaded and self.loaded.random_weights_seed
+                                       is not None),
                 "sessions": len(self._jams),
                 "max_sessions": self.max_sessions,
                 "compiled_buckets": list(self.warmed),

@@ -28,32 +28,19 @@ from fastapi import FastAPI
 from .api.app import create_app
 from .api.settings import ApiSettings
 from .config import AppConfig, load_app_config, read_config_file
-from .engine import load_model
 from .generator import GeneratorCore
 from .styles.service import StyleEmbedderCore
 
 
-def build_generators(config: AppConfig, *, random_weights: bool = False
-                     ) -> dict[str, GeneratorCore]:
-    """One GeneratorCore per variant, each loading and compiling in its own thread.
-    `random_weights` skips checkpoints (benchmarks: speed does not depend on weights)."""
-    cores = {}
-    for v in config.variants:
-        options = v.core_options()
-        loaded = None
-        if random_weights:
-            loaded = load_model(v.model_variant, random_weights_seed=0,
-                                compute_dtype=v.compute_dtype)
-        cores[v.name] = GeneratorCore(v.model_variant, name=v.name, loaded=loaded, **options)
-    return cores
+def build_generators(config: AppConfig) -> dict[str, GeneratorCore]:
+    """One GeneratorCore per variant, each loading and compiling in its own thread."""
+    return {v.name: GeneratorCore(v.model_variant, name=v.name, **config.generator_options(v))
+            for v in config.variants}
 
 
-def build_app(config: AppConfig, generators: dict[str, GeneratorCore], *,
-              random_weights: bool = False) -> FastAPI:
-    """The API over in-process generators; with `random_weights` no MusicCoCa files are
-    read either (mock style embeddings)."""
-    styles = StyleEmbedderCore(config.style_mock or random_weights,
-                               config.style_embedder.get("repo"))
+def build_app(config: AppConfig, generators: dict[str, GeneratorCore]) -> FastAPI:
+    """The API over in-process generators."""
+    styles = StyleEmbedderCore(config.style_mock, config.style_embedder.get("repo"))
     return create_app(generators, styles, ApiSettings.from_config(config.api_config))
 
 
@@ -86,17 +73,18 @@ def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
 
     args, http = read_config_file(config_path, app_name)
     config = load_app_config(args, only=variants)
+    config.random_weights = config.random_weights or random_weights
     host = host or http.get("host", "127.0.0.1")
     port = port if port is not None else int(http.get("port", 8000))
     generators: dict[str, GeneratorCore] = {}
     with _sigterm_exits():
         try:
-            if random_weights:
+            if config.random_weights:
                 print("mrt-serve local: random weights, no checkpoint files: initialising "
                       f"{', '.join(v.model_variant for v in config.variants)} ...",
                       file=sys.stderr, flush=True)
-            generators = build_generators(config, random_weights=random_weights)
-            app = build_app(config, generators, random_weights=random_weights)
+            generators = build_generators(config)
+            app = build_app(config, generators)
             print(f"mrt-serve local: http://{host}:{port} serving {', '.join(generators)} "
                   "(/health shows readiness)", file=sys.stderr, flush=True)
             # PCM does not compress: no permessage-deflate (deployments/proxy.py does the

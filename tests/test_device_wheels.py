@@ -41,3 +41,42 @@ def test_a_namespace_package_brings_only_the_distribution_that_was_loaded():
     """`google` is shared by protobuf (on the image) and, here, Google's cloud clients: a
     file of protobuf's brings none of them."""
     assert device_wheels.needed_distributions(files(google.protobuf)) == {}
+
+
+def test_a_slimmed_wheel_installs_without_what_was_left_out(tmp_path):
+    """Ray's wheel is carried without its Java jar: the files go, and so do their lines in
+    the RECORD pip installs from; everything else is kept byte for byte."""
+    import subprocess
+    import sys
+    import zipfile
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    files = {"demo/__init__.py": b"VALUE = 1\n", "demo/jars/big.jar": b"\0" * 4096,
+             "demo/ui/main.js.map": b"{}", "demo/ui/main.js": b"x"}
+    record = "".join(f"{name},,\n" for name in [*files, "demo-1.0.dist-info/METADATA",
+                                                   "demo-1.0.dist-info/WHEEL",
+                                                   "demo-1.0.dist-info/RECORD"])
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("demo-1.0.dist-info/METADATA",
+                   "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n")
+        z.writestr("demo-1.0.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("demo-1.0.dist-info/RECORD", record)
+
+    device_wheels.slimmed(wheel, left_out=("demo/jars/", ".js.map"))
+
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        kept_record = z.read("demo-1.0.dist-info/RECORD").decode()
+        assert z.read("demo/__init__.py") == files["demo/__init__.py"]
+    assert "demo/jars/big.jar" not in names and "demo/ui/main.js.map" not in names
+    assert {"demo/__init__.py", "demo/ui/main.js"} <= names
+    assert "jars" not in kept_record and ".js.map" not in kept_record
+    assert "demo/ui/main.js," in kept_record
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--target", str(target), str(wheel)], check=True)
+    assert (target / "demo/__init__.py").read_text() == "VALUE = 1\n"
+    assert not (target / "demo/jars").exists()

@@ -107,9 +107,9 @@ def test_a_config_it_cannot_serve_is_refused_naming_the_field(tmp_path, args, er
 
 
 @contextlib.contextmanager
-def generators(config, **options):
+def generators(config):
     """build_generators' cores, their step loops stopped after."""
-    cores = build_generators(config, **options)
+    cores = build_generators(config)
     try:
         yield cores
     finally:
@@ -128,11 +128,14 @@ def test_random_weights_read_no_checkpoint_files(tmp_path):
                               "style_embedder": {"mock": False, "repo": str(missing)}})
     with generators(config) as cores:
         assert wait_for_boot(cores["tiny"]) == "error" and "no-such-repo" in cores["tiny"].error
-    with generators(config, random_weights=True) as cores:
+    assert cores["tiny"].random_weights_seed is None
+    config.random_weights = True  # what `mrt-serve local --random-weights` sets
+    with generators(config) as cores:
         wait_until_ready(cores["tiny"])
-        with TestClient(build_app(config, cores, random_weights=True)) as http:
+        with TestClient(build_app(config, cores)) as http:
             health = http.get("/health").json()
             assert health["status"] == "ready" and health["styles"]["mock"]
+            assert health["variants"]["tiny"]["random_weights"]
             render = http.post("/generate_style", data={"styles": "ambient", "bpm": 240,
                                                         "bars": 1, "seed": 1})
             assert render.status_code == 200, render.text
@@ -205,6 +208,34 @@ def test_bench_local_serves_one_variant_of_a_config_and_measures_it(tiny_repo, t
     assert failed.returncode == 1
     assert "--wait-ready: broken failed to start" in failed.stderr
     assert "no-such-repo" in failed.stderr
+
+
+def test_bench_local_through_ray_serves_the_graph_on_random_weights(tmp_path):
+    """What a GPU box with Ray carried runs: `serve run` of one variant of a config on a Ray
+    instance of its own, random weights (its repo is not there, nor MusicCoCa), the
+    config's buckets replaced; the benchmark measures it through Serve's proxy and ingress,
+    and the Ray instance is gone after."""
+    missing = str(tmp_path / "no-such-repo")
+    args = {"variants": [{"name": "other", "variant": "tiny", "repo": missing},
+                         {"name": "tiny", "repo": missing, "max_sessions": 4,
+                          "buckets": [1, 2, 4], "num_cpus": 1}],
+            "default_variant": "other", "ab_split": {"other": 1, "tiny": 1},
+            "style_embedder": {"mock": False, "repo": missing}}
+    config = write_config(tmp_path / "two.yaml", args, free_port())
+    report = tmp_path / "bench.json"
+    done = bench_local(config, "--variant", "tiny", "--buckets", "1,2", "--random-weights",
+                       "--ray", "--", "--sessions", "1", "--seconds", "1",
+                       "--chunk-seconds", "0.2", "--json", str(report))
+    assert done.returncode == 0, done.stderr
+    assert "Started a local Ray instance" in done.stderr
+    assert "generator tiny: loading tiny with random weights" in done.stderr
+    assert "compiling 2 batch buckets [1, 2]" in done.stderr and "other" not in done.stderr
+    bench = json.loads(report.read_text())
+    assert bench["variant"] == "tiny" and bench["random_weights"] is True
+    assert bench["max_sessions_zero_underruns"] == 1
+    assert bench["runs"][0]["generator_steps"]["replicas"] != ["local"]  # a Serve replica
+    # `serve run` stopped Serve and its Ray on the SIGINT, not killed at the grace's end
+    assert "Got KeyboardInterrupt, shutting down" in done.stdout + done.stderr
 
 
 def test_bench_local_names_what_is_wrong_with_its_buckets(tmp_path):
