@@ -3,6 +3,7 @@
 
     scripts/bench_engine.py --variant mrt2_small --batch 1,2,4,8 --json out.json \\
         [--compare-upstream] [--breakdown] [--frames 30] [--compute-dtype auto|float32|bfloat16]
+        [--wide-weights] [--untuned]
 
 Random weights (speed does not depend on their values). Each row times whole
 engine steps as a server runs them: conditioning for every session, one batched
@@ -10,6 +11,8 @@ jitted step, audio back on the host; `dispatch_ms` is the part of it before
 `BatchedEngine.dispatch` returns (inputs built, the call into JAX).
 `--compare-upstream` times magenta_rt's own `MagentaRT2System` streaming step
 (batch 1) on the same weights in the same run.
+`--wide-weights` keeps the weights as loaded (float32) where the step computes in
+bfloat16, instead of storing those it only converts converted (before/after).
 `--breakdown` also times the step's two halves alone at each batch size (the
 depthformer that samples the frame's 12 codes, and the codec decoder that turns
 them into audio): the profile that says which one limits a batch. With XLA's
@@ -123,7 +126,7 @@ def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> di
     def jitted(method, *example):
         fn, layout = cpu_tuning.tune(
             lambda p, x, s: sampler.apply(p, x, s, constants, method=method),
-            params, *example, enabled=model.tune_for_cpu,
+            params, *example, enabled=model.tune_for_cpu, narrow=model.narrow_weights,
         )
         weights = layout.prepare(params)
         step = jax.jit(fn).lower(weights, *example).compile()
@@ -225,6 +228,9 @@ def main() -> int:
                         help="also time the depthformer and the codec decoder alone")
     parser.add_argument("--untuned", action="store_true",
                         help="the step as traced, without the CPU rewrites (before/after)")
+    parser.add_argument("--wide-weights", action="store_true",
+                        help="weights as loaded (float32), not stored in the dtype a "
+                             "bfloat16 step converts them to (before/after)")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
     logs.configure()
@@ -232,10 +238,12 @@ def main() -> int:
     batches = [int(b) for b in args.batch.split(",")]
     print(f"loading {args.variant} with random weights on {device_name()} ...", flush=True)
     loaded = load_model(args.variant, random_weights_seed=0, compute_dtype=args.compute_dtype)
-    if args.untuned:
+    if args.untuned or args.wide_weights:
         model = loaded.model
         loaded = dataclasses.replace(loaded, model=StreamingModel(
-            model.variant, model.sampler, model.params, tune_for_cpu=False))
+            model.variant, model.sampler, model.params,
+            tune_for_cpu=model.tune_for_cpu and not args.untuned,
+            narrow_weights=not args.wide_weights))
     tuned = loaded.model.tune_for_cpu
     dtype = jnp.dtype(loaded.model.sampler.cfg.depthformer.encoder.compute_dtype).name
     results = []
@@ -251,6 +259,11 @@ def main() -> int:
         "device": device_name(),
         "compute_dtype": dtype,
         "cpu_tuned": tuned,
+        # weight arrays stored narrowed for the step (weight_layout), and the step's
+        # weight bytes that makes
+        "narrowed_weights": len(loaded.model.layout.casts),
+        "step_weight_gb": round(sum(w.nbytes for w in jax.tree.leaves(loaded.model.weights))
+                                / 1e9, 3),
         "frames_timed": args.frames,
         "results": results,
     }

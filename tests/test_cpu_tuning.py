@@ -9,7 +9,12 @@ import pytest
 from jax import lax
 
 from serve_app.engine.conv_transpose import without_lhs_dilation
-from serve_app.engine.model import StreamingModel, neutral_step_inputs, random_params
+from serve_app.engine.model import (
+    StreamingModel,
+    build_sampler,
+    neutral_step_inputs,
+    random_params,
+)
 from serve_app.engine.weight_layout import WeightLayout
 
 CONVS = [
@@ -70,6 +75,61 @@ def test_layout_stores_weights_the_way_their_dots_read_them():
         jax.jit(lambda p, x: fn(layout.restore(p), x))(prepared, x), fn(w, x))
     with pytest.raises(ValueError, match="weights: tree differs"):
         layout.prepare({"proj": w["proj"]})
+
+
+def test_weights_a_step_only_narrows_are_stored_narrow():
+    """A float32 weight whose every use is a conversion to bfloat16 is stored as
+    bfloat16; one also used as float32, or converted to two dtypes, stays as it is. The
+    compiled step takes the narrow array and converts it no more, with the same result."""
+    rng = np.random.default_rng(0)
+    w = {name: jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)
+         for name in ("narrowed", "also_wide", "two_ways")}
+
+    def fn(p, x):
+        bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+        y = bf(x) @ bf(p["narrowed"]) @ bf(p["narrowed"]).T
+        z = x @ p["also_wide"] + x @ bf(p["also_wide"]).astype(jnp.float32)
+        t = x @ (bf(p["two_ways"]).astype(jnp.float32) + p["two_ways"].astype(jnp.float16))
+        return y.astype(jnp.float32) + z + t
+
+    x = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+    layout = WeightLayout.of(fn, w, x, permute=False)
+    # leaves in key order: also_wide, narrowed, two_ways
+    assert layout.casts == {1: (np.dtype(jnp.bfloat16), np.dtype(np.float32))}
+    assert WeightLayout.of(fn, w, x, permute=False, narrow=False).changes_nothing
+    prepared = layout.prepare(w)
+    assert prepared["narrowed"].dtype == jnp.bfloat16 and prepared["also_wide"] is w["also_wide"]
+    step = jax.jit(lambda p, x: fn(layout.restore(p), x))
+    np.testing.assert_array_equal(step(prepared, x), jax.jit(fn)(w, x))
+
+    def arguments(jitted, *args) -> str:  # the compiled program's parameter types
+        text = jitted.lower(*args).compile().as_text()
+        return text.split("entry_computation_layout={(", 1)[1].split(")", 1)[0]
+
+    assert arguments(jax.jit(fn), w, x).count("f32[4,4]") == 3
+    assert arguments(step, prepared, x).count("f32[4,4]") == 2
+    assert arguments(step, prepared, x).count("bf16[4,4]") == 1
+
+
+def test_a_bfloat16_step_streams_the_same_with_narrow_weights(tiny):
+    """tiny computing in bfloat16 (as accelerators do): most of its float32 weights are
+    stored as bfloat16, the step reads half the bytes, and streams exactly what it
+    streams converting them on every call."""
+    bf16 = build_sampler(tiny.variant, compute_dtype=jnp.bfloat16)
+    narrow = StreamingModel(tiny.variant, bf16, tiny.model.params)
+    wide = StreamingModel(tiny.variant, bf16, tiny.model.params, narrow_weights=False)
+    assert len(narrow.layout.casts) > len(jax.tree.leaves(narrow.params)) / 3
+    assert not wide.layout.casts
+
+    def nbytes(weights) -> int:
+        return sum(w.nbytes for w in jax.tree.leaves(weights))
+
+    assert nbytes(narrow.weights) < 0.6 * nbytes(wide.weights)
+    narrow_audio, narrow_codes = _stream(narrow, 4)
+    audio, codes = _stream(wide, 4)
+    np.testing.assert_array_equal(narrow_codes, codes)
+    assert np.abs(audio).max() > 0
+    np.testing.assert_array_equal(narrow_audio, audio)
 
 
 def _stream(model: StreamingModel, frames: int, seeds=(3, 11)) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,8 @@ pure and batch-size agnostic: `init_state` makes one session's state (batch 1, i
 own seed), `step` advances a batch of states by one frame and returns int16 audio
 and the frame's codes, never the per-layer emits upstream's system returns. `step`
 takes `weights`, the parameters as the step reads them: on CPU some are stored
-transposed and the transposed convolutions are rewritten (`cpu_tuning`).
+transposed and the transposed convolutions are rewritten (`cpu_tuning`); where the
+step computes in bfloat16, the float32 weights it only converts are stored converted.
 
 Teacher forcing (jamming on a loop): upstream's JAX sampler has no forced tokens,
 so `step` takes per-row forced codes. A forced row runs the temporal transformer on
@@ -38,6 +39,7 @@ from .run_once import run_once
 from .sampling import with_fast_sampling
 from .session import CODE_LEVELS
 from .variants import FRAME_SAMPLES, Variant
+from .weight_layout import WeightLayout
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,9 @@ class StreamingModel:
     # Rewrite the step for XLA:CPU (cpu_tuning); None: when JAX's backend is the CPU.
     # After construction it says what was done.
     tune_for_cpu: bool | None = None
+    # Store the weights a bfloat16 step only converts already converted (weight_layout);
+    # False keeps them as loaded (benchmarks' before/after).
+    narrow_weights: bool = True
 
     def __post_init__(self) -> None:
         sampler = self.sampler
@@ -248,15 +253,21 @@ class StreamingModel:
             self.tune_for_cpu = cpu_tuning.wanted()
         example = (*neutral_step_inputs(1), self.init_state(self.params, jnp.uint32(0)))
         tuned, self._layout = cpu_tuning.tune(
-            step, self.params, *example, enabled=self.tune_for_cpu
+            step, self.params, *example, enabled=self.tune_for_cpu,
+            narrow=self.narrow_weights,
         )
         self.weights = self._layout.prepare(self.params)
         # A replica start reads each bucket's step and each run's prefill traced
         # (`exported`); the salt is what their closures hold beyond the arguments.
-        salt = "|".join(map(str, (self.variant.name, self.tune_for_cpu, self._layout.perms,
+        salt = "|".join(map(str, (self.variant.name, self.tune_for_cpu, self._layout.describe(),
                                   _config_text(sampler))))
         self.prefill = exported.jit(prefill, salt=salt, donate_argnums=(3,))
         self.step = exported.jit(tuned, salt=salt, donate_argnums=(7,))
+
+    @property
+    def layout(self) -> WeightLayout:
+        """How `weights` were made from `params` (which are permuted, which narrowed)."""
+        return self._layout
 
     @property
     def frame_samples(self) -> int:
