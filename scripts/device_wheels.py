@@ -5,10 +5,10 @@ and bench_serve.py import, less those the device image already holds.
 
     .venv/bin/python scripts/device_wheels.py [--out .whl] [--python-version 3.12] [--ray]
 
-`--ray` also writes `.whl-ray/`: what serving through Ray (`bench_local.py --ray`) imports
-beyond that, Ray itself in a slimmed wheel (below). Each folder fits one call's 64 MiB, so a
-lease carries `.whl-ray` in a first call and `.whl` in a second to the still-warm machine,
-which keeps the first call's files.
+`--ray` also writes `.whl-ray/`: all that serving through Ray (`bench_local.py --ray`)
+imports, on its own: Ray in a slimmed wheel (`slimmed`) and, in place of `ai_edge_litert`
+(21 MB, which MusicCoCa needs and random weights do not), a stand-in that refuses to run
+(`write_stand_in`), so that the whole fits one call's 64 MiB with the working tree.
 
 What is imported is found by running that path here on `tiny` (random weights, 1 session,
 2 s): every Python process of it writes the modules it loaded when it exits, and each
@@ -41,6 +41,19 @@ OURS = "mrt-serve"
 # Left out of Ray's wheel, which (79 MB) would not fit a call: the Java workers' jar (31 MB
 # compressed) and the dashboard's JavaScript source map; a Python-only cluster loads neither.
 RAY_LEFT_OUT = ("ray/jars/", ".js.map")
+# Carried as a stand-in with Ray (`write_stand_in`): the real one is 21 of `.whl`'s 32 MiB.
+STAND_IN = "ai-edge-litert"
+STAND_IN_INTERPRETER = '''"""Stand-in for ai_edge_litert on a GPU box that serves random weights
+through Ray (scripts/device_wheels.py --ray): importable, so that magenta_rt.musiccoca
+(and its MockMusicCoCa) imports; MusicCoCa itself cannot run."""
+
+
+class Interpreter:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(
+            "ai_edge_litert is a stand-in on this box (scripts/device_wheels.py --ray): "
+            "MusicCoCa cannot run here; serve with random weights and mock styles")
+'''
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 
@@ -152,6 +165,29 @@ def slimmed(wheel: pathlib.Path, left_out: tuple[str, ...] = RAY_LEFT_OUT) -> No
     slim.replace(wheel)
 
 
+def write_stand_in(out: pathlib.Path) -> pathlib.Path:
+    """A wheel of `ai_edge_litert` whose `Interpreter` refuses to run, in place of the real
+    one (21 MB), for which a call carrying Ray has no room: `magenta_rt.musiccoca` imports
+    it where its mock lives too, and a benchmark on random weights uses only the mock."""
+    name = f"{STAND_IN.replace('-', '_')}-0.0.0+stand.in"
+    files = {
+        "ai_edge_litert/__init__.py": '"""Stand-in (scripts/device_wheels.py --ray)."""\n',
+        "ai_edge_litert/interpreter.py": STAND_IN_INTERPRETER,
+        f"{name}.dist-info/METADATA":
+            f"Metadata-Version: 2.1\nName: {STAND_IN}\nVersion: 0.0.0+stand.in\n",
+        f"{name}.dist-info/WHEEL":
+            "Wheel-Version: 1.0\nGenerator: device_wheels\nRoot-Is-Purelib: true\n"
+            "Tag: py3-none-any\n",
+    }
+    record = "".join(f"{path},,\n" for path in [*files, f"{name}.dist-info/RECORD"])
+    wheel = out / f"{name}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{name}.dist-info/RECORD", record)
+    return wheel
+
+
 def report(out: pathlib.Path) -> None:
     wheels = sorted(out.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
@@ -164,7 +200,7 @@ def main() -> int:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / ".whl")
     parser.add_argument("--python-version", default="3.12", help="the device's Python")
     parser.add_argument("--ray", action="store_true",
-                        help="also write OUT-ray/: what serving through Ray adds")
+                        help="also write OUT-ray/: all that serving through Ray needs")
     args = parser.parse_args()
     needed = needed_distributions(imported_files())
     print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in needed.items()),
@@ -173,14 +209,15 @@ def main() -> int:
     report(args.out)
     if args.ray:
         ray_out = args.out.with_name(args.out.name + "-ray")
-        added = {n: v for n, v in needed_distributions(imported_files(through_ray=True)).items()
-                 if n not in needed}
-        print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in added.items()),
+        wanted = {**needed, **needed_distributions(imported_files(through_ray=True))}
+        wanted.pop(STAND_IN, None)
+        print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in wanted.items()),
               file=sys.stderr, flush=True)
-        download(added, ray_out, args.python_version)
+        download(wanted, ray_out, args.python_version)
         for wheel in ray_out.glob("*.whl"):
             if parse_wheel_filename(wheel.name)[0] == "ray":
                 slimmed(wheel)
+        write_stand_in(ray_out)
         report(ray_out)
     return 0
 

@@ -29,7 +29,7 @@ from .audio.bars import BarChunker
 from .audio.loudness import LoudnessMatcher
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
 from .engine.batch import DEFAULT_BUCKETS, PendingStep
-from .engine.device import device_name, steps_share_the_host
+from .engine.device import device_name, on_cpu
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import (
@@ -254,7 +254,7 @@ class GeneratorCore:
             # first, so that a replica whose model fails to load (out of GPU memory, say)
             # still says where it tried
             self.device = device_name()
-            self._replies_first = steps_share_the_host()
+            self._replies_first = on_cpu()  # a step would take the replies' cores
             random = self.random_weights_seed is not None
             record = None if loaded is not None or random else self._stored()
             if record is not None:

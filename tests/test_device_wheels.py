@@ -80,3 +80,23 @@ def test_a_slimmed_wheel_installs_without_what_was_left_out(tmp_path):
                     "--target", str(target), str(wheel)], check=True)
     assert (target / "demo/__init__.py").read_text() == "VALUE = 1\n"
     assert not (target / "demo/jars").exists()
+
+
+def test_the_stand_in_for_litert_imports_and_refuses_to_run(tmp_path):
+    """With Ray, `ai_edge_litert` travels as a stand-in: installed like any wheel, it
+    lets magenta_rt.musiccoca import (its mock is all random weights use), and says
+    what it is if MusicCoCa itself is asked to run."""
+    import subprocess
+    import sys
+
+    wheel = device_wheels.write_stand_in(tmp_path)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--target", str(target), str(wheel)], check=True)
+    probe = ("from ai_edge_litert.interpreter import Interpreter\n"
+             "import importlib.metadata as m; print(m.version('ai-edge-litert'))\n"
+             "Interpreter(model_path='x')\n")
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(target)})
+    assert ran.stdout.strip() == "0.0.0+stand.in"
+    assert "RuntimeError: ai_edge_litert is a stand-in on this box" in ran.stderr

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from ..styles import StyleModel
+from .device import on_cpu
 from .model import CONDITIONING_TOKENS, State, StreamingModel, neutral_step_inputs
 from .session import CODE_LEVELS, Session
 
@@ -46,7 +47,7 @@ def min_rows() -> int:
     session on a GPU therefore shares its step with one throwaway row. On CPU a
     single row is the cheapest step, so it stays 1 there.
     """
-    return 1 if jax.default_backend() == "cpu" else 2
+    return 1 if on_cpu() else 2
 
 
 class CapacityError(RuntimeError):

@@ -15,15 +15,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import jax
-
 from .conv_transpose import without_lhs_dilation
 from .weight_layout import WeightLayout
-
-
-def wanted() -> bool:
-    """Whether steps on JAX's default backend are tuned: on the CPU only."""
-    return jax.default_backend() == "cpu"
 
 
 def tune(

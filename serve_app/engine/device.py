@@ -12,7 +12,8 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
 
 
-def steps_share_the_host() -> bool:
-    """JAX computes on this host's CPU: a step takes the cores that the replies of the
-    chunks before it need (the generator lets those out first)."""
+def on_cpu() -> bool:
+    """JAX computes on this host's CPU. Several choices follow from it: the step's CPU
+    rewrites (`cpu_tuning`), float32 compute (`loader`), 1-row steps (`batch.min_rows`),
+    and replies let out before the next step, which would take their cores (generator)."""
     return jax.default_backend() == "cpu"

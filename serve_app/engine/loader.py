@@ -7,12 +7,11 @@ import logging
 import pathlib
 import time
 
-import jax
-
 from .. import checkpoints
 from ..styles import SteeringAssets, StyleModel
 from . import compile_cache, weights
 from .codec import AudioEncoder
+from .device import on_cpu
 from .model import StreamingModel, build_sampler, expected_param_shapes, random_params
 from .tiny import ensure_tiny_repo
 from .variants import COMPUTE_DTYPES, Variant, get_variant
@@ -53,7 +52,7 @@ def resolve_compute_dtype(variant: Variant, compute_dtype: str = "auto"):
     closer to the trained numerics there.
     """
     if compute_dtype == "auto":
-        return COMPUTE_DTYPES["float32"] if jax.default_backend() == "cpu" else (
+        return COMPUTE_DTYPES["float32"] if on_cpu() else (
             variant.default_compute_dtype()
         )
     try:

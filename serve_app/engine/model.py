@@ -35,6 +35,7 @@ import sequence_layers.jax as sl
 from magenta_rt.jax import system as upstream_system
 
 from . import cpu_tuning, exported
+from .device import on_cpu
 from .run_once import run_once
 from .sampling import with_fast_sampling
 from .session import CODE_LEVELS
@@ -250,7 +251,7 @@ class StreamingModel:
 
         self.init_state = jax.jit(init_state)
         if self.tune_for_cpu is None:
-            self.tune_for_cpu = cpu_tuning.wanted()
+            self.tune_for_cpu = on_cpu()
         example = (*neutral_step_inputs(1), self.init_state(self.params, jnp.uint32(0)))
         tuned, self._layout = cpu_tuning.tune(
             step, self.params, *example, enabled=self.tune_for_cpu,
