@@ -14,10 +14,14 @@ from serve_app.api.settings import ApiSettings
 from serve_app.generator import GeneratorCore
 from serve_app.styles.service import StyleService
 
+from .generator_cores import wait_until_ready
+
 
 @pytest.fixture(scope="module")
 def core(tiny):
+    """Ready before any test uses it: each test of this module may run alone."""
     core = GeneratorCore("tiny", loaded=tiny, max_sessions=2, buckets=(1, 2))
+    wait_until_ready(core)
     yield core
     core.shutdown()
 
@@ -27,19 +31,8 @@ def client(core, tiny, **settings) -> TestClient:
     return TestClient(app)
 
 
-def wait_ready(http):
-    import time
-
-    for _ in range(600):
-        if http.get("/health", headers={"X-API-Key": "k1"}).json()["status"] == "ready":
-            return
-        time.sleep(0.5)
-    raise TimeoutError("generator did not become ready")
-
-
 def test_keys_are_required_on_every_route_when_configured(core, tiny):
     with client(core, tiny, api_keys=["k1"], admin_keys=["root"]) as http:
-        wait_ready(http)
         for method, path in [("get", "/"), ("get", "/ping"), ("get", "/health"),
                              ("get", "/docs"), ("post", "/jam/stop_all")]:
             r = getattr(http, method)(path)
@@ -111,9 +104,6 @@ def test_a_stop_ends_a_waiting_next_chunk_quietly(core, tiny):
     from serve_app.errors import UnknownSession
     from serve_app.generator import JamSpec, StyleSpec
     from serve_app.jam import StreamConfig
-
-    with client(core, tiny) as http:
-        wait_ready(http)
 
     async def scenario():
         spec = JamSpec(style=StyleSpec(), stream=StreamConfig(chunk_frames=50, pace="realtime"))

@@ -141,6 +141,10 @@ def test_corrupt_checkpoint_rolls_back(http, bad_repos):
 
 
 def test_hot_swap_keeps_a_live_session_streaming_on_new_weights(http, core, finetunes, store):
+    # from another model than the one swapped to, whatever the tests before selected
+    r = http.post("/model/select", json={"ckpt_repo": str(finetunes["b"]), "ckpt_step": 200})
+    assert r.status_code == 200, r.text
+    generation = r.json()["generation"]
     old_audio = first_chunk_audio(http, seed=7)
     sid = http.post("/jam/start", data={"chunk_seconds": "0.08", "seed": "3"}).json()[
         "session_id"]
@@ -152,7 +156,7 @@ def test_hot_swap_keeps_a_live_session_streaming_on_new_weights(http, core, fine
     assert r.status_code == 200, r.text
     result = r.json()
     assert result["state"] == "serving" and result["sessions_kept"] == 1
-    assert result["sessions_ended"] == 0 and result["generation"] == 1
+    assert result["sessions_ended"] == 0 and result["generation"] == generation + 1
     chunks += [http.get("/jam/next", params={"session_id": sid}).json()["chunk"]
                for _ in range(3)]
     assert [c["index"] for c in chunks] == list(range(6))
@@ -190,7 +194,10 @@ def test_steering_assets_load_from_another_repo(http, finetunes):
 def test_a_new_replica_serves_the_stored_selection_and_follows_changes(core, store, http,
                                                                          finetunes):
     """A second core on the same store is a restarted (or added) replica."""
+    r = http.post("/model/select", json={"ckpt_repo": str(finetunes["b"]), "ckpt_step": 200})
+    assert r.status_code == 200, r.text  # whatever the tests before this one selected
     selected = store.get("tiny")
+    assert selected.selection.step == 200
     replica = GeneratorCore("tiny", max_sessions=1, buckets=(1,), store=store,
                             selection_poll_seconds=0.2)
     try:
