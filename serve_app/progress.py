@@ -123,6 +123,9 @@ class ProgressBoard:
                 await self._write(request_id, record)
 
         try:
+            # at once: a client polling as soon as it has sent the render learns it has
+            # begun (decoding its loop can take seconds) instead of an unknown request id
+            await set_stage("starting")
             yield set_stage
         except BaseException as e:
             await asyncio.shield(set_stage("error", error=_told(e)))

@@ -43,6 +43,18 @@ def test_a_finished_render_is_readable_until_its_retention_ends():
     asyncio.run(scenario())
 
 
+def test_a_render_is_known_from_the_moment_it_begins():
+    async def scenario():
+        board = ProgressBoard(MemoryProgressStore())
+        async with board.tracking("r1") as set_stage:
+            assert await board.read("r1", {}) == {"n": 0, "total": 0, "percent": 0.0,
+                                                  "stage": "starting"}
+            await set_stage("generating", total=50)
+            assert (await board.read("r1", {}))["stage"] == "generating"
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_render_records_what_the_client_was_told_and_is_forgotten_too():
     async def scenario():
         store = MemoryProgressStore()
