@@ -97,3 +97,38 @@ def test_off_writes_nothing(tmp_path):
                     XDG_CACHE_HOME=str(tmp_path))
     assert "DIR None" in out and "CONFIGURED None" in out, out
     assert list(tmp_path.iterdir()) == []
+
+
+COMPILE_THREE = """
+import jax
+from serve_app.engine import compile_cache
+compile_cache.enable()
+for k in range(3):
+    jax.jit(lambda x, k=k: x * (k + 2) + 1)(jax.numpy.ones(3)).block_until_ready()
+print("LIMIT", jax.config.jax_compilation_cache_max_size)
+"""
+
+
+def test_the_cache_is_kept_under_its_size_limit(tmp_path):
+    cache = tmp_path / "xla"
+    out = run_fresh(COMPILE_THREE, tmp_path, MRT_COMPILE_CACHE=str(cache))
+    assert f"LIMIT {16 * 2**30}" in out, out  # the default
+    entries = {p.name: p.stat().st_size for p in cache.glob("*-cache")}
+    assert len(entries) >= 3, entries
+    limit = max(entries.values()) + 1  # room for any one program, not for all of them
+    small = tmp_path / "small"
+    out = run_fresh(COMPILE_THREE, tmp_path, MRT_COMPILE_CACHE=str(small),
+                    MRT_COMPILE_CACHE_MAX_GB=str(limit / 2**30))
+    assert f"LIMIT {limit}" in out, out
+    kept = [p.stat().st_size for p in small.glob("*-cache")]
+    assert kept and sum(kept) <= limit
+
+
+def test_a_bad_size_limit_is_named(tmp_path):
+    for bad in ("lots", "0", "-2"):
+        done = subprocess.run([sys.executable, "-c", COMPILE_THREE], cwd=tmp_path,
+                              env={**os.environ, "MRT_COMPILE_CACHE": str(tmp_path / "x"),
+                                   "MRT_COMPILE_CACHE_MAX_GB": bad},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        assert f"MRT_COMPILE_CACHE_MAX_GB: a size in GB above 0, got '{bad}'" in done.stderr

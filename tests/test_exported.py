@@ -80,3 +80,22 @@ def test_donated_arguments_are_given_up(compile_cache, from_disk):
     x = jnp.arange(4, dtype=jnp.float32)
     exported.jit(fn, salt="2", donate_argnums=(0,))(x, {"b": jnp.ones(4, jnp.float32)})
     assert x.is_deleted()
+
+
+def test_programs_unused_for_a_month_are_deleted_when_another_is_written(compile_cache):
+    """Each code version writes its own programs; those no process has read for
+    UNUSED_DAYS go, those read lately stay (a read touches them)."""
+    import os
+    import time
+
+    old, used = Traced(2.0), Traced(3.0)
+    exported.jit(old, salt="2")(*ARGS)
+    exported.jit(used, salt="3")(*ARGS)
+    (old_file,), (used_file,) = programs(old.__name__), programs(used.__name__)
+    month_ago = time.time() - (exported.UNUSED_DAYS + 1) * 86400
+    for name in (old_file, used_file):
+        os.utime(exported.directory() / name, (month_ago, month_ago))
+    exported.jit(used, salt="3")(*ARGS)  # read back: in use again
+    assert used.traces == 1
+    exported.jit(Traced(4.0), salt="4")(*ARGS)  # a write prunes
+    assert programs(old.__name__) == [] and programs(used.__name__) == [used_file]

@@ -12,7 +12,11 @@ buckets, state set-up) that each take under a second but add up to 2-3 s of a ti
 replica's 12-15 s start on a 2-core CPU, and a few KB each on disk.
 
 `MRT_COMPILE_CACHE` names the directory (default `~/.cache/mrt-serve/xla`, or under
-`$XDG_CACHE_HOME`); `off` disables it. JAX's own `JAX_COMPILATION_CACHE_DIR`, when
+`$XDG_CACHE_HOME`); `off` disables it. Every code version and config compiles programs
+of its own, so the directory is kept under `MRT_COMPILE_CACHE_MAX_GB` (default 16; a cold
+mrt2_base replica's 5 buckets and forced runs are the largest part): JAX deletes the
+least recently used compiled programs past it (`JAX_COMPILATION_CACHE_MAX_SIZE`, in
+bytes, wins). JAX's own `JAX_COMPILATION_CACHE_DIR`, when
 set, wins. JAX decides whether to use the cache at the first compilation in a
 process, so this must run before any: `load_model` calls it first thing.
 """
@@ -28,11 +32,25 @@ import jax
 log = logging.getLogger(__name__)
 
 ENV = "MRT_COMPILE_CACHE"
+MAX_GB_ENV = "MRT_COMPILE_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 16.0
 
 
 def default_dir() -> pathlib.Path:
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(base) / "mrt-serve" / "xla"
+
+
+def max_bytes() -> int:
+    """The cache's size limit; raises ValueError naming the variable for a bad value."""
+    setting = os.environ.get(MAX_GB_ENV, "").strip()
+    try:
+        gb = float(setting) if setting else DEFAULT_MAX_GB
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        raise ValueError(f"{MAX_GB_ENV}: a size in GB above 0, got {setting!r}")
+    return int(gb * 2**30)
 
 
 def enable() -> pathlib.Path | None:
@@ -49,7 +67,10 @@ def enable() -> pathlib.Path | None:
     except OSError as e:  # a read-only home: compile every time rather than fail
         log.warning("compilation cache disabled: %s is not writable (%s)", path, e)
         return None
+    limit = max_bytes()  # a bad value is an error before anything is configured
     jax.config.update("jax_compilation_cache_dir", str(path))
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # JAX's own wins
+        jax.config.update("jax_compilation_cache_max_size", limit)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     log.debug("XLA compilation cache at %s", path)

@@ -17,10 +17,15 @@ model's config and whatever else its closure holds). A stale program would play 
 music, so anything that changes the trace must change the key; when in doubt the key
 misses and the program is traced and written again. A program that cannot be
 exported or read is traced as usual.
+
+Each code version writes programs of its own, so the directory would grow with every
+deployment: a program read is touched, and one that no process has read or written
+for `UNUSED_DAYS` is deleted when the next program is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -29,6 +34,7 @@ import os
 import pathlib
 import pickle
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +44,7 @@ import magenta_rt
 log = logging.getLogger(__name__)
 
 SUBDIR = "exported"
+UNUSED_DAYS = 30.0
 
 
 def directory() -> pathlib.Path | None:
@@ -78,9 +85,29 @@ def _write(path: pathlib.Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _prune(where: pathlib.Path, unused_days: float = UNUSED_DAYS) -> int:
+    """Deletes the programs not read or written for `unused_days` (their modification
+    time: a read touches it); returns how many. Another process may be pruning too."""
+    cutoff = time.time() - unused_days * 86400
+    pruned = 0
+    for path in where.glob("*.exp"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                pruned += 1
+        except FileNotFoundError:
+            pass
+    if pruned:
+        log.info("deleted %d traced programs unused for %.0f days from %s", pruned,
+                 unused_days, where)
+    return pruned
+
+
 def _load(path: pathlib.Path) -> tuple[jax.export.Exported, Any] | None:
     try:
         exported_bytes, out_tree = pickle.loads(path.read_bytes())
+        with contextlib.suppress(OSError):
+            os.utime(path)  # in use: kept by `_prune`
         return jax.export.deserialize(bytearray(exported_bytes)), out_tree
     except FileNotFoundError:
         return None
@@ -124,6 +151,10 @@ def _program(name: str, fn: Callable[..., Any], salt: str, args: tuple[Any, ...]
         log.warning("program %s not exported (%s); it is traced at each start", name, e)
         return None
     log.debug("exported program %s written to %s", name, path.name)
+    try:
+        _prune(where)
+    except OSError as e:  # a cache on a read-only or flaky volume: keep serving
+        log.warning("unused traced programs not deleted from %s (%s)", where, e)
     return exported, out_tree
 
 
