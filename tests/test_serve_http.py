@@ -103,11 +103,14 @@ def test_progress_answers_from_either_ingress_replica_during_and_after_a_render(
                  for _ in range(8)]
     codes = [code for code, _ in answers]
     assert 200 in codes, answers[-3:]
-    first = codes.index(200)  # a poll before the first stage was written rightly gets 404
+    first = codes.index(200)  # a poll before the render reached an ingress rightly gets 404
     assert set(codes[first:]) == {200}, answers
     generating = [body["n"] for _, body in answers[first:] if body["stage"] == "generating"]
     assert generating and generating == sorted(generating)
-    assert all(body["total"] == 800 for _, body in answers[first:])  # 16 bars x 50 frames
+    begun = [body for _, body in answers[first:] if body["stage"] != "starting"]
+    assert all(body["total"] == 800 for body in begun)  # 16 bars x 50 frames
+    assert all(body == {"n": 0, "total": 0, "percent": 0.0, "stage": "starting"}
+               for _, body in answers[first:] if body["stage"] == "starting")
     assert after == [{"n": 800, "total": 800, "percent": 100.0, "stage": "done"}] * 8
 
 
