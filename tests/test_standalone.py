@@ -238,15 +238,28 @@ def test_bench_local_through_ray_serves_the_graph_on_random_weights(tmp_path):
     assert "Got KeyboardInterrupt, shutting down" in done.stdout + done.stderr
 
 
-def test_bench_local_names_what_is_wrong_with_its_buckets(tmp_path):
+def test_bench_local_names_what_is_wrong_with_its_buckets(tmp_path, monkeypatch, capsys):
+    """Refused before any server starts (in this process: its `main`, as the command
+    line runs it), for either kind of server."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_local", ROOT / "scripts/bench_local.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     config = write_config(tmp_path / "one.yaml", {"variants": [{"name": "tiny"}]}, free_port())
     for args, reason in [(["--buckets", "2"], "--buckets needs --variant"),
                          (["--variant", "tiny", "--buckets", "2,x"],
                           "--buckets: comma-separated batch sizes, got '2,x'"),
                          (["--variant", "nope", "--buckets", "2"],
-                          "--variant: 'nope' is not among ['tiny']")]:
-        refused = bench_local(config, *args, "--", "--json", str(tmp_path / "b.json"))
-        assert refused.returncode != 0 and reason in refused.stderr, refused.stderr
+                          "--variant: 'nope' is not among ['tiny']"),
+                         (["--variant", "nope", "--ray"],
+                          "--variant: 'nope' is not among the config's variants ['tiny']")]:
+        monkeypatch.setattr(sys, "argv", ["bench_local.py", str(config), *args, "--",
+                                          "--json", str(tmp_path / "b.json")])
+        with pytest.raises(SystemExit) as refused:
+            module.main()
+        told = f"{refused.value.code}{capsys.readouterr().err}"
+        assert refused.value.code != 0 and reason in told, told
 
 
 def test_bench_local_fails_fast_when_the_server_dies(tmp_path):
