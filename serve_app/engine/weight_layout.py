@@ -96,7 +96,8 @@ def _narrowing_casts(jaxpr: core.Jaxpr, weights: list[core.Var]) -> dict[int, Ca
 
 @dataclasses.dataclass(frozen=True)
 class WeightLayout:
-    """Which weights are stored permuted, and how; the tree structure they live in."""
+    """Which weights are stored permuted or narrowed, and how; the tree structure they
+    live in."""
 
     treedef: Any
     perms: dict[int, Perm]
