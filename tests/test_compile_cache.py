@@ -22,8 +22,7 @@ from serve_app.engine import BatchedEngine, load_model, model
 traced = []  # each time the step's Python runs
 forcing = model._step_forcing
 model._step_forcing = lambda *args, **kwargs: traced.append(1) or forcing(*args, **kwargs)
-loaded = load_model("tiny")
-traced.clear()  # loading traces the step once to lay out the weights (cpu_tuning)
+loaded = load_model("tiny")  # the weights' layout comes from a trace of the step too
 engine = BatchedEngine(loaded.model, loaded.style, buckets=(2,))
 engine.warmup_buckets()
 print("TRACED", len(traced))

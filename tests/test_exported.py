@@ -99,3 +99,24 @@ def test_programs_unused_for_a_month_are_deleted_when_another_is_written(compile
     assert used.traces == 1
     exported.jit(Traced(4.0), salt="4")(*ARGS)  # a write prunes
     assert programs(old.__name__) == [] and programs(used.__name__) == [used_file]
+
+
+def test_a_result_of_a_trace_is_kept_and_read_back(compile_cache):
+    """What `remembered` keeps (the weights' layout, for one) is made once per salt and
+    argument shapes, then read back; an unreadable file is made again."""
+    made = []
+
+    def make():
+        made.append(1)
+        return {"perms": {3: (1, 0)}, "casts": {}}
+
+    name = f"kept_{next(_names)}"
+    first = exported.remembered(name, "a", ARGS, make)
+    assert exported.remembered(name, "a", ARGS, make) == first and len(made) == 1
+    exported.remembered(name, "b", ARGS, make)  # another salt
+    longer = (np.arange(6, dtype=np.float32), {"b": np.ones(6, np.float32)})
+    exported.remembered(name, "a", longer, make)  # other shapes
+    assert len(made) == 3 and len(programs(name)) == 3
+    for path in exported.directory().glob(f"{name}-*.exp"):
+        path.write_bytes(b"half")
+    assert exported.remembered(name, "a", ARGS, make) == first and len(made) == 4

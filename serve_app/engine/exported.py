@@ -18,6 +18,9 @@ music, so anything that changes the trace must change the key; when in doubt the
 misses and the program is traced and written again. A program that cannot be
 exported or read is traced as usual.
 
+`remembered` keeps other results of a trace the same way (the weight layout a step
+reads, `cpu_tuning`), so that a start traces nothing at all.
+
 Each code version writes programs of its own, so the directory would grow with every
 deployment: a program read is touched, and one that no process has read or written
 for `UNUSED_DAYS` is deleted when the next program is written.
@@ -36,12 +39,14 @@ import pickle
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import magenta_rt
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SUBDIR = "exported"
 UNUSED_DAYS = 30.0
@@ -156,6 +161,33 @@ def _program(name: str, fn: Callable[..., Any], salt: str, args: tuple[Any, ...]
     except OSError as e:  # a cache on a read-only or flaky volume: keep serving
         log.warning("unused traced programs not deleted from %s (%s)", where, e)
     return exported, out_tree
+
+
+def remembered(name: str, salt: str, args: tuple[Any, ...], make: Callable[[], T]) -> T:
+    """`make()`, a picklable result of tracing something on `args`, kept on disk under
+    the same key a program would be (name, salt, the arguments' shapes, the code's
+    version): made and written when absent or unreadable, read back otherwise."""
+    where = directory()
+    if where is None:
+        return make()
+    leaves, treedef = jax.tree.flatten(args)
+    path = where / f"{name}-{_key(name, salt, [jax.typeof(x) for x in leaves], treedef)}.exp"
+    try:
+        value = pickle.loads(path.read_bytes())
+        with contextlib.suppress(OSError):
+            os.utime(path)  # in use: kept by `_prune`
+        return value
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # truncated or from an incompatible writer: make it again
+        log.warning("kept result %s unreadable (%s); made again", path.name, e)
+    value = make()
+    try:
+        _write(path, pickle.dumps(value))
+        _prune(where)
+    except OSError as e:  # a cache on a read-only or flaky volume: keep serving
+        log.warning("result %s not kept in %s (%s)", name, where, e)
+    return value
 
 
 def jit(fn: Callable[..., Any], *, salt: str, donate_argnums: tuple[int, ...] = ()

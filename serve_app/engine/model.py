@@ -253,15 +253,16 @@ class StreamingModel:
         if self.tune_for_cpu is None:
             self.tune_for_cpu = on_cpu()
         example = (*neutral_step_inputs(1), self.init_state(self.params, jnp.uint32(0)))
+        # A replica start reads the weights' layout, each bucket's step and each run's
+        # prefill traced (`exported`); the salt is what their closures hold beyond the
+        # arguments.
+        salt = "|".join(map(str, (self.variant.name, self.tune_for_cpu, _config_text(sampler))))
         tuned, self._layout = cpu_tuning.tune(
             step, self.params, *example, enabled=self.tune_for_cpu,
-            narrow=self.narrow_weights,
+            narrow=self.narrow_weights, salt=salt,
         )
         self.weights = self._layout.prepare(self.params)
-        # A replica start reads each bucket's step and each run's prefill traced
-        # (`exported`); the salt is what their closures hold beyond the arguments.
-        salt = "|".join(map(str, (self.variant.name, self.tune_for_cpu, self._layout.describe(),
-                                  _config_text(sampler))))
+        salt = f"{salt}|{self._layout.describe()}"
         self.prefill = exported.jit(prefill, salt=salt, donate_argnums=(3,))
         self.step = exported.jit(tuned, salt=salt, donate_argnums=(7,))
 
