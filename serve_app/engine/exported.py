@@ -108,17 +108,42 @@ def _prune(where: pathlib.Path, unused_days: float = UNUSED_DAYS) -> int:
     return pruned
 
 
-def _load(path: pathlib.Path) -> tuple[jax.export.Exported, Any] | None:
+def _read(path: pathlib.Path, decode: Callable[[Any], T]) -> T | None:
+    """`decode` of what was kept at `path`, touched as in use (kept by `_prune`); None
+    when there is none, or it is unreadable (truncated, from an incompatible writer):
+    the caller makes it again."""
     try:
-        exported_bytes, out_tree = pickle.loads(path.read_bytes())
+        value = decode(pickle.loads(path.read_bytes()))
         with contextlib.suppress(OSError):
-            os.utime(path)  # in use: kept by `_prune`
-        return jax.export.deserialize(bytearray(exported_bytes)), out_tree
+            os.utime(path)
+        return value
     except FileNotFoundError:
         return None
-    except Exception as e:  # truncated or from an incompatible writer: trace instead
-        log.warning("exported program %s unreadable (%s); tracing it again", path.name, e)
+    except Exception as e:
+        log.warning("kept %s unreadable (%s); made again", path.name, e)
         return None
+
+
+def _keep(where: pathlib.Path, path: pathlib.Path, value: Any) -> None:
+    """Writes `value` at `path` (an OSError is the caller's) and deletes the unused."""
+    _write(path, pickle.dumps(value))
+    try:
+        _prune(where)
+    except OSError as e:  # a cache on a read-only or flaky volume: keep serving
+        log.warning("unused traced programs not deleted from %s (%s)", where, e)
+
+
+def _place(where: pathlib.Path, name: str, salt: str, args: tuple[Any, ...]
+           ) -> tuple[pathlib.Path, list[Any], Any]:
+    """Where `name` traced on `args` is kept; the arguments' avals and tree."""
+    leaves, treedef = jax.tree.flatten(args)
+    avals = [jax.typeof(leaf) for leaf in leaves]
+    return where / f"{name}-{_key(name, salt, avals, treedef)}.exp", avals, treedef
+
+
+def _deserialized(kept: tuple[bytes, Any]) -> tuple[jax.export.Exported, Any]:
+    exported_bytes, out_tree = kept
+    return jax.export.deserialize(bytearray(exported_bytes)), out_tree
 
 
 def _export(name: str, fn: Callable[..., Any], avals: Sequence[Any], treedef: Any
@@ -142,24 +167,18 @@ def _program(name: str, fn: Callable[..., Any], salt: str, args: tuple[Any, ...]
     where = directory()
     if where is None:
         return None
-    leaves, treedef = jax.tree.flatten(args)
-    avals = [jax.typeof(leaf) for leaf in leaves]
-    path = where / f"{name}-{_key(name, salt, avals, treedef)}.exp"
-    found = _load(path)
+    path, avals, treedef = _place(where, name, salt, args)
+    found = _read(path, _deserialized)
     if found is not None:
         log.debug("exported program %s read from %s", name, path.name)
         return found
     try:
         exported, out_tree = _export(name, fn, avals, treedef)
-        _write(path, pickle.dumps((bytes(exported.serialize()), out_tree)))
+        _keep(where, path, (bytes(exported.serialize()), out_tree))
     except Exception as e:  # e.g. an op export does not support: trace as usual
         log.warning("program %s not exported (%s); it is traced at each start", name, e)
         return None
     log.debug("exported program %s written to %s", name, path.name)
-    try:
-        _prune(where)
-    except OSError as e:  # a cache on a read-only or flaky volume: keep serving
-        log.warning("unused traced programs not deleted from %s (%s)", where, e)
     return exported, out_tree
 
 
@@ -170,21 +189,13 @@ def remembered(name: str, salt: str, args: tuple[Any, ...], make: Callable[[], T
     where = directory()
     if where is None:
         return make()
-    leaves, treedef = jax.tree.flatten(args)
-    path = where / f"{name}-{_key(name, salt, [jax.typeof(x) for x in leaves], treedef)}.exp"
-    try:
-        value = pickle.loads(path.read_bytes())
-        with contextlib.suppress(OSError):
-            os.utime(path)  # in use: kept by `_prune`
-        return value
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # truncated or from an incompatible writer: make it again
-        log.warning("kept result %s unreadable (%s); made again", path.name, e)
+    path, _, _ = _place(where, name, salt, args)
+    found = _read(path, lambda value: value)
+    if found is not None:
+        return found
     value = make()
     try:
-        _write(path, pickle.dumps(value))
-        _prune(where)
+        _keep(where, path, value)
     except OSError as e:  # a cache on a read-only or flaky volume: keep serving
         log.warning("result %s not kept in %s (%s)", name, where, e)
     return value
