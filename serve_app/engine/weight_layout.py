@@ -48,18 +48,28 @@ def _canonical_perm(eqn: core.JaxprEqn, operand: int) -> Perm:
     return (*own_batch, *own_contracting, *free)  # rhs: [batch, K, N]
 
 
+def _wants(jaxpr: core.Jaxpr, weights: list[core.Var],
+           want: Callable[[core.JaxprEqn, int], Any]) -> dict[int, set[Any]]:
+    """Weight index -> the set of what each of its uses wants: `want(eqn, position)` for
+    every equation that takes the weight as its `position`th operand (None: a use that
+    rules the weight out)."""
+    index = {v: i for i, v in enumerate(weights)}
+    wanted: dict[int, set[Any]] = {}
+    for eqn in jaxpr.eqns:
+        for position, var in enumerate(eqn.invars):
+            if not isinstance(var, core.Literal) and var in index:
+                wanted.setdefault(index[var], set()).add(want(eqn, position))
+    return wanted
+
+
 def _dot_perms(jaxpr: core.Jaxpr, weights: list[core.Var]) -> dict[int, Perm]:
     """Weight index -> permutation, for weights used only as dot operands that all
     want the same non-identity order."""
-    index = {v: i for i, v in enumerate(weights)}
-    wanted: dict[int, set[Perm | None]] = {}
-    for eqn in jaxpr.eqns:
-        for position, var in enumerate(eqn.invars):
-            if isinstance(var, core.Literal) or var not in index:
-                continue
-            usable = eqn.primitive is dot_general_p and position < 2
-            perm = _canonical_perm(eqn, position) if usable else None
-            wanted.setdefault(index[var], set()).add(perm)
+    def perm(eqn: core.JaxprEqn, position: int) -> Perm | None:
+        usable = eqn.primitive is dot_general_p and position < 2
+        return _canonical_perm(eqn, position) if usable else None
+
+    wanted = _wants(jaxpr, weights, perm)
     return {
         i: perm
         for i, perms in wanted.items()
@@ -72,17 +82,12 @@ def _dot_perms(jaxpr: core.Jaxpr, weights: list[core.Var]) -> dict[int, Perm]:
 def _narrowing_casts(jaxpr: core.Jaxpr, weights: list[core.Var]) -> dict[int, Cast]:
     """Weight index -> (narrow dtype, own dtype), for float weights used only as the
     operand of conversions to one narrower float dtype."""
-    index = {v: i for i, v in enumerate(weights)}
-    wanted: dict[int, set[np.dtype | None]] = {}
-    for eqn in jaxpr.eqns:
-        for var in eqn.invars:
-            if isinstance(var, core.Literal) or var not in index:
-                continue
-            target = (np.dtype(eqn.params["new_dtype"])
-                      if eqn.primitive is convert_element_type_p else None)
-            wanted.setdefault(index[var], set()).add(target)
+    def target(eqn: core.JaxprEqn, position: int) -> np.dtype | None:
+        return (np.dtype(eqn.params["new_dtype"])
+                if eqn.primitive is convert_element_type_p else None)
+
     casts = {}
-    for i, targets in wanted.items():
+    for i, targets in _wants(jaxpr, weights, target).items():
         own = np.dtype(weights[i].aval.dtype)
         if len(targets) != 1 or weights[i] in jaxpr.outvars:
             continue
@@ -115,11 +120,6 @@ class WeightLayout:
         perms = _dot_perms(closed.jaxpr, weights) if permute else {}
         casts = _narrowing_casts(closed.jaxpr, weights) if narrow else {}
         return cls(treedef, perms, casts)
-
-    @classmethod
-    def identity(cls, params: Any) -> WeightLayout:
-        """Every weight as it is: `prepare` and `restore` return the same arrays."""
-        return cls(jax.tree.structure(params), {})
 
     @property
     def changes_nothing(self) -> bool:
