@@ -62,22 +62,23 @@ def parse_buckets(buckets: str) -> list[int]:
 
 
 def config_args(config: pathlib.Path, variant: str | None,
-                buckets: list[int] | None) -> tuple[dict, dict]:
+                buckets: str | None) -> tuple[dict, dict]:
     """(the application's args, the file's http_options), read and checked as `mrt-serve
     local` does (the same application choice and named errors), with `variant` served
-    with `buckets` and as many sessions as the largest holds (a replica serves no more
-    sessions than its largest bucket)."""
+    with `buckets` ("2,8,32", when given) and as many sessions as the largest holds (a
+    replica serves no more sessions than its largest bucket)."""
+    sizes = parse_buckets(buckets) if buckets else None
     try:
         args, http = read_config_file(config)
     except ValueError as e:
         raise SystemExit(f"bench_local: {e}") from None
-    if buckets:
+    if sizes:
         variants = args.get("variants") or []
         entry = next((v for v in variants if v.get("name") == variant), None)
         if entry is None:
             names = [v.get("name") for v in variants]
             raise SystemExit(f"bench_local: --variant: {variant!r} is not among {names}")
-        entry["buckets"], entry["max_sessions"] = buckets, buckets[-1]
+        entry["buckets"], entry["max_sessions"] = sizes, sizes[-1]
     return args, http
 
 
@@ -86,7 +87,7 @@ def local_server(config: pathlib.Path, args: argparse.Namespace, port: int,
     """`mrt-serve local` on the config (a copy holding what it reads when the buckets
     change)."""
     if args.buckets:
-        app_args, http = config_args(config, args.variant, parse_buckets(args.buckets))
+        app_args, http = config_args(config, args.variant, args.buckets)
         config = pathlib.Path(folder) / config.name
         config.write_text(yaml.safe_dump({"http_options": http,
                                           "applications": [{"name": "bench", "args": app_args}]},
@@ -108,8 +109,7 @@ def ray_server(config: pathlib.Path, args: argparse.Namespace, port: int,
     (RAY_ADDRESS=local), started with the node variables scripts/serve sets."""
     from deployments.transport import NODE_ENV
 
-    app_args, _ = config_args(config, args.variant,
-                              parse_buckets(args.buckets) if args.buckets else None)
+    app_args, _ = config_args(config, args.variant, args.buckets)
     try:
         narrowed = load_app_config(app_args, {}, only=[args.variant] if args.variant else ())
     except ValueError as e:

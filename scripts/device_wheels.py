@@ -132,6 +132,8 @@ def needed_distributions(files: set[str]) -> dict[str, str]:
 
 
 def download(needed: dict[str, str], out: pathlib.Path, python_version: str) -> None:
+    print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in needed.items()),
+          file=sys.stderr, flush=True)
     out.mkdir(exist_ok=True)
     for stale in out.glob("*.whl"):
         stale.unlink()  # two versions of one package stop the whole install there
@@ -203,16 +205,12 @@ def main() -> int:
                         help="also write OUT-ray/: all that serving through Ray needs")
     args = parser.parse_args()
     needed = needed_distributions(imported_files())
-    print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in needed.items()),
-          file=sys.stderr, flush=True)
     download(needed, args.out, args.python_version)
     report(args.out)
     if args.ray:
         ray_out = args.out.with_name(args.out.name + "-ray")
         wanted = {**needed, **needed_distributions(imported_files(through_ray=True))}
         wanted.pop(STAND_IN, None)
-        print("==> downloading " + ", ".join(f"{n}=={v}" for n, v in wanted.items()),
-              file=sys.stderr, flush=True)
         download(wanted, ray_out, args.python_version)
         for wheel in ray_out.glob("*.whl"):
             if parse_wheel_filename(wheel.name)[0] == "ray":
