@@ -1,4 +1,5 @@
-"""scripts/device_wheels.py: which installed distributions a GPU box without Ray is sent.
+"""scripts/device_wheels.py: which installed distributions a GPU box is sent, and the
+wheels made for it (Ray slimmed, the stand-in for ai_edge_litert).
 
 The download itself needs PyPI and the traced run is the bench_local path that
 test_standalone runs; here, the mapping from loaded files to distributions that decides
@@ -7,9 +8,10 @@ what is carried."""
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 
 import fastapi
 import google.protobuf
@@ -18,10 +20,15 @@ import websockets
 
 import serve_app
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("device_wheels", ROOT / "scripts/device_wheels.py")
-device_wheels = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(device_wheels)
+from .script_modules import load_script
+
+device_wheels = load_script("device_wheels")
+
+
+def pip_install(wheel: pathlib.Path, target: pathlib.Path) -> None:
+    """As the device command installs a carried wheel."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--target", str(target), str(wheel)], check=True)
 
 
 def files(*modules) -> set[str]:
@@ -46,8 +53,6 @@ def test_a_namespace_package_brings_only_the_distribution_that_was_loaded():
 def test_a_slimmed_wheel_installs_without_what_was_left_out(tmp_path):
     """Ray's wheel is carried without its Java jar: the files go, and so do their lines in
     the RECORD pip installs from; everything else is kept byte for byte."""
-    import subprocess
-    import sys
     import zipfile
 
     wheel = tmp_path / "demo-1.0-py3-none-any.whl"
@@ -76,8 +81,7 @@ def test_a_slimmed_wheel_installs_without_what_was_left_out(tmp_path):
     assert "jars" not in kept_record and ".js.map" not in kept_record
     assert "demo/ui/main.js," in kept_record
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                    "--target", str(target), str(wheel)], check=True)
+    pip_install(wheel, target)
     assert (target / "demo/__init__.py").read_text() == "VALUE = 1\n"
     assert not (target / "demo/jars").exists()
 
@@ -86,13 +90,10 @@ def test_the_stand_in_for_litert_imports_and_refuses_to_run(tmp_path):
     """With Ray, `ai_edge_litert` travels as a stand-in: installed like any wheel, it
     lets magenta_rt.musiccoca import (its mock is all random weights use), and says
     what it is if MusicCoCa itself is asked to run."""
-    import subprocess
-    import sys
 
     wheel = device_wheels.write_stand_in(tmp_path)
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                    "--target", str(target), str(wheel)], check=True)
+    pip_install(wheel, target)
     probe = ("from ai_edge_litert.interpreter import Interpreter\n"
              "import importlib.metadata as m; print(m.version('ai-edge-litert'))\n"
              "Interpreter(model_path='x')\n")

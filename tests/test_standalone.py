@@ -19,6 +19,7 @@ from serve_app.ports import free_port
 from serve_app.standalone import build_app, build_generators
 
 from .generator_cores import wait_for_boot, wait_until_ready
+from .script_modules import load_script
 from .serve_fixtures import tiny_config, wait_ready
 from .test_loops import LOOP
 
@@ -241,11 +242,7 @@ def test_bench_local_through_ray_serves_the_graph_on_random_weights(tmp_path):
 def test_bench_local_names_what_is_wrong_with_its_buckets(tmp_path, monkeypatch, capsys):
     """Refused before any server starts (in this process: its `main`, as the command
     line runs it), for either kind of server."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_local", ROOT / "scripts/bench_local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_local")
     config = write_config(tmp_path / "one.yaml", {"variants": [{"name": "tiny"}]}, free_port())
     for args, reason in [(["--buckets", "2"], "--buckets needs --variant"),
                          (["--variant", "tiny", "--buckets", "2,x"],
