@@ -49,6 +49,18 @@ class Generator:
     async def next_chunk(self, *, session_id: str, timeout: float):
         return await self.core.next_chunk(session_id, timeout)
 
+    async def chunks(self, *, session_id: str, credit: int):
+        # Called with `stream=True`. Serve pulls this generator as the gRPC stream has
+        # room only because user code runs on Serve's own loop (CHUNK_PATH_ENV in
+        # deployments/app.py); in a thread of its own, Serve would drain it into a
+        # queue without bound (the credit bounds what is taken from the backlog, not
+        # what Serve would buffer).
+        async for chunk in self.core.chunks(session_id, credit):
+            yield chunk
+
+    async def grant(self, *, session_id: str, chunks: int) -> dict:
+        return await self.core.grant(session_id, chunks)
+
     async def consume(self, *, session_id: str, chunk_index: int) -> dict:
         return await self.core.consume(session_id, chunk_index)
 

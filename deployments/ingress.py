@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Iterator
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -23,21 +25,36 @@ PROGRESS_NAMESPACE = "mrt_serve_render_progress"
 NO_REPLICA = "no generator replica is running yet (`serve status` says why if this lasts)"
 
 
-async def _remote(handle, method: str, **kwargs):
-    """Calls a deployment method; a remote ApiError reaches the caller as itself.
+@contextlib.contextmanager
+def _remote_errors(session_id: str | None = None) -> Iterator[None]:
+    """Errors of a deployment call as the API knows them.
 
     Ray re-raises remote exceptions wrapped; the API maps only our own errors to
-    responses, so unwrap those and let anything else propagate unchanged.
-    """
+    responses, so those are unwrapped and anything else propagates unchanged. A
+    session's call that finds its generator replica dead is a SessionLost: the
+    stream moves (serve_app/api/ws.py)."""
     try:
-        return await getattr(handle, method).remote(**kwargs)
+        yield
     except ApiError:
+        raise
+    except (ActorDiedError, ActorUnavailableError) as e:
+        if session_id:
+            raise SessionLost(
+                f"unknown session {session_id}: its generator replica died"
+                f"{SessionLost.ADVICE}"
+            ) from e
         raise
     except Exception as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, ApiError):
             raise cause from None
         raise
+
+
+async def _remote(handle, method: str, **kwargs):
+    """Calls a deployment method, its errors as the API knows them."""
+    with _remote_errors(kwargs.get("session_id")):
+        return await getattr(handle, method).remote(**kwargs)
 
 
 def _every_refusal(refusals: list[ApiError]) -> ApiError:
@@ -58,15 +75,7 @@ class HandleGenerator:
         self.handle = handle
 
     async def _call(self, method: str, **kwargs):
-        try:
-            return await _remote(self.handle, method, **kwargs)
-        except (ActorDiedError, ActorUnavailableError) as e:
-            sid = kwargs.get("session_id")
-            if sid:
-                raise SessionLost(
-                    f"unknown session {sid}: its generator replica died{SessionLost.ADVICE}"
-                ) from e
-            raise
+        return await _remote(self.handle, method, **kwargs)
 
     async def _each_replica(self, method: str) -> list[dict]:
         """`method`'s answer from every running replica, called in parallel (Serve's
@@ -124,6 +133,22 @@ class HandleGenerator:
 
     async def next_chunk(self, session_id, timeout):
         return await self._call("next_chunk", session_id=session_id, timeout=timeout)
+
+    async def chunks(self, session_id, credit) -> AsyncIterator:
+        """The session's chunks over one streaming call to its replica, instead of a
+        call per chunk (Serve's routing, request and reply per call): through Serve
+        the costliest part of a chunk's way (docs/performance.md)."""
+        response = self.handle.options(stream=True).chunks.remote(session_id=session_id,
+                                                                  credit=credit)
+        try:
+            with _remote_errors(session_id):
+                async for chunk in response:
+                    yield chunk
+        finally:
+            response.cancel()  # a stream left early (stop, move, disconnect) ends there too
+
+    async def grant(self, session_id, chunks):
+        return await self._call("grant", session_id=session_id, chunks=chunks)
 
     async def consume(self, session_id, chunk_index):
         return await self._call("consume", session_id=session_id, chunk_index=chunk_index)

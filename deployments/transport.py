@@ -3,11 +3,12 @@
 Serve's default data plane is Ray actor calls: a request to a replica is a streaming actor
 task whose first item says whether the replica accepted it, and every reply is a Ray
 object. Serve 2.60 can instead call replicas over its own gRPC channel (each replica runs
-the server anyway). For our chunk path, a long-poll per chunk from the ingress to the
-generator and a few WebSocket messages per chunk from the ingress to the proxy, that made
-the serving overhead 1.4-1.9x smaller: scripts/bench_serve.py (tiny, 2-core box, overhead
-p50) at 0.5 s chunks 5.4 -> 3.3 ms for 1 session and 11.3 -> 6.2 for 8, at 2 s chunks
-6.7 -> 4.7 and 13.3 -> 9.6 (docs/performance.md has the runs).
+the server anyway). For our chunk path, then a long-poll per chunk from the ingress to
+the generator (now one stream per session) and a few WebSocket messages per chunk from
+the ingress to the proxy, that made the serving overhead 1.4-1.9x smaller:
+scripts/bench_serve.py (tiny, 2-core box, overhead p50) at 0.5 s chunks 5.4 -> 3.3 ms
+for 1 session and 11.3 -> 6.2 for 8, at 2 s chunks 6.7 -> 4.7 and 13.3 -> 9.6
+(docs/performance.md has the runs).
 
 Two settings, both read by Ray when a process starts:
 - `RAY_SERVE_USE_GRPC_BY_DEFAULT`: handles made in the process call over gRPC, and a proxy

@@ -14,7 +14,7 @@ import pathlib
 import re
 from collections.abc import Mapping, Sequence
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .api.ab import ABSplit
 from .engine.variants import VARIANTS, variant_for_size
@@ -51,6 +51,18 @@ class VariantConfig(BaseModel):
     @classmethod
     def _variant(cls, v: str | None) -> str | None:
         return None if v is None else variant_for_size(v)
+
+    @model_validator(mode="after")
+    def _room_for_streams(self) -> VariantConfig:
+        # Each WebSocket session holds one chunk stream on its replica for its whole life
+        # (GeneratorCore.chunks), and its control calls (grant, update, status) need room
+        # beside it: a replica at its limit would hold them back, and the stream with them.
+        if self.max_ongoing_requests < 2 * self.max_sessions:
+            raise ValueError(
+                f"max_ongoing_requests: must be at least twice max_sessions "
+                f"({2 * self.max_sessions}), got {self.max_ongoing_requests}: each session's "
+                "stream holds a request on its replica while it runs")
+        return self
 
     @property
     def model_variant(self) -> str:

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
@@ -58,6 +58,9 @@ SESSION_SEPARATOR = "@"
 RECENT_AUDIO_SECONDS = 10.0
 SELECTION_POLL_SECONDS = 2.0  # how soon other replicas follow a model switch
 ENDED_SESSIONS_REMEMBERED = 1024
+# How often a session's chunk stream looks whether its session finished while no chunk
+# came (a stop or an ending wakes it at once).
+STREAM_POLL_SECONDS = 5.0
 # Replies first (`_let_replies_out`, CPU hosts): how long a step that completed chunks
 # realtime clients wait for holds the next one at most, and how long it leaves the replies
 # once they were taken. bench_serve, tiny, 8 realtime sessions, 0.5 s chunks through Ray
@@ -70,6 +73,14 @@ REPLY_SECONDS = 0.002
 IDLE_SESSION_SECONDS = 300.0
 # Threads matching bar-mode chunks' loudness: sessions in parallel, each in order.
 FINISHING_WORKERS = min(4, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class StreamCredit:
+    """How many chunks a session's stream may still send, and the wake-up for more."""
+
+    left: int
+    more: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 @dataclasses.dataclass
@@ -209,6 +220,7 @@ class GeneratorCore:
         self.encoder = NoLoopEncoder(self.name, "not loaded yet")
         self._jams: dict[str, JamStream] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._streams: dict[str, StreamCredit] = {}  # open `chunks` streams, by session
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._polled: set[str] = set()  # sessions started with JamSpec.polled
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -660,6 +672,59 @@ class GeneratorCore:
                 jam.waiting -= 1
             waited = True
 
+    async def chunks(self, session_id: str, credit: int) -> AsyncIterator[Chunk]:
+        """A session's chunks in order as they are made, for as long as it runs: one
+        call per stream instead of a `next_chunk` call per chunk, which through Ray
+        Serve is most of what a chunk costs between the engine and the client
+        (docs/performance.md, "One stream per session").
+
+        At most `credit` chunks, plus what `grant` adds: a transport buffers what a
+        stream sends (gRPC several MB), so the caller's flow control bounds what this
+        takes from the backlog through the credit, and generation pauses once the
+        backlog is full, as when a `next_chunk` caller stops asking. Ends when the
+        session is stopped or finished; raises, as `next_chunk` does, when it ended for
+        a reason (expired, failed, its replica gone)."""
+        if credit < 1:
+            raise BadRequest(f"credit: must be at least 1 chunk, got {credit}")
+        stream = self._streams[session_id] = StreamCredit(credit)
+        try:
+            while True:
+                if stream.left <= 0:
+                    stream.more.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stream.more.wait(), STREAM_POLL_SECONDS)
+                    chunk = None
+                else:
+                    chunk = await self.next_chunk(session_id, STREAM_POLL_SECONDS)
+                if chunk is not None:
+                    stream.left -= 1
+                    yield chunk
+                elif self._stream_over(session_id):
+                    return
+        finally:
+            if self._streams.get(session_id) is stream:
+                del self._streams[session_id]
+
+    async def grant(self, session_id: str, chunks: int) -> dict:
+        """`chunks` more for the session's stream (`chunks`) to send."""
+        if chunks < 1:
+            raise BadRequest(f"chunks: must be at least 1, got {chunks}")
+        with self._lock:
+            self._jam(session_id)  # a session that is gone says why
+        stream = self._streams.get(session_id)
+        if stream is None:
+            raise BadRequest(f"session {session_id} has no chunk stream to grant chunks to")
+        stream.left += chunks
+        stream.more.set()
+        return {"session_id": session_id, "credit": stream.left}
+
+    def _stream_over(self, session_id: str) -> bool:
+        with self._lock:
+            if session_id in self._ended:
+                self._jam(session_id)  # raises: the session ended for a reason
+            jam = self._jams.get(session_id)
+            return jam is None or jam.status()["finished"]
+
     async def consume(self, session_id: str, chunk_index: int) -> dict:
         with self._lock:
             jam = self._jam(session_id)
@@ -763,7 +828,8 @@ class GeneratorCore:
 
     def _drop(self, session_id: str, reason: str | None = None) -> None:
         """Removes a session (caller holds the lock); with a `reason`, later calls for it
-        are told why it ended. A waiting next_chunk wakes and sees it gone."""
+        are told why it ended. A waiting next_chunk, or chunk stream, wakes and sees it
+        gone."""
         self.engine.remove(session_id)
         del self._jams[session_id]
         self._polled.discard(session_id)
@@ -773,9 +839,12 @@ class GeneratorCore:
             while len(self._ended) > ENDED_SESSIONS_REMEMBERED:
                 self._ended.popitem(last=False)
         self.metrics.record("mrt_sessions", len(self._jams))
+        stream = self._streams.get(session_id)  # one waiting for credit ends too
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(event.set)
+                if stream is not None:
+                    self._loop.call_soon_threadsafe(stream.more.set)
 
     async def stop_all(self) -> dict:
         """Ends this replica's polled jams; later calls for them are told why."""

@@ -278,3 +278,8 @@ def test_bad_configs_name_the_problem():
     with pytest.raises(ValueError, match=r"variants\.0\.idle_session_seconds: Input should be "
                                          "greater than 0"):
         build_app({"variants": [{"name": "tiny", "idle_session_seconds": 0}]})
+    # each session's chunk stream holds a request on its replica while it runs
+    with pytest.raises(ValueError, match=r"variants\.0[\s\S]*max_ongoing_requests: must be at "
+                                         r"least twice max_sessions \(64\), got 40"):
+        build_app({"variants": [{"name": "tiny", "max_sessions": 32,
+                                 "max_ongoing_requests": 40}]})

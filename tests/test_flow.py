@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 
-from serve_app.api.flow import FlowControl
+from serve_app.api.flow import FlowControl, StreamCredit
 from serve_app.jam import Chunk
 
 
@@ -31,3 +31,13 @@ def test_the_lead_cap_counts_each_chunk_at_its_own_sample_rate():
     assert not asyncio.run(room_within(0.05))
     now[0] = 1.0
     assert asyncio.run(room_within(0.05))
+
+
+def test_a_stream_credit_is_refilled_by_half_and_never_runs_further_ahead():
+    """The generator may send `size` chunks before its consumer takes one; each refill
+    restores that, once half is used, so a steady stream makes one grant per size/2."""
+    credit = StreamCredit(size=8)
+    grants = [credit.took() for _ in range(12)]
+    assert grants == [0, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0, 4]
+    # granted in all never exceeds taken + size: the bound a stalled client relies on
+    assert 8 + sum(grants) == 12 + credit.ahead <= 12 + 8

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from serve_app.audio.barclock import BarClock
-from serve_app.errors import OverCapacity, Unavailable, UnknownSession
+from serve_app.errors import BadRequest, OverCapacity, Unavailable, UnknownSession
 from serve_app.generator import GeneratorCore, JamSpec, JamUpdate, StyleSpec
 from serve_app.jam import StreamConfig
 
@@ -94,6 +94,44 @@ def test_stop_all_ends_polled_jams_and_leaves_the_others(core):
             await core.status(polled)
 
     asyncio.run(stop_all_twice())
+
+
+def test_a_chunk_stream_takes_no_more_than_its_credit_and_ends_with_its_session(core):
+    """A WebSocket stream gets its chunks over one call (`chunks`). A transport buffers
+    what such a stream sends, so the stream takes chunks from the backlog only as far
+    as its credit goes: a client that stops reading still pauses generation."""
+    spec = JamSpec(style=StyleSpec(), seed=1,
+                   stream=StreamConfig(chunk_frames=2, pace="asap", max_backlog=2))
+
+    async def scenario() -> None:
+        sid = (await core.start(spec))["session_id"]
+        stream = core.chunks(sid, credit=2)
+        assert [(await anext(stream)).index for _ in range(2)] == [0, 1]
+        third = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(1.0)  # asap, 2-frame chunks: unbounded, ~100 chunks by now
+        assert not third.done()
+        assert (await core.status(sid))["chunks_generated"] <= 2 + 2  # sent + backlog
+        assert (await core.grant(sid, 1))["credit"] == 1
+        assert (await asyncio.wait_for(third, 30)).index == 2
+        # out of credit again: a stop still ends the stream at once, quietly
+        rest = asyncio.ensure_future(anext(stream, None))
+        await asyncio.sleep(0.2)
+        await core.stop(sid)
+        assert await asyncio.wait_for(rest, 2) is None
+
+        # a session that ended for a reason says why, as next_chunk does
+        sid = (await core.start(spec))["session_id"]
+        stream = core.chunks(sid, credit=1)
+        await anext(stream)
+        assert core.expire_idle(time.monotonic() + core.idle_seconds + 1) == [sid]
+        with pytest.raises(UnknownSession, match="expired"):
+            await anext(stream)
+        with pytest.raises(UnknownSession, match="expired"):
+            await core.grant(sid, 1)
+        with pytest.raises(BadRequest, match="credit: must be at least 1"):
+            await anext(core.chunks(sid, credit=0))
+
+    asyncio.run(scenario())
 
 
 def test_a_reseed_starts_the_new_loop_exactly_at_its_chunk(core, tiny):

@@ -16,6 +16,8 @@ import pytest
 import soundfile as sf
 from websockets.sync.client import connect
 
+from serve_app.api.flow import STREAM_CREDIT_CHUNKS
+
 from .serve_fixtures import recv_json
 
 BIN = pathlib.Path(sys.executable).parent
@@ -227,8 +229,9 @@ def test_asap_with_an_ack_window_holds_back_until_the_client_acks(ws_url):
         ws.send(json.dumps({"type": "status"}))
         status = recv_json(ws, "status")
         assert status["last_sent"] == 1 and status["flow_waits"] >= 1
-        # generation paused too: at most the generator's backlog (4) beyond what was sent
-        assert status["chunks_generated"] <= 2 + 4
+        # generation paused too: at most the stream's credit and the generator's backlog
+        # (4) beyond what was sent
+        assert status["chunks_generated"] <= 2 + STREAM_CREDIT_CHUNKS + 4
         ws.send(json.dumps({"type": "ack", "index": 9}))
         assert "index: chunk 9 has not been sent" in recv_json(ws, "error")["error"]
         ws.send(json.dumps({"type": "ack", "index": 1}))
@@ -253,7 +256,8 @@ def test_asap_without_acks_never_runs_further_ahead_than_the_lead_cap(ws_url):
                 received += message["metadata"]["seconds"]
         elapsed = time.monotonic() - t0
         assert 0 < received <= elapsed + 4.0 + 0.4
-        assert message["chunks_generated"] <= message["last_sent"] + 1 + 4
+        # what was sent, the stream's credit and the generator's backlog (4)
+        assert message["chunks_generated"] <= message["last_sent"] + 1 + STREAM_CREDIT_CHUNKS + 4
 
 
 def test_bar_mode_jams_on_a_loop_with_consume_reseed_and_splice(ws_url):

@@ -11,6 +11,10 @@ next chunk (the generator then pauses when its own backlog fills):
   first ack, so the prototype's clients, which never ack, keep working;
 - a lead cap: audio sent never runs more than `max_lead_seconds` ahead of the wall
   clock since the first chunk, which bounds clients that never ack.
+
+The chunks come over one stream per session (`GeneratorClient.chunks`), which a transport
+buffers on its own (gRPC, several MB): `StreamCredit` keeps the generator at most a few
+chunks ahead of what this side has taken, so not fetching still pauses it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,27 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..jam import Chunk
+
+
+# Chunks a session's stream may run ahead of the chunks taken from it. Refilled by half,
+# so a steady stream makes one `grant` call per 4 chunks.
+STREAM_CREDIT_CHUNKS = 8
+
+
+class StreamCredit:
+    """The credit of one chunk stream, as its consumer counts it."""
+
+    def __init__(self, size: int = STREAM_CREDIT_CHUNKS) -> None:
+        self.size = size
+        self.ahead = size  # chunks the generator may send before it needs more
+
+    def took(self) -> int:
+        """One chunk taken from the stream; returns how many to grant now (0: none)."""
+        self.ahead -= 1
+        if self.ahead > self.size // 2:
+            return 0
+        more, self.ahead = self.size - self.ahead, self.size
+        return more
 
 
 class FlowControl:

@@ -29,7 +29,7 @@ from ..audio import to_wav_bytes
 from ..errors import ApiError, BadRequest, SessionLost, field_problems
 from ..jam import Chunk, StreamConfig, frames_for
 from . import offload
-from .flow import FlowControl
+from .flow import FlowControl, StreamCredit
 from .resume import StreamMemory
 from .service import ControlFields, JamService
 
@@ -309,20 +309,29 @@ class JamSocket:
         moves_without_audio = 0
         try:
             while self.session_id == session_id:
-                await flow.wait_for_room()
+                # one stream per session (GeneratorCore.chunks); flow control holds the
+                # next pull back, the credit the generator, once its backlog is full
+                client, credit = self.service.of_session(session_id), StreamCredit()
+                chunks = client.chunks(session_id, credit.size)
                 try:
-                    chunk = await self.service.of_session(session_id).next_chunk(session_id, 5.0)
+                    while True:
+                        await flow.wait_for_room()
+                        chunk = await anext(chunks, None)
+                        if chunk is None:
+                            return  # stopped or finished
+                        chunk = memory.played(chunk)
+                        await self._send_chunk(chunk)
+                        flow.sent(chunk)
+                        moves_without_audio = 0
+                        if more := credit.took():
+                            await client.grant(session_id, more)
                 except SessionLost as lost:
                     if moves_without_audio >= MAX_MOVES_WITHOUT_AUDIO:
                         raise
                     session_id = await self._move(session_id, lost)
                     moves_without_audio += 1
-                    continue
-                if chunk is not None:
-                    chunk = memory.played(chunk)
-                    await self._send_chunk(chunk)
-                    flow.sent(chunk)
-                    moves_without_audio = 0
+                finally:
+                    await chunks.aclose()
         except ApiError as e:
             if self.session_id == session_id:
                 self.session_id = None
