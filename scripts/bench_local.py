@@ -41,12 +41,15 @@ READY_TIMEOUT_S = 1800.0  # a cold mrt2_base replica compiles 5 buckets in 4-5 m
 
 def stop(process: subprocess.Popen, grace_s: float = 60.0,
          sig: signal.Signals = signal.SIGTERM) -> None:
-    """`sig` (the server stops its step loops first), then a kill if it hangs."""
+    """`sig` (the server stops its step loops first), then a kill if it hangs, said on
+    stderr: a server that needed one did not stop as it should."""
     if process.poll() is None:
         process.send_signal(sig)
         try:
             process.wait(grace_s)
         except subprocess.TimeoutExpired:
+            print(f"bench_local: pid {process.pid} did not stop within {grace_s:g} s of "
+                  f"{sig.name}; killing it", file=sys.stderr, flush=True)
             process.kill()
             process.wait()
 
@@ -123,12 +126,17 @@ def ray_server(config: pathlib.Path, args: argparse.Namespace, port: int,
                           "import_path": "deployments.app:build_app",
                           "args": narrowed.model_dump(mode="json", exclude_defaults=True)}],
     }, sort_keys=False))
-    env = {**os.environ, **NODE_ENV, "RAY_ADDRESS": "local",
+    # unbuffered: what `serve run` printed reaches the pipe even if it has to be killed
+    env = {**os.environ, **NODE_ENV, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1",
            "RAY_SERVE_LOG_TO_STDERR": os.environ.get("RAY_SERVE_LOG_TO_STDERR", "0")}
     return [sys.executable, "-m", "ray.serve.scripts", "run", str(copy)], env
 
 
 def main() -> int:
+    # A blocked signal stays blocked across fork and exec: started with SIGINT blocked (as
+    # the full test suite's process started it), the `serve run` below never saw the
+    # SIGINT that stops it and was killed 60 s later. The servers start with both open.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         usage="%(prog)s [CONFIG] [--variant NAME] [--random-weights] [--buckets N,N,...] "
