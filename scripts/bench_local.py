@@ -133,10 +133,12 @@ def ray_server(config: pathlib.Path, args: argparse.Namespace, port: int,
 
 
 def main() -> int:
-    # A blocked signal stays blocked across fork and exec: started with SIGINT blocked (as
-    # the full test suite's process started it), the `serve run` below never saw the
-    # SIGINT that stops it and was killed 60 s later. The servers start with both open.
+    # A blocked or ignored signal stays so across fork and exec: started that way (as from
+    # the full test suite's process), the `serve run` below never saw the SIGINT that
+    # stops it and was killed 60 s later. The servers start with both signals as usual.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         usage="%(prog)s [CONFIG] [--variant NAME] [--random-weights] [--buckets N,N,...] "

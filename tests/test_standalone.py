@@ -178,12 +178,16 @@ def test_variant_is_checked_against_a_whole_valid_config(args, only, error):
 
 
 def bench_local(config: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
-    """Started with SIGINT blocked, as the full suite's process once was (a blocked signal
-    survives fork and exec): the servers it stops must hear their signal all the same."""
+    """Started with SIGINT blocked and ignored, as the full suite's process passed it on
+    (both survive fork and exec): the servers it stops must hear their signal all the same."""
     return subprocess.run([sys.executable, str(ROOT / "scripts/bench_local.py"), str(config),
                            *args], capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK,
-                                                                    {signal.SIGINT}))
+                          preexec_fn=deaf_to_sigint)
+
+
+def deaf_to_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def test_bench_local_serves_one_variant_of_a_config_and_measures_it(tiny_repo, tmp_path):
