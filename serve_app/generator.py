@@ -76,8 +76,10 @@ FINISHING_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
-class StreamCredit:
-    """How many chunks a session's stream may still send, and the wake-up for more."""
+class OpenStream:
+    """A session's open `chunks` stream as the generator counts it: how many chunks it
+    may still send (the consumer's side is `api.flow.StreamCredit`), and the wake-up
+    for more."""
 
     left: int
     more: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -220,7 +222,7 @@ class GeneratorCore:
         self.encoder = NoLoopEncoder(self.name, "not loaded yet")
         self._jams: dict[str, JamStream] = {}
         self._events: dict[str, asyncio.Event] = {}
-        self._streams: dict[str, StreamCredit] = {}  # open `chunks` streams, by session
+        self._streams: dict[str, OpenStream] = {}  # open `chunks` streams, by session
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._polled: set[str] = set()  # sessions started with JamSpec.polled
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -686,7 +688,7 @@ class GeneratorCore:
         a reason (expired, failed, its replica gone)."""
         if credit < 1:
             raise BadRequest(f"credit: must be at least 1 chunk, got {credit}")
-        stream = self._streams[session_id] = StreamCredit(credit)
+        stream = self._streams[session_id] = OpenStream(credit)
         try:
             while True:
                 if stream.left <= 0:
