@@ -119,7 +119,7 @@ def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> di
     """ms per step of the depthformer alone and of the codec decoder alone, each
     tuned for the backend as the engine's whole step is (cpu_tuning), with XLA's
     count of each half's GFLOP and the GFLOP/s that makes."""
-    sampler, params = model.sampler, model.params
+    sampler, params = model.sampler, model.restored_params()
     state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), model.state_at(0))
     block, constants = dummy_inputs(batch)
 
@@ -175,7 +175,7 @@ def _upstream_system_step(loaded, variant: str, workdir: pathlib.Path):
     from magenta_rt.musiccoca import MockMusicCoCa
 
     ckpt = workdir / f"{variant}.safetensors"
-    weights.save(loaded.model.params, ckpt)
+    weights.save(loaded.model.restored_params(), ckpt)
     system = MagentaRT2System(size=variant, style_model=MockMusicCoCa(), checkpoint=str(ckpt))
     block, constants = system._build_conditioning({})
     state = [system._jit_init_state(system._params, {})]
@@ -194,7 +194,8 @@ def _upstream_sampler_step(loaded):
     sampler = build_sampler(
         variant, compute_dtype=variant.default_compute_dtype(), fast_sampling=False
     )
-    model = StreamingModel(variant, sampler, loaded.model.params, tune_for_cpu=False)
+    params = loaded.model.restored_params()
+    model = StreamingModel(variant, sampler, params, tune_for_cpu=False)
     tokens = build_block(None, np.full(128, -1, np.int32), -1, DEFAULT_CFG)[None, None]
     block = sl.Sequence.from_values(jnp.asarray(tokens))
     constants = {"temperature": jnp.array([1.3]), "top_k": jnp.array([40], jnp.int32)}
@@ -208,7 +209,7 @@ def _upstream_sampler_step(loaded):
     state = [model.state_at(0)]
 
     def step():
-        out, state[0], _ = jitted(model.params, block, constants, state[0])
+        out, state[0], _ = jitted(params, block, constants, state[0])
         jax.block_until_ready(out)
 
     return step, "magenta_rt sampler step_with_emits, upstream decoder, model dtype (batch 1)"
@@ -241,7 +242,7 @@ def main() -> int:
     if args.untuned or args.wide_weights:
         model = loaded.model
         loaded = dataclasses.replace(loaded, model=StreamingModel(
-            model.variant, model.sampler, model.params,
+            model.variant, model.sampler, model.restored_params(),
             tune_for_cpu=model.tune_for_cpu and not args.untuned,
             narrow_weights=not args.wide_weights))
     tuned = loaded.model.tune_for_cpu

@@ -20,7 +20,7 @@ from serve_app.engine.variants import CHANNELS, FRAME_SAMPLES
 def decode_at_once(loaded: LoadedModel, codes: np.ndarray) -> np.ndarray:
     """int16 [n-1, 1920, 2] from codes [n, 12], converted as the streaming step does."""
     codec = loaded.variant.codec_config().make()
-    params = {"params": loaded.model.params["params"]["soundstream"]}
+    params = {"params": loaded.model.restored_params()["params"]["soundstream"]}
     wave = codec.apply(params, sl.Sequence.from_values(jnp.asarray(codes)[None]),
                        training=False, method=codec.codes_to_waveform)
     audio = np.asarray(upstream_system._float_samples_to_int16(wave.values[0]))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +13,13 @@ from jax import lax
 
 from serve_app.engine.conv_transpose import without_lhs_dilation
 from serve_app.engine.model import (
+    CONDITIONING_TOKENS,
     StreamingModel,
     build_sampler,
     neutral_step_inputs,
     random_params,
 )
+from serve_app.engine.session import CODE_LEVELS
 from serve_app.engine.weight_layout import WeightLayout
 
 CONVS = [
@@ -97,6 +102,11 @@ def test_weights_a_step_only_narrows_are_stored_narrow():
     # leaves in key order: also_wide, narrowed, two_ways
     assert layout.casts == {1: (np.dtype(jnp.bfloat16), np.dtype(np.float32))}
     assert WeightLayout.of(fn, w, x, permute=False, narrow=False).changes_nothing
+    # another function reading the same weights holds back what it reads otherwise
+    narrows_too = (lambda p, x: x @ p["narrowed"].astype(jnp.bfloat16), (x.astype(jnp.bfloat16),))
+    reads_wide = (lambda p, x: x @ p["narrowed"], (x,))
+    assert WeightLayout.of(fn, w, x, permute=False, readers=[narrows_too]).casts == layout.casts
+    assert WeightLayout.of(fn, w, x, permute=False, readers=[narrows_too, reads_wide]).casts == {}
     prepared = layout.prepare(w)
     assert prepared["narrowed"].dtype == jnp.bfloat16 and prepared["also_wide"] is w["also_wide"]
     step = jax.jit(lambda p, x: fn(layout.restore(p), x))
@@ -111,15 +121,23 @@ def test_weights_a_step_only_narrows_are_stored_narrow():
     assert arguments(step, prepared, x).count("bf16[4,4]") == 1
 
 
-def test_a_bfloat16_step_streams_the_same_with_narrow_weights(tiny):
+def test_a_bfloat16_model_keeps_one_narrow_copy_of_its_weights_and_plays_the_same(tiny):
     """tiny computing in bfloat16 (as accelerators do): most of its float32 weights are
-    stored as bfloat16, the step reads half the bytes, and streams exactly what it
-    streams converting them on every call."""
+    stored as bfloat16 and their float32 arrays are not kept; the step reads half the
+    bytes and streams exactly what it streams converting them on every call, and a
+    loop's prefill, reading the same narrow weights, leaves exactly the same state."""
     bf16 = build_sampler(tiny.variant, compute_dtype=jnp.bfloat16)
-    narrow = StreamingModel(tiny.variant, bf16, tiny.model.params)
-    wide = StreamingModel(tiny.variant, bf16, tiny.model.params, narrow_weights=False)
-    assert len(narrow.layout.casts) > len(jax.tree.leaves(narrow.params)) / 3
+    wide = StreamingModel(tiny.variant, bf16, tiny.model.restored_params(),
+                          narrow_weights=False)
+    params = jax.tree.map(jnp.array, tiny.model.restored_params())  # arrays of its own
+    narrow = StreamingModel(tiny.variant, bf16, params)
+    leaves = jax.tree.leaves(params)
+    assert len(narrow.layout.casts) > len(leaves) / 3
     assert not wide.layout.casts
+    float32_arrays = [weakref.ref(leaves[i]) for i in narrow.layout.casts]
+    del params, leaves
+    gc.collect()
+    assert [ref() for ref in float32_arrays] == [None] * len(float32_arrays)
 
     def nbytes(weights) -> int:
         return sum(w.nbytes for w in jax.tree.leaves(weights))
@@ -130,6 +148,13 @@ def test_a_bfloat16_step_streams_the_same_with_narrow_weights(tiny):
     np.testing.assert_array_equal(narrow_codes, codes)
     assert np.abs(audio).max() > 0
     np.testing.assert_array_equal(narrow_audio, audio)
+
+    forced = np.random.default_rng(1).integers(0, 1024, (1, 3, CODE_LEVELS), np.int32)
+    tokens = np.zeros((1, 3, CONDITIONING_TOKENS), np.int32)
+    narrow_run, run = (m.prefill(m.weights, tokens, forced, m.state_at(3)) for m in (narrow, wide))
+    assert np.abs(np.asarray(run[0])).max() > 0
+    for got, want in zip(jax.tree.leaves(narrow_run), jax.tree.leaves(run), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def _stream(model: StreamingModel, frames: int, seeds=(3, 11)) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +171,7 @@ def _stream(model: StreamingModel, frames: int, seeds=(3, 11)) -> tuple[np.ndarr
 @pytest.fixture(scope="module")
 def untuned(tiny) -> StreamingModel:
     m = tiny.model
-    return StreamingModel(m.variant, m.sampler, m.params, tune_for_cpu=False)
+    return StreamingModel(m.variant, m.sampler, m.restored_params(), tune_for_cpu=False)
 
 
 def test_tiny_streams_the_same_tuned_and_untuned(tiny, untuned):

@@ -36,7 +36,7 @@ def test_fast_sampler_emits_upstreams_tokens(tiny, batch):
     upstream = StreamingModel(
         fast.variant,
         build_sampler(fast.variant, compute_dtype=jnp.float32, fast_sampling=False),
-        fast.params,
+        fast.restored_params(),
         tune_for_cpu=False,
     )
     rng = np.random.default_rng(batch)

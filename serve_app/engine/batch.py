@@ -277,7 +277,7 @@ class BatchedEngine:
         tokens, forced = session.next_forced_run(self.style_model, frames)
         index = np.array([row], np.int32)
         audio, row_state = self.model.prefill(
-            self.model.params, tokens[None], forced[None], _gather_rows(self._state, index)
+            self.model.weights, tokens[None], forced[None], _gather_rows(self._state, index)
         )
         self._state = _put_row(self._state, row_state, np.int32(row))
         return audio, forced
@@ -355,5 +355,5 @@ class BatchedEngine:
         """Compiles `StreamingModel.prefill` for each forced run length (one row)."""
         for frames in self.prefill_runs:
             jax.block_until_ready(self.model.prefill(
-                self.model.params, np.zeros((1, frames, CONDITIONING_TOKENS), np.int32),
+                self.model.weights, np.zeros((1, frames, CONDITIONING_TOKENS), np.int32),
                 np.zeros((1, frames, CODE_LEVELS), np.int32), self.model.state_at(0)))

@@ -56,25 +56,24 @@ class AudioEncoder:
 
     @classmethod
     def from_file(cls, variant: Variant, encoder_path: pathlib.Path,
-                  sampler_params: Params) -> AudioEncoder:
+                  quantizer: Params) -> AudioEncoder:
         encoder = weights.load(
             encoder_path, expected_encoder_shapes(variant), prefix=ENCODER_PREFIX
         )
-        return cls(variant, encoder, sampler_params)
+        return cls(variant, encoder, quantizer)
 
     @classmethod
-    def random(cls, variant: Variant, seed: int, sampler_params: Params) -> AudioEncoder:
+    def random(cls, variant: Variant, seed: int, quantizer: Params) -> AudioEncoder:
         """Random encoder weights: loop prefill costs the same whatever the weights, so a
         benchmark with random weights can measure it too."""
         encoder = random_encoder_params(variant, seed)["params"]["encoder"]
-        return cls(variant, encoder, sampler_params)
+        return cls(variant, encoder, quantizer)
 
-    def __init__(self, variant: Variant, encoder: Params, sampler_params: Params):
-        """`encoder`: the codec's encoder parameters; the quantizer that turns its
-        embeddings into codes is the sampler checkpoint's own."""
+    def __init__(self, variant: Variant, encoder: Params, quantizer: Params):
+        """`encoder`: the codec's encoder parameters; `quantizer`, which turns its
+        embeddings into codes, is the sampler checkpoint's own (`StreamingModel.codebooks`)."""
         self.variant = variant
         self._codec = _codec(variant)
-        quantizer = sampler_params["params"]["soundstream"]["quantizer"]
         self._params = {"params": {"encoder": encoder, "quantizer": quantizer}}
         codec = self._codec
         levels = variant.rvq_levels

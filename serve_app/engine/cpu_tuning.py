@@ -11,20 +11,19 @@ them to (bfloat16 on accelerators; float32 on CPU, where nothing is converted).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
 from . import exported
 from .conv_transpose import without_lhs_dilation
-from .weight_layout import WeightLayout
+from .weight_layout import Reader, WeightLayout
 
 
 def tune(
     fn: Callable[..., Any], params: Any, *example: Any, enabled: bool, narrow: bool = True,
-    salt: str | None = None,
+    salt: str | None = None, readers: Sequence[Reader] = (),
 ) -> tuple[Callable[..., Any], WeightLayout]:
     """`fn(params, *args)` -> (`tuned(weights, *args)`, the layout that makes
     `weights` from `params`). `example` are arguments of the right shapes, traced
@@ -33,24 +32,23 @@ def tune(
     stored narrowed (`weight_layout`) unless `narrow` is False. With neither, `tuned`
     is `fn` and weights are params. With a `salt` (what `fn`'s closure holds beyond its
     arguments, as for `exported.jit`), the layout chosen is kept on disk with the traced
-    programs, and a later start reads it instead of tracing `fn` (4.4 s for mrt2_base)."""
+    programs, and a later start reads it instead of tracing `fn` (4.4 s for mrt2_base).
+    `readers`: the other functions that will read the same weights (`WeightLayout.of`),
+    through `layout.reading`."""
     def choose() -> tuple[dict, dict]:
-        chosen = WeightLayout.of(fn, params, *example, permute=enabled, narrow=narrow)
+        chosen = WeightLayout.of(fn, params, *example, permute=enabled, narrow=narrow,
+                                 readers=readers)
         return chosen.perms, chosen.casts
 
     if salt is None:
         perms, casts = choose()
     else:
+        names = ",".join(getattr(f, "__name__", "fn") for f, _ in readers)
         perms, casts = exported.remembered(
-            f"{getattr(fn, '__name__', 'fn')}-layout", f"{salt}|{enabled}|{narrow}",
-            (params, *example), choose)
+            f"{getattr(fn, '__name__', 'fn')}-layout",
+            f"{salt}|{enabled}|{narrow}|readers={names}",
+            (params, *example, *(args for _, args in readers)), choose)
     layout = WeightLayout(jax.tree.structure(params), perms, casts)
     if not enabled and layout.changes_nothing:
         return fn, layout
-    body = without_lhs_dilation(fn) if enabled else fn
-
-    @functools.wraps(fn)  # keeps the name profiles and the compile cache show
-    def tuned(weights: Any, *args: Any) -> Any:
-        return body(layout.restore(weights), *args)
-
-    return tuned, layout
+    return layout.reading(without_lhs_dilation(fn) if enabled else fn), layout

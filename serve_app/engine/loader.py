@@ -37,12 +37,12 @@ class LoadedModel:
     def audio_encoder(self) -> AudioEncoder:
         if self.random_weights_seed is not None:
             return AudioEncoder.random(self.variant, self.random_weights_seed,
-                                       self.model.params)
+                                       self.model.codebooks)
         if self.files is None or self.files.encoder is None:
             raise checkpoints.CheckpointNotFound(
                 f"{checkpoints.ENCODER_FILE} is needed to encode audio input and was not found"
             )
-        return AudioEncoder.from_file(self.variant, self.files.encoder, self.model.params)
+        return AudioEncoder.from_file(self.variant, self.files.encoder, self.model.codebooks)
 
 
 def resolve_compute_dtype(variant: Variant, compute_dtype: str = "auto"):

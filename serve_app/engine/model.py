@@ -1,12 +1,13 @@
 """The streaming model: upstream's sampler built for a variant, with jitted entry points.
 
-One `StreamingModel` holds the Flax module and its parameters. Its functions are
+One `StreamingModel` holds the Flax module and its weights. Its functions are
 pure and batch-size agnostic: `init_state` makes one session's state (batch 1, its
 own seed), `step` advances a batch of states by one frame and returns int16 audio
-and the frame's codes, never the per-layer emits upstream's system returns. `step`
-takes `weights`, the parameters as the step reads them: on CPU some are stored
-transposed and the transposed convolutions are rewritten (`cpu_tuning`); where the
-step computes in bfloat16, the float32 weights it only converts are stored converted.
+and the frame's codes, never the per-layer emits upstream's system returns. All
+take `weights`, the parameters as the step reads them: on CPU some are stored
+transposed and the step's transposed convolutions are rewritten (`cpu_tuning`);
+where the model computes in bfloat16, the float32 weights it only converts are
+stored converted, and no float32 copy is kept.
 
 Teacher forcing (jamming on a loop): upstream's JAX sampler has no forced tokens,
 so `step` takes per-row forced codes. A forced row runs the temporal transformer on
@@ -184,19 +185,22 @@ def expected_param_shapes(sampler) -> Params:
 
 @dataclasses.dataclass
 class StreamingModel:
-    """A variant's sampler and parameters, with jitted init/step functions."""
+    """A variant's sampler and its weights, with jitted init/step/prefill functions.
+
+    `params` (the checkpoint's tree) is only read to make `weights`, the one copy kept:
+    every jitted function takes `weights` (`WeightLayout.reading`)."""
 
     variant: Variant
     sampler: Any
-    params: Params
+    params: dataclasses.InitVar[Params]
     # Rewrite the step for XLA:CPU (cpu_tuning); None: when JAX's backend is the CPU.
     # After construction it says what was done.
     tune_for_cpu: bool | None = None
-    # Store the weights a bfloat16 step only converts already converted (weight_layout);
+    # Store the weights a bfloat16 model only converts already converted (weight_layout);
     # False keeps them as loaded (benchmarks' before/after).
     narrow_weights: bool = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, params: Params) -> None:
         sampler = self.sampler
         self.decoder_delay_frames = self.variant.decoder_delay_frames
 
@@ -249,22 +253,35 @@ class StreamingModel:
                                            method=_prefill_forcing)
             return out.values, new_state
 
-        self.init_state = jax.jit(init_state)
         if self.tune_for_cpu is None:
             self.tune_for_cpu = on_cpu()
-        example = (*neutral_step_inputs(1), self.init_state(self.params, jnp.uint32(0)))
+        seed = jax.ShapeDtypeStruct((), jnp.uint32)
+        state = jax.eval_shape(init_state, params, seed)
+        run = [jax.ShapeDtypeStruct((1, 2, width), jnp.int32)
+               for width in (CONDITIONING_TOKENS, CODE_LEVELS)]
         # A replica start reads the weights' layout, each bucket's step and each run's
         # prefill traced (`exported`); the salt is what their closures hold beyond the
         # arguments.
         salt = "|".join(map(str, (self.variant.name, self.tune_for_cpu, _config_text(sampler))))
         tuned, self._layout = cpu_tuning.tune(
-            step, self.params, *example, enabled=self.tune_for_cpu,
+            step, params, *neutral_step_inputs(1), state, enabled=self.tune_for_cpu,
             narrow=self.narrow_weights, salt=salt,
+            readers=[(prefill, (*run, state)), (init_state, (seed,))],
         )
-        self.weights = self._layout.prepare(self.params)
+        self._keep(params)
         salt = f"{salt}|{self._layout.describe()}"
-        self.prefill = exported.jit(prefill, salt=salt, donate_argnums=(3,))
+        self.init_state = jax.jit(self._layout.reading(init_state))
+        self.prefill = exported.jit(self._layout.reading(prefill), salt=salt,
+                                    donate_argnums=(3,))
         self.step = exported.jit(tuned, salt=salt, donate_argnums=(7,))
+
+    def _keep(self, params: Params) -> None:
+        """Keeps `params` as the functions read them (`weights`), and the codec's
+        codebooks as trained: the loop encoder's nearest-codeword search reads them
+        (`codec.AudioEncoder`), and they are the same arrays unless the layout changed
+        them (12 x 1024 x width, small)."""
+        self.weights = self._layout.prepare(params)
+        self.codebooks = params["params"]["soundstream"]["quantizer"]
 
     @property
     def layout(self) -> WeightLayout:
@@ -279,19 +296,24 @@ class StreamingModel:
         """The same model with other weights of the same shapes. The jitted functions
         are shared, so nothing recompiles: this is what makes a hot swap free."""
         other = copy.copy(self)
-        other.params = params
-        other.weights = self._layout.prepare(params)
+        other._keep(params)
         return other
 
+    def restored_params(self) -> Params:
+        """The checkpoint's tree made again from `weights`, for tools (benchmarks'
+        before/after, tests): a new copy on the device. Exact, except that narrowed
+        weights keep the precision they are stored in."""
+        return jax.jit(self._layout.restore)(self.weights)
+
     def state_at(self, seed: int) -> State:
-        return self.on_device(self.init_state(self.params, jnp.asarray(seed, jnp.uint32)))
+        return self.on_device(self.init_state(self.weights, jnp.asarray(seed, jnp.uint32)))
 
     def on_device(self, state: State) -> State:
         """`state` committed to the device the weights are on. A jit specializes on
         whether its inputs are committed, and what an exported step returns always is
         (`exported`): every state starts committed, so that warm-up compiles the variant
         the steps after it take, and none compiles while serving."""
-        (device,) = jax.tree.leaves(self.params)[0].devices()
+        (device,) = jax.tree.leaves(self.weights)[0].devices()
         return jax.device_put(state, device)
 
 
