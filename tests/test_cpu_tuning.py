@@ -123,9 +123,10 @@ def test_weights_a_step_only_narrows_are_stored_narrow():
 
 def test_a_bfloat16_model_keeps_one_narrow_copy_of_its_weights_and_plays_the_same(tiny):
     """tiny computing in bfloat16 (as accelerators do): most of its float32 weights are
-    stored as bfloat16 and their float32 arrays are not kept; the step reads half the
-    bytes and streams exactly what it streams converting them on every call, and a
-    loop's prefill, reading the same narrow weights, leaves exactly the same state."""
+    stored as bfloat16 (narrowed on the host when loaded there) and their float32 arrays
+    are not kept; the step reads half the bytes and streams exactly what it streams
+    converting them on every call, and a loop's prefill, reading the same narrow
+    weights, leaves exactly the same state."""
     bf16 = build_sampler(tiny.variant, compute_dtype=jnp.bfloat16)
     wide = StreamingModel(tiny.variant, bf16, tiny.model.restored_params(),
                           narrow_weights=False)
@@ -143,6 +144,10 @@ def test_a_bfloat16_model_keeps_one_narrow_copy_of_its_weights_and_plays_the_sam
         return sum(w.nbytes for w in jax.tree.leaves(weights))
 
     assert nbytes(narrow.weights) < 0.6 * nbytes(wide.weights)
+    # from the host (as a checkpoint loads): narrowed there, the same bits on the device
+    host = StreamingModel(tiny.variant, bf16, jax.tree.map(np.asarray, wide.restored_params()))
+    assert all(isinstance(w, jax.Array) for w in jax.tree.leaves(host.weights))
+    jax.tree.map(np.testing.assert_array_equal, host.weights, narrow.weights)
     narrow_audio, narrow_codes = _stream(narrow, 4)
     audio, codes = _stream(wide, 4)
     np.testing.assert_array_equal(narrow_codes, codes)

@@ -57,9 +57,9 @@ class AudioEncoder:
     @classmethod
     def from_file(cls, variant: Variant, encoder_path: pathlib.Path,
                   quantizer: Params) -> AudioEncoder:
-        encoder = weights.load(
+        encoder = jax.device_put(weights.load(
             encoder_path, expected_encoder_shapes(variant), prefix=ENCODER_PREFIX
-        )
+        ))
         return cls(variant, encoder, quantizer)
 
     @classmethod

@@ -276,12 +276,12 @@ class StreamingModel:
         self.step = exported.jit(tuned, salt=salt, donate_argnums=(7,))
 
     def _keep(self, params: Params) -> None:
-        """Keeps `params` as the functions read them (`weights`), and the codec's
+        """Keeps `params` (on the host, as `weights.load` reads them, or already on the
+        device) as the functions read them (`weights`, on the device), and the codec's
         codebooks as trained: the loop encoder's nearest-codeword search reads them
-        (`codec.AudioEncoder`), and they are the same arrays unless the layout changed
-        them (12 x 1024 x width, small)."""
-        self.weights = self._layout.prepare(params)
-        self.codebooks = params["params"]["soundstream"]["quantizer"]
+        (`codec.AudioEncoder`; from the host, a copy of their own: 12 x 1024 x width)."""
+        self.weights = jax.device_put(self._layout.prepare(params))
+        self.codebooks = jax.device_put(params["params"]["soundstream"]["quantizer"])
 
     @property
     def layout(self) -> WeightLayout:

@@ -160,10 +160,13 @@ class WeightLayout:
 
     def prepare(self, params: Any) -> Any:
         """The weights as the step takes them (the permuted or narrowed ones are new
-        arrays; the others are `params`' own)."""
+        arrays; the others are `params`' own). Host (numpy) weights are changed on the
+        host, so that a float32 copy of a narrowed weight never reaches the device
+        (numpy's bfloat16 rounds as XLA's conversion does: to nearest even)."""
         def change(i: int, w: jax.Array) -> jax.Array:
             if i in self.perms:
-                w = jax.numpy.transpose(w, self.perms[i])
+                xp = np if isinstance(w, np.ndarray) else jax.numpy
+                w = xp.transpose(w, self.perms[i])
             if i in self.casts:
                 w = w.astype(self.casts[i][0])
             return w
