@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import pathlib
 import statistics
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from serve_app import logs
 from serve_app.engine import BatchedEngine, Session, cpu_tuning, load_model, weights
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
-from serve_app.engine.device import device_name
+from serve_app.engine.device import device_name, memory_gb
 from serve_app.engine.model import StreamingModel, build_sampler, decode_step, dummy_inputs
 from serve_app.engine.variants import FRAMES_PER_SECOND
 
@@ -245,6 +246,9 @@ def main() -> int:
             model.variant, model.sampler, model.restored_params(),
             tune_for_cpu=model.tune_for_cpu and not args.untuned,
             narrow_weights=not args.wide_weights))
+        del model  # its weights leave the device: the memory figures are the new model's
+    gc.collect()
+    loaded_memory = memory_gb()
     tuned = loaded.model.tune_for_cpu
     dtype = jnp.dtype(loaded.model.sampler.cfg.depthformer.encoder.compute_dtype).name
     results = []
@@ -265,6 +269,10 @@ def main() -> int:
         "narrowed_weights": len(loaded.model.layout.casts),
         "step_weight_gb": round(sum(w.nbytes for w in jax.tree.leaves(loaded.model.weights))
                                 / 1e9, 3),
+        # the device's allocator (GPU; None on CPU): after loading, and after the steps
+        # (their states and workspace; the peak includes loading)
+        "device_memory_gb_loaded": loaded_memory,
+        "device_memory_gb": memory_gb(),
         "frames_timed": args.frames,
         "results": results,
     }

@@ -29,7 +29,7 @@ from .audio.bars import BarChunker
 from .audio.loudness import LoudnessMatcher
 from .engine import BatchedEngine, CapacityError, Controls, LoadedModel, Session, load_model
 from .engine.batch import DEFAULT_BUCKETS, PendingStep
-from .engine.device import device_name, on_cpu
+from .engine.device import device_name, memory_gb, on_cpu
 from .engine.session import BeatPulse
 from .engine.variants import CHANNELS, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import (
@@ -883,6 +883,7 @@ class GeneratorCore:
                 "state": self.state,
                 "error": self.error,
                 "device": self.device,
+                "device_memory_gb": memory_gb(),
                 # a benchmark's figures on random weights say so (speed is the same)
                 "random_weights": bool(self.loaded and self.loaded.random_weights_seed
                                        is not None),

@@ -12,6 +12,18 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
 
 
+def memory_gb() -> dict[str, float] | None:
+    """The default device's memory as its allocator counts it (GB in use, the peak since
+    the process started, the limit), or None where the backend keeps no count (CPU).
+    What a replica's weights, states and compiled steps take, and the headroom left:
+    JAX's GPU replicas do not preallocate (`deployments/app.py`), so this is their own."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    keys = {"in_use": "bytes_in_use", "peak": "peak_bytes_in_use", "limit": "bytes_limit"}
+    return {name: round(stats[key] / 1e9, 3) for name, key in keys.items() if key in stats}
+
+
 def on_cpu() -> bool:
     """JAX computes on this host's CPU. Several choices follow from it: the step's CPU
     rewrites (`cpu_tuning`), float32 compute (`loader`), 1-row steps (`batch.min_rows`),
