@@ -130,7 +130,7 @@ def test_a_bfloat16_model_keeps_one_narrow_copy_of_its_weights_and_plays_the_sam
     bf16 = build_sampler(tiny.variant, compute_dtype=jnp.bfloat16)
     wide = StreamingModel(tiny.variant, bf16, tiny.model.restored_params(),
                           narrow_weights=False)
-    params = jax.tree.map(jnp.array, tiny.model.restored_params())  # arrays of its own
+    params = tiny.model.restored_params()  # arrays of its own
     narrow = StreamingModel(tiny.variant, bf16, params)
     leaves = jax.tree.leaves(params)
     assert len(narrow.layout.casts) > len(leaves) / 3
