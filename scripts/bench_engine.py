@@ -3,7 +3,7 @@
 
     scripts/bench_engine.py --variant mrt2_small --batch 1,2,4,8 --json out.json \\
         [--compare-upstream] [--breakdown] [--frames 30] [--compute-dtype auto|float32|bfloat16]
-        [--wide-weights] [--untuned]
+        [--wide-weights] [--untuned] [--profile DIR]
 
 Random weights (speed does not depend on their values). Each row times whole
 engine steps as a server runs them: conditioning for every session, one batched
@@ -18,6 +18,10 @@ depthformer that samples the frame's 12 codes, and the codec decoder that turns
 them into audio): the profile that says which one limits a batch. With XLA's
 count of each half's FLOPs and one large matmul timed on the same device, it also
 says how close each half runs to the arithmetic limit.
+`--profile DIR` then runs a few more steps per batch size under jax.profiler (the
+trace stays in DIR for Perfetto or TensorBoard) and adds what it shows to each row
+(`serve_app/engine/profile.py`): the device's busy time a step, its kernel count
+and top operations, i.e. whether kernels or their launching bound the step.
 Runs without Ray: it only needs serve_app and JAX.
 """
 
@@ -48,6 +52,7 @@ from serve_app.engine import BatchedEngine, Session, cpu_tuning, load_model, wei
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
 from serve_app.engine.device import device_name, memory_gb
 from serve_app.engine.model import StreamingModel, build_sampler, decode_step, dummy_inputs
+from serve_app.engine.profile import profile_line, profile_steps
 from serve_app.engine.variants import FRAMES_PER_SECOND
 
 FRAME_MS = 1000 / FRAMES_PER_SECOND
@@ -147,7 +152,8 @@ def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> di
     return row
 
 
-def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
+def bench_engine(loaded, batch: int, frames: int, warmup: int,
+                 profile: pathlib.Path | None = None) -> dict:
     engine = BatchedEngine(loaded.model, loaded.style, buckets=(batch,))
     t0 = time.perf_counter()
     engine.warmup_buckets()  # steps only: this benchmark forces no loop
@@ -157,7 +163,7 @@ def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
         engine.add(Session(style, seed=i))
     times, dispatch_ms = time_engine_steps(engine, frames, warmup, f"batch {batch}")
     ms = statistics.median(times)
-    return {
+    row = {
         "batch": batch,
         "rows": engine.capacity,  # more than batch where a step keeps a minimum (min_rows)
         "ms_per_frame": round(ms, 3),
@@ -168,6 +174,9 @@ def bench_engine(loaded, batch: int, frames: int, warmup: int) -> dict:
         "realtime_streams": round(batch * FRAME_MS / ms, 2),
         "compile_seconds": round(compile_s, 1),
     }
+    if profile is not None:
+        row["profile"] = profile_steps(engine, profile / f"batch-{batch}")
+    return row
 
 
 def _upstream_system_step(loaded, variant: str, workdir: pathlib.Path):
@@ -233,6 +242,8 @@ def main() -> int:
     parser.add_argument("--wide-weights", action="store_true",
                         help="weights as loaded (float32), not stored in the dtype a "
                              "bfloat16 step converts them to (before/after)")
+    parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
+                        help="profile a few more steps per batch size; traces under DIR")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
     logs.configure()
@@ -253,7 +264,7 @@ def main() -> int:
     dtype = jnp.dtype(loaded.model.sampler.cfg.depthformer.encoder.compute_dtype).name
     results = []
     for b in batches:
-        row = bench_engine(loaded, b, args.frames, args.warmup)
+        row = bench_engine(loaded, b, args.frames, args.warmup, args.profile)
         if args.breakdown:
             row.update(breakdown(loaded.model, b, args.frames, args.warmup))
         print(json.dumps(row), flush=True)  # each row as it lands: long runs show progress
@@ -309,6 +320,9 @@ def main() -> int:
               + (f"  depthformer {r['depthformer_ms']:.2f} ({r['depthformer_gflops']} GFLOP/s)"
                  f" decoder {r['decoder_ms']:.2f} ({r['decoder_gflops']} GFLOP/s)"
                  if "decoder_ms" in r else ""))
+    for r in results:
+        if "profile" in r:
+            print(f"batch {r['batch']} profile: {profile_line(r['profile'])}")
     if "matmul_peak_gflops" in report:
         print(f"one {PEAK_MATMUL_N}x{PEAK_MATMUL_N} {dtype} matmul: "
               f"{report['matmul_peak_gflops']} GFLOP/s (this device's best case)")

@@ -64,7 +64,7 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, tiny_repo):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/bench_engine.py"), "--variant", "tiny",
          "--batch", "1,2", "--frames", "4", "--warmup", "1", "--compare-upstream",
-         "--breakdown", "--json", str(out)],
+         "--breakdown", "--profile", str(tmp_path / "profile"), "--json", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr
@@ -79,13 +79,19 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, tiny_repo):
         # the host's share of each step, timed inside it: no more than the whole
         assert 0 < row["dispatch_ms"] <= row["ms_per_frame"]
         assert row["depthformer_ms"] > 0 and row["decoder_ms"] > 0
+        # a few more steps under the profiler, read back from their trace
+        profile = row["profile"]
+        assert profile["steps"] == 5 and 0 < profile["dispatch_ms"] <= profile["step_ms"]
+        assert profile["device_busy_ms"] is None  # XLA:CPU: no device lanes
+        assert (tmp_path / "profile" / f"batch-{row['batch']}") in pathlib.Path(
+            profile["trace"]).parents
         # the JSON rounds each figure from the unrounded median
         assert row["frames_per_second"] == pytest.approx(row["batch"] * 1000 / row["ms_per_frame"],
                                                          rel=1e-3)
         assert row["rtf_per_stream"] == pytest.approx(40 / row["ms_per_frame"], rel=1e-3)
     assert report["upstream_ms_per_frame"] > 0 and report["speedup_vs_upstream"] > 0
     assert "ms/frame" in result.stdout and "upstream" in result.stdout
-    assert "depthformer" in result.stdout
+    assert "depthformer" in result.stdout and "batch 2 profile: step" in result.stdout
     # XLA's FLOP count is of the whole batched call: two rows do about twice the work
     one, two = report["results"]
     for half in ("depthformer", "decoder"):
