@@ -14,7 +14,8 @@ complete events (`ph: X`, `ts`/`dur` in microseconds) in processes named `/host:
 and, on accelerators, `/device:GPU:0` and the like, whose threads are the device's
 streams (and lines XLA derives from them, which overlap the streams'; busy time is
 their union, so that counts nothing twice). XLA:CPU runs a step's work on host threads
-and names no device process: there the device figures are absent.
+and names no device process: there the device figures are absent (as on a GPU whose
+profiler cannot load CUPTI, which JAX then warns about).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def profile_line(summary: dict[str, Any]) -> str:
     """`summarize`'s figures in one line, for a benchmark's table."""
     line = f"step {summary['step_ms']} ms, dispatch {summary['dispatch_ms']} ms"
     if summary.get("device_busy_ms") is None:
-        return f"{line}; no device lanes (XLA:CPU runs the step on host threads)"
+        return (f"{line}; no device lanes in the trace (XLA:CPU runs the step on host "
+                "threads; a GPU without CUPTI records none)")
     top = ", ".join(f"{op['op']} {op['ms_per_step']} ms (x{op['count_per_step']})"
                     for op in summary["top_device_ops"][:3])
     return (f"{line}; device busy {summary['device_busy_ms']} ms "
