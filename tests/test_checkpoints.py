@@ -237,3 +237,22 @@ def test_a_long_download_says_how_far_it_got(monkeypatch, caplog):
         "downloading checkpoints/x.safetensors: 1.00MB of 4.00MB (25%)",
         "download of checkpoints/x.safetensors stopped at 1.00MB of 4.00MB",
     ]
+
+
+def test_benchmark_weights_have_the_checkpoints_tree_without_running_its_initialisers():
+    """`weights.random_like`: every tensor a checkpoint must hold, its shape and dtype, on
+    the host, small and not constant, the same for a seed and another for another."""
+    expected = expected_param_shapes(build_sampler(get_variant("tiny")))
+    got = weights.random_like(expected, seed=3)
+    flat, want = weights.flatten(got), weights.flatten(expected)
+    assert flat.keys() == want.keys()
+    for key, spec in want.items():
+        assert isinstance(flat[key], np.ndarray), key
+        assert flat[key].shape == tuple(spec.shape) and flat[key].dtype == spec.dtype, key
+    values = np.concatenate([v.ravel() for v in flat.values()])
+    assert values.size > weights.RANDOM_BLOCK  # longer than its block: it repeats
+    assert 0 < np.abs(values).max() < 0.2 and values.std() > 0.01
+    again = weights.flatten(weights.random_like(expected, seed=3))
+    other = weights.flatten(weights.random_like(expected, seed=4))
+    assert all(np.array_equal(flat[k], again[k]) for k in want)
+    assert not all(np.array_equal(flat[k], other[k]) for k in want)

@@ -66,7 +66,7 @@ class AudioEncoder:
     def random(cls, variant: Variant, seed: int, quantizer: Params) -> AudioEncoder:
         """Random encoder weights: loop prefill costs the same whatever the weights, so a
         benchmark with random weights can measure it too."""
-        encoder = random_encoder_params(variant, seed)["params"]["encoder"]
+        encoder = jax.device_put(weights.random_like(expected_encoder_shapes(variant), seed))
         return cls(variant, encoder, quantizer)
 
     def __init__(self, variant: Variant, encoder: Params, quantizer: Params):

@@ -12,7 +12,7 @@ from ..styles import SteeringAssets, StyleModel
 from . import compile_cache, weights
 from .codec import AudioEncoder
 from .device import on_cpu
-from .model import StreamingModel, build_sampler, expected_param_shapes, random_params
+from .model import StreamingModel, build_sampler, expected_param_shapes
 from .tiny import ensure_tiny_repo
 from .variants import COMPUTE_DTYPES, Variant, get_variant
 
@@ -103,14 +103,15 @@ def load_model(
     """Loads a variant from its repo (or from already resolved `files`).
 
     `random_weights_seed` skips files entirely (benchmarks: speed does not depend on
-    weight values).
+    weight values; `weights.random_like`).
     """
     t0 = time.perf_counter()
     compile_cache.enable()
     variant = get_variant(variant_name)
     sampler = build_sampler(variant, compute_dtype=resolve_compute_dtype(variant, compute_dtype))
     if random_weights_seed is not None:
-        params, files = random_params(sampler, random_weights_seed), None
+        params = weights.random_like(expected_param_shapes(sampler), random_weights_seed)
+        files = None
         steering = SteeringAssets()
     else:
         files = files or resolve_files(variant, repo=repo, step=step, revision=revision,
