@@ -291,6 +291,7 @@ class GeneratorCore:
             self.loaded = loaded
             self.engine = self._make_engine(loaded, on_bucket=self.warmed.append)
             self.encoder = build_loop_encoder(loaded, self.name)
+            self._report_device_memory()
             self.state = "ready"
             progress.info("generator %s: ready after %.0f s on %s (buckets %s)", self.name,
                           time.monotonic() - started, self.device, list(self.engine.buckets))
@@ -369,6 +370,7 @@ class GeneratorCore:
                     if now >= self._next_expiry_check:
                         self._next_expiry_check = now + 1.0
                         self.expire_idle(now)
+                        self._report_device_memory()
                     due = self._due(now)
                     # Replies first: a step that completes chunks realtime clients wait
                     # on is delivered before the next one is dispatched, and the replies
@@ -394,6 +396,13 @@ class GeneratorCore:
                     wait = self._seconds_until_due(now)
                 self._wake.wait(timeout=wait)
                 self._wake.clear()
+
+    def _report_device_memory(self) -> None:
+        """The `mrt_device_memory_gb` gauge, once a second from the step loop (a cheap
+        query of the allocator); nothing on CPU, whose allocator keeps no count."""
+        memory = memory_gb()
+        if memory is not None and "in_use" in memory:
+            self.metrics.record("mrt_device_memory_gb", memory["in_use"])
 
     def expire_idle(self, now: float | None = None) -> list[str]:
         """Ends the sessions nobody has asked about for `idle_seconds` (a polled jam

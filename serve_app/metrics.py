@@ -34,6 +34,9 @@ METRICS = {
                           "leave before it takes the cores (CPU hosts only)"),
     "mrt_chunk_latency_ms": ("histogram", "wall time from a chunk's first frame to its last"),
     "mrt_model_switches": ("counter", "successful model selections (hot swaps)"),
+    "mrt_device_memory_gb": ("gauge", "device memory in use on this generator replica's "
+                             "accelerator, its allocator's count in GB (weights, session "
+                             "states, XLA's workspace); not recorded on CPU"),
 }
 HISTOGRAM_BOUNDARIES_MS = [5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240]
 
@@ -48,7 +51,9 @@ class GeneratorMetrics:
         self._sink_failed = False
         self._lock = threading.Lock()
         self.totals = {name: 0.0 for name, (kind, _) in METRICS.items() if kind == "counter"}
-        self.sessions = 0
+        # the last value set; None until one is (a CPU replica never sets device memory)
+        self.gauges: dict[str, float | None] = {
+            name: None for name, (kind, _) in METRICS.items() if kind == "gauge"}
         # per histogram: the sum of its values, and counts per bucket of
         # HISTOGRAM_BOUNDARIES_MS (the last: above them all), whose total is the count
         self._sums = {name: 0.0 for name, (kind, _) in METRICS.items() if kind == "histogram"}
@@ -63,7 +68,7 @@ class GeneratorMetrics:
                 self._sums[name] += value
                 self._buckets[name][bisect.bisect_left(HISTOGRAM_BOUNDARIES_MS, value)] += 1
             else:
-                self.sessions = int(value)
+                self.gauges[name] = value
         if self.sink is None:
             return
         try:
@@ -87,5 +92,6 @@ class GeneratorMetrics:
                 n = le["+Inf"]
                 histograms |= {f"{name}_mean": total / n if n else None,
                                f"{name}_sum": total, f"{name}_le": le}
-            return {"mrt_sessions": self.sessions,
+            return {"mrt_sessions": int(self.gauges["mrt_sessions"] or 0),
+                    "mrt_device_memory_gb": self.gauges["mrt_device_memory_gb"],
                     **{k: int(v) for k, v in self.totals.items()}, **histograms}

@@ -267,9 +267,11 @@ def test_metrics_export_failures_never_stop_counting():
     metrics.record("mrt_frames", 0)
     metrics.record("mrt_step_ms", 20.0)
     metrics.record("mrt_sessions", 3)
+    assert metrics.snapshot()["mrt_device_memory_gb"] is None  # never set: not made up
+    metrics.record("mrt_device_memory_gb", 5.25)
     snap = metrics.snapshot()
     assert snap["mrt_frames"] == 8 and snap["mrt_step_ms_mean"] == 20.0
-    assert snap["mrt_sessions"] == 3
+    assert snap["mrt_sessions"] == 3 and snap["mrt_device_memory_gb"] == 5.25
 
 
 def test_histograms_keep_prometheus_cumulative_buckets():
