@@ -8,6 +8,7 @@ what is carried."""
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import os
 import pathlib
 import subprocess
@@ -101,3 +102,31 @@ def test_the_stand_in_for_litert_imports_and_refuses_to_run(tmp_path):
                          env={"PYTHONPATH": str(target)})
     assert ran.stdout.strip() == "0.0.0+stand.in"
     assert "RuntimeError: ai_edge_litert is a stand-in on this box" in ran.stderr
+
+
+def test_the_device_checks_engine_part_leaves_what_the_run_tool_brings_back(tmp_path):
+    """scripts/device_check engine, dry-run on tiny: both engine reports (the profile in the
+    narrowed one), the traces copied flat, the log; no more than the 8 files, none deeper
+    than the 2 folders, that come back from $OUT. A wrong part is refused."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WHEELS": "none",
+           "CONFIG": "configs/tiny.yaml", "VARIANT": "tiny", "BUCKETS": "1,2",
+           "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([str(root / "scripts/device_check"), "engine"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["device-check-engine.log", "engine-tiny-narrow.json",
+                     "engine-tiny-wide.json", "trace-tiny-1.json.gz", "trace-tiny-2.json.gz"]
+    assert all(p.is_file() for p in out.iterdir())
+    narrow = json.loads((out / "engine-tiny-narrow.json").read_text())
+    wide = json.loads((out / "engine-tiny-wide.json").read_text())
+    assert [r["batch"] for r in narrow["results"]] == [1, 2]
+    assert all(r["profile"]["steps"] == 5 for r in narrow["results"])
+    assert "profile" not in wide["results"][0]
+    assert "engine done" in (out / "device-check-engine.log").read_text()
+    refused = subprocess.run([str(root / "scripts/device_check"), "all"], env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "usage: scripts/device_check engine|ray" in refused.stderr
