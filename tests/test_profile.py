@@ -1,4 +1,5 @@
-"""Reading a profiler trace into what limits a step (serve_app/engine/profile.py)."""
+"""What a step costs the device, as benchmarks and reports read it: a profiler trace read
+back (serve_app/engine/profile.py), and the device memory in use (engine/device.py)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,22 @@ def test_busy_time_is_the_union_of_spans(spans, busy):
     from serve_app.engine.profile import _union_ms
 
     assert _union_ms(spans) == busy
+
+
+def test_device_memory_is_the_allocators_count_in_gb(monkeypatch):
+    """`memory_gb` (the /health field, the gauge, bench_engine's figures) as a GPU's
+    allocator reports it, and None where the backend keeps no count, as XLA:CPU's."""
+    import types
+
+    import jax
+
+    from serve_app.engine.device import memory_gb
+
+    stats = {"bytes_in_use": 5_020_000_000, "peak_bytes_in_use": 14_650_000_000,
+             "bytes_limit": 150_000_000_000, "num_allocs": 7}
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(memory_stats=lambda: stats)])
+    assert memory_gb() == {"in_use": 5.02, "peak": 14.65, "limit": 150.0}
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(memory_stats=lambda: None)])
+    assert memory_gb() is None
+    monkeypatch.undo()
+    assert memory_gb() is None  # this box: XLA:CPU
