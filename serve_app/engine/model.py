@@ -270,6 +270,7 @@ class StreamingModel:
         )
         self._keep(params)
         salt = f"{salt}|{self._layout.describe()}"
+        self._restore = jax.jit(self._layout.restore)  # tools' `restored_params`
         self.init_state = jax.jit(self._layout.reading(init_state))
         self.prefill = exported.jit(self._layout.reading(prefill), salt=salt,
                                     donate_argnums=(3,))
@@ -303,7 +304,7 @@ class StreamingModel:
         """The checkpoint's tree made again from `weights`, for tools (benchmarks'
         before/after, tests): a new copy on the device. Exact, except that narrowed
         weights keep the precision they are stored in."""
-        return jax.jit(self._layout.restore)(self.weights)
+        return self._restore(self.weights)
 
     def state_at(self, seed: int) -> State:
         return self.on_device(self.init_state(self.weights, jnp.asarray(seed, jnp.uint32)))
