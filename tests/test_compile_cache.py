@@ -102,13 +102,17 @@ def test_off_writes_nothing(tmp_path):
 
 
 COMPILE_THREE = """
+import warnings
 import jax
 import pytest
 from serve_app.engine import compile_cache
 compile_cache.enable()
-for k in range(3):
-    jax.jit(lambda x, k=k: x * (k + 2) + 1)(jax.numpy.ones(3)).block_until_ready()
+with warnings.catch_warnings(record=True) as caught:  # JAX's only word on a failed write
+    warnings.simplefilter("always")
+    for k in range(3):
+        jax.jit(lambda x, k=k: x * (k + 2) + 1)(jax.numpy.ones(3)).block_until_ready()
 print("LIMIT", jax.config.jax_compilation_cache_max_size)
+print("CACHE_WARNINGS", [str(w.message) for w in caught if "compilation cache" in str(w.message)])
 """
 
 
@@ -116,6 +120,7 @@ def test_the_cache_is_kept_under_its_size_limit(tmp_path):
     cache = tmp_path / "xla"
     out = run_fresh(COMPILE_THREE, tmp_path, MRT_COMPILE_CACHE=str(cache))
     assert f"LIMIT {16 * 2**30}" in out, out  # the default
+    assert "CACHE_WARNINGS []" in out, out
     entries = {p.name: p.stat().st_size for p in cache.glob("*-cache")}
     assert len(entries) >= 3, entries
     limit = max(entries.values()) + 1  # room for any one program, not for all of them
@@ -137,3 +142,29 @@ def test_a_bad_size_limit_is_named(monkeypatch):
         assert str(raised.value) == f"MRT_COMPILE_CACHE_MAX_GB: a size in GB above 0, got {bad!r}"
     monkeypatch.setenv("MRT_COMPILE_CACHE_MAX_GB", "0.5")
     assert compile_cache.max_bytes() == 2**29
+
+
+UNLIMITED = """
+import os
+import jax
+jax.config.update("jax_compilation_cache_dir", os.environ["UNLIMITED_DIR"])  # JAX's defaults
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+for k in range(2):
+    jax.jit(lambda x, k=k: x - k)(jax.numpy.ones(3)).block_until_ready()
+"""
+
+
+def test_programs_written_without_a_size_limit_do_not_stop_the_cache(tmp_path):
+    """A JAX process with no size limit (JAX's default; an earlier mrt-serve) writes
+    programs without the last-use times a limited cache reads before every write: before
+    they were adopted, every later write failed and the replica compiled cold each start."""
+    cache = tmp_path / "xla"
+    run_fresh(UNLIMITED, tmp_path, UNLIMITED_DIR=str(cache))
+    foreign = sorted(p.name for p in cache.glob("*-cache"))
+    assert len(foreign) >= 2 and not list(cache.glob("*-atime")), listing(cache)
+    out = run_fresh(COMPILE_THREE, tmp_path, MRT_COMPILE_CACHE=str(cache))
+    assert "CACHE_WARNINGS []" in out, out
+    programs = sorted(p.name for p in cache.glob("*-cache"))
+    assert len(programs) >= len(foreign) + 3 and set(foreign) <= set(programs), programs
+    times = {p.name.removesuffix("-atime") for p in cache.glob("*-atime")}
+    assert times == {name.removesuffix("-cache") for name in programs}

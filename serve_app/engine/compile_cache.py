@@ -16,9 +16,18 @@ replica's 12-15 s start on a 2-core CPU, and a few KB each on disk.
 of its own, so the directory is kept under `MRT_COMPILE_CACHE_MAX_GB` (default 16; a cold
 mrt2_base replica's 5 buckets and forced runs are the largest part): JAX deletes the
 least recently used compiled programs past it (`JAX_COMPILATION_CACHE_MAX_SIZE`, in
-bytes, wins). JAX's own `JAX_COMPILATION_CACHE_DIR`, when
-set, wins. JAX decides whether to use the cache at the first compilation in a
-process, so this must run before any: `load_model` calls it first thing.
+bytes, wins). JAX's own `JAX_COMPILATION_CACHE_DIR`, when set, names the directory
+instead; the limit applies to it all the same. JAX decides whether to use the cache at
+the first compilation in a process, so this must run before any: `load_model` calls it
+first thing.
+
+Entries without a last-use time are adopted when the cache is enabled. JAX's
+size-limited cache keeps one (`<key>-atime`) beside each program and, before every
+write, reads them all to choose what to evict; a program written by a process with no
+limit (JAX's default: an earlier mrt-serve, or any JAX program pointed at the same
+directory) has none, so that read fails and *every* later write is dropped with a
+warning: replicas then compile cold on every start. Adopting gives each such program its
+file's modification time as its last use.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ import logging
 import os
 import pathlib
 
+import filelock
 import jax
 
 log = logging.getLogger(__name__)
 
 ENV = "MRT_COMPILE_CACHE"
+PROGRAM_SUFFIX, LAST_USE_SUFFIX = "-cache", "-atime"  # JAX's LRU cache's file names
 MAX_GB_ENV = "MRT_COMPILE_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 16.0
 
@@ -54,14 +65,11 @@ def max_bytes() -> int:
 
 
 def enable() -> pathlib.Path | None:
-    """Points JAX at the cache directory; returns it, or None when disabled."""
-    current = jax.config.jax_compilation_cache_dir
-    if current:
-        return pathlib.Path(current)
-    setting = os.environ.get(ENV, "").strip()
-    if setting.lower() in {"off", "0", "false", "no"}:
+    """Points JAX at the cache directory, with its size limit; returns it, or None when
+    disabled."""
+    path = chosen_dir()
+    if path is None:
         return None
-    path = pathlib.Path(setting).expanduser() if setting else default_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only home: compile every time rather than fail
@@ -73,5 +81,40 @@ def enable() -> pathlib.Path | None:
         jax.config.update("jax_compilation_cache_max_size", limit)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if jax.config.jax_compilation_cache_max_size != -1:  # -1: JAX keeps no last-use times
+        adopted = adopt_untimed_programs(path)
+        if adopted:
+            log.info("compilation cache: %d programs without a last-use time adopted", adopted)
     log.debug("XLA compilation cache at %s", path)
     return path
+
+
+def chosen_dir() -> pathlib.Path | None:
+    """JAX's own setting, else `MRT_COMPILE_CACHE`, else the default; None for `off`."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return pathlib.Path(current)
+    setting = os.environ.get(ENV, "").strip()
+    if setting.lower() in {"off", "0", "false", "no"}:
+        return None
+    return pathlib.Path(setting).expanduser() if setting else default_dir()
+
+
+def adopt_untimed_programs(path: pathlib.Path) -> int:
+    """Gives every compiled program in `path` that has no last-use time its file's
+    modification time (see the module's docstring: without, JAX writes nothing more);
+    returns how many. Under JAX's own lock, so no process is between writing a program
+    and its time."""
+    with filelock.FileLock(path / ".lockfile", timeout=60):
+        adopted = 0
+        for program in path.glob(f"*{PROGRAM_SUFFIX}"):
+            last_use = path / (program.name.removesuffix(PROGRAM_SUFFIX) + LAST_USE_SUFFIX)
+            if last_use.exists():
+                continue
+            try:
+                written = program.stat().st_mtime_ns
+            except FileNotFoundError:  # evicted meanwhile by a process not taking the lock
+                continue
+            last_use.write_bytes(written.to_bytes(8, "little"))
+            adopted += 1
+        return adopted
