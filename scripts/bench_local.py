@@ -111,6 +111,7 @@ def ray_server(config: pathlib.Path, args: argparse.Namespace, port: int,
     its buckets, random weights if asked, on `port`; a Ray instance of its own
     (RAY_ADDRESS=local), started with the node variables scripts/serve sets."""
     from deployments.transport import NODE_ENV
+    from serve_app.engine.tiny import write_named_repos
 
     app_args, _ = config_args(config, args.variant, args.buckets)
     try:
@@ -118,6 +119,7 @@ def ray_server(config: pathlib.Path, args: argparse.Namespace, port: int,
     except ValueError as e:
         raise SystemExit(f"bench_local: {e}") from None
     narrowed.random_weights = narrowed.random_weights or args.random_weights
+    write_named_repos(narrowed.tiny_repos_to_write())  # as scripts/serve does
     copy = pathlib.Path(folder) / config.name
     copy.write_text(yaml.safe_dump({
         "proxy_location": "EveryNode",

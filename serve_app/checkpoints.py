@@ -88,6 +88,9 @@ class Repo:
         self.revision = revision
         local = allow_local and is_local(repo)
         self.local = pathlib.Path(os.path.expanduser(repo)) if local else None
+        if allow_local and not local and repo.startswith(("/", "~", ".")):
+            # no Hub id starts so: say what is wrong, not the Hub's word on a bad id
+            raise CheckpointNotFound(f"no such local directory: {os.path.expanduser(repo)}")
 
     def where(self) -> str:
         if self.local is not None:

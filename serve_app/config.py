@@ -112,6 +112,21 @@ class AppConfig(BaseModel):
         return self.random_weights or self.style_embedder.get(
             "mock", all(v.model_variant == "tiny" for v in self.variants))
 
+    def tiny_repos_to_write(self) -> list[tuple[pathlib.Path, int | None]]:
+        """(directory, step) of each local repo a `tiny` variant names that does not exist
+        yet: the offline demo's stand-in finetunes (random weights), which every way of
+        serving a config writes before it starts (`engine.tiny.write_named_repos`)."""
+        if self.random_weights:
+            return []
+        wanted = []
+        for v in self.variants:
+            if v.model_variant != "tiny" or not v.repo:
+                continue
+            path = pathlib.Path(v.repo).expanduser()
+            if not path.exists():
+                wanted.append((path, v.step))
+        return wanted
+
     def generator_options(self, v: VariantConfig) -> dict:
         """Keyword arguments of variant `v`'s GeneratorCore, wherever it runs."""
         options = v.core_options()

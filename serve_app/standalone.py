@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from .api.app import create_app
 from .api.settings import ApiSettings
 from .config import AppConfig, load_app_config, read_config_file
+from .engine.tiny import write_named_repos
 from .generator import GeneratorCore
 from .styles.service import StyleEmbedderCore
 
@@ -74,6 +75,7 @@ def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
     args, http = read_config_file(config_path, app_name)
     config = load_app_config(args, only=variants)
     config.random_weights = config.random_weights or random_weights
+    write_named_repos(config.tiny_repos_to_write())
     host = host or http.get("host", "127.0.0.1")
     port = port if port is not None else int(http.get("port", 8000))
     generators: dict[str, GeneratorCore] = {}

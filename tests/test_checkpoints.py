@@ -11,8 +11,10 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
+import yaml
 
 from serve_app import checkpoints, logs
+from serve_app.config import load_app_config
 from serve_app.engine import load_model, weights
 from serve_app.engine.model import build_sampler, expected_param_shapes
 from serve_app.engine.tiny import _fill_zero_matrices, random_params
@@ -256,3 +258,42 @@ def test_benchmark_weights_have_the_checkpoints_tree_without_running_its_initial
     other = weights.flatten(weights.random_like(expected, seed=4))
     assert all(np.array_equal(flat[k], again[k]) for k in want)
     assert not all(np.array_equal(flat[k], other[k]) for k in want)
+
+
+def test_a_config_s_missing_tiny_finetune_is_written_before_serving(tmp_path, tiny_repo,
+                                                                   finetunes):
+    """What scripts/serve runs before `serve run` (and `mrt-serve local` and
+    `bench_local.py --ray` do in-process): the repos a config's `tiny` variants name and
+    lack are written, as seed 1 (so the same weights as the suite's finetune A, seed 1 at
+    step 100); repos that exist, and other variants, are left alone."""
+    named = tmp_path / "named" / "tiny-ft"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "mrt", "args": {"variants": [
+        {"name": "tiny"},
+        {"name": "there", "variant": "tiny", "repo": str(tiny_repo)},
+        {"name": "tiny_ft", "variant": "tiny", "repo": str(named), "step": 100},
+    ]}}]}))
+    script = [sys.executable, str(ROOT / "scripts/make_tiny_checkpoint.py"),
+              "--for-config", str(config)]
+    done = subprocess.run(script, check=True, capture_output=True, text=True)
+    assert f"writing the tiny finetune the config names: {named} (step 100" in done.stderr
+    assert sorted(p.name for p in named.parent.iterdir()) == [".tiny-ft.lock", "tiny-ft"]
+    ckpt = named / "checkpoint_100.safetensors"
+    assert ckpt.read_bytes() == (finetunes["a"] / "checkpoint_100.safetensors").read_bytes()
+    assert load_model("tiny", repo=str(named), step=100).files.step == 100
+    written = ckpt.stat().st_mtime_ns
+    again = subprocess.run(script, check=True, capture_output=True, text=True)
+    assert "writing" not in again.stderr and ckpt.stat().st_mtime_ns == written
+    args = {"variants": [{"name": "ft", "variant": "tiny", "repo": str(tmp_path / "nope")}]}
+    assert load_app_config(args, {}).tiny_repos_to_write() == [(tmp_path / "nope", None)]
+    assert load_app_config({**args, "random_weights": True}, {}).tiny_repos_to_write() == []
+
+
+def test_a_local_path_that_is_not_there_is_named_as_such(tmp_path):
+    missing = tmp_path / "no-such-repo"
+    for repo in (str(missing), "./no-such-repo", "~/no-such-repo-of-mrt-serve"):
+        with pytest.raises(checkpoints.CheckpointNotFound, match="no such local directory"):
+            checkpoints.resolve(repo, "checkpoints/tiny.safetensors", need_musiccoca=False)
+    with pytest.raises(checkpoints.CheckpointNotFound) as raised:
+        checkpoints.Repo(str(missing))
+    assert str(raised.value) == f"no such local directory: {missing}"

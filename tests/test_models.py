@@ -107,6 +107,8 @@ def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_r
         ({"ckpt_repo": str(bad_repos["v1"])}, 400, "Magenta RT v1"),
         ({"ckpt_repo": str(finetunes["a"]), "ckpt_step": 999}, 400, "ckpt_step:"),
         ({"ckpt_repo": str(bad_repos["broken"]), "ckpt_step": 400}, 400, "not a readable"),
+        ({"ckpt_repo": str(finetunes["a"]) + "-gone"}, 400,
+         f"ckpt_repo: no such local directory: {finetunes['a']}-gone"),
         # a tiny checkpoint does not fit mrt2_small: named tensor, the size in the message
         ({"ckpt_repo": str(finetunes["a"]), "ckpt_step": 100, "size": "small",
           "dry_run": True}, 400, "mrt2_small"),

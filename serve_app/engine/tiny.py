@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import sys
 
 import numpy as np
 from filelock import FileLock
@@ -21,6 +22,7 @@ from .variants import STYLE_EMBEDDING_DIM, get_variant
 log = logging.getLogger(__name__)
 
 NUM_CENTROIDS = 3
+FINETUNE_SEED = 1  # a stand-in finetune's weights: not the default repo's (seed 0)
 
 
 def default_tiny_repo() -> pathlib.Path:
@@ -74,3 +76,21 @@ def ensure_tiny_repo(path: pathlib.Path | None = None) -> pathlib.Path:
         if not (path / get_variant("tiny").checkpoint_file).exists():
             write_tiny_repo(path)
     return path
+
+
+def write_named_repos(wanted: list[tuple[pathlib.Path, int | None]]) -> None:
+    """Writes each (directory, step) a config's `tiny` variants name and lack
+    (`AppConfig.tiny_repos_to_write`) as a finetune of seed `FINETUNE_SEED`: a stand-in
+    for the A/B demo, so configs/tiny.yaml serves however it is started. Written beside
+    and then renamed, so a write cut short leaves no directory that looks complete."""
+    for path, step in wanted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.parent / f".{path.name}.lock")):
+            if path.exists():  # another process wrote it meanwhile
+                continue
+            print(f"writing the tiny finetune the config names: {path} (step {step}; "
+                  "once, about 30 s on 2 cores) ...", file=sys.stderr, flush=True)
+            partial = path.with_name(f".{path.name}.partial")
+            partial.mkdir(exist_ok=True)
+            write_tiny_repo(partial, seed=FINETUNE_SEED, step=step)
+            partial.rename(path)
