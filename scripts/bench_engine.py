@@ -52,7 +52,7 @@ from serve_app.engine import BatchedEngine, Session, cpu_tuning, load_model, wei
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
 from serve_app.engine.device import device_name, memory_gb
 from serve_app.engine.model import StreamingModel, build_sampler, decode_step, dummy_inputs
-from serve_app.engine.profile import profile_line, profile_steps
+from serve_app.engine.profile import engine_step, profile_line, profile_steps
 from serve_app.engine.variants import FRAMES_PER_SECOND
 
 FRAME_MS = 1000 / FRAMES_PER_SECOND
@@ -76,14 +76,7 @@ def time_engine_steps(engine: BatchedEngine, frames: int, warmup: int,
     took to return: the host's share before the step runs on its own, which a pipelined
     loop overlaps with the step before and a lone realtime session waits through."""
     dispatch_ms = []
-
-    def step() -> None:
-        t0 = time.perf_counter()
-        pending = engine.dispatch()
-        dispatch_ms.append((time.perf_counter() - t0) * 1000)
-        engine.finish(pending.fetch())
-
-    times = time_steps(step, frames, warmup, desc)
+    times = time_steps(lambda: dispatch_ms.append(engine_step(engine)), frames, warmup, desc)
     return times, dispatch_ms[warmup:]
 
 
