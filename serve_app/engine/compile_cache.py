@@ -82,9 +82,15 @@ def enable() -> pathlib.Path | None:
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if jax.config.jax_compilation_cache_max_size != -1:  # -1: JAX keeps no last-use times
-        adopted = adopt_untimed_programs(path)
-        if adopted:
-            log.info("compilation cache: %d programs without a last-use time adopted", adopted)
+        try:
+            adopted = adopt_untimed_programs(path)
+        except (OSError, filelock.Timeout) as e:  # JAX's writes may fail; serving must not
+            log.warning("compilation cache %s: programs without a last-use time not "
+                        "adopted (%s); JAX may keep nothing new", path, e)
+        else:
+            if adopted:
+                log.info("compilation cache: %d programs without a last-use time adopted",
+                         adopted)
     log.debug("XLA compilation cache at %s", path)
     return path
 
