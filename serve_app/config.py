@@ -39,6 +39,9 @@ class VariantConfig(BaseModel):
     # a session nobody has asked about for this long is ended (its client is gone);
     # None: the generator's default (serve_app.generator.IDLE_SESSION_SECONDS)
     idle_session_seconds: float | None = Field(None, gt=0)
+    # `tiny` only: a missing local `repo` is written before serving, a stand-in finetune
+    # of random weights (configs/tiny.yaml's A/B demo); without it, a missing repo is an error
+    write_if_missing: bool = False
 
     @field_validator("name")
     @classmethod
@@ -62,6 +65,13 @@ class VariantConfig(BaseModel):
                 f"max_ongoing_requests: must be at least twice max_sessions "
                 f"({2 * self.max_sessions}), got {self.max_ongoing_requests}: each session's "
                 "stream holds a request on its replica while it runs")
+        return self
+
+    @model_validator(mode="after")
+    def _writable(self) -> VariantConfig:
+        if self.write_if_missing and (self.model_variant != "tiny" or not self.repo):
+            raise ValueError("write_if_missing: only a `tiny` variant's local `repo` can be "
+                             "written (random weights); name one or leave it false")
         return self
 
     @property
@@ -113,14 +123,14 @@ class AppConfig(BaseModel):
             "mock", all(v.model_variant == "tiny" for v in self.variants))
 
     def tiny_repos_to_write(self) -> list[tuple[pathlib.Path, int | None]]:
-        """(directory, step) of each local repo a `tiny` variant names that does not exist
-        yet: the offline demo's stand-in finetunes (random weights), which every way of
-        serving a config writes before it starts (`engine.tiny.write_named_repos`)."""
+        """(directory, step) of each `write_if_missing` repo that does not exist yet: the
+        offline demo's stand-in finetunes (random weights), which every way of serving a
+        config writes before it starts (`engine.tiny.write_named_repos`)."""
         if self.random_weights:
             return []
         wanted = []
         for v in self.variants:
-            if v.model_variant != "tiny" or not v.repo:
+            if not v.write_if_missing:  # a repo that is not there is a mistake to report
                 continue
             path = pathlib.Path(v.repo).expanduser()
             if not path.exists():

@@ -263,15 +263,17 @@ def test_benchmark_weights_have_the_checkpoints_tree_without_running_its_initial
 def test_a_config_s_missing_tiny_finetune_is_written_before_serving(tmp_path, tiny_repo,
                                                                    finetunes):
     """What scripts/serve runs before `serve run` (and `mrt-serve local` and
-    `bench_local.py --ray` do in-process): the repos a config's `tiny` variants name and
-    lack are written, as seed 1 (so the same weights as the suite's finetune A, seed 1 at
-    step 100); repos that exist, and other variants, are left alone."""
+    `bench_local.py --ray` do in-process): the `write_if_missing` repos a config's `tiny`
+    variants lack are written, as seed 1 (so the same weights as the suite's finetune A,
+    seed 1 at step 100); repos that exist, and missing ones not so marked, are left alone."""
     named = tmp_path / "named" / "tiny-ft"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"applications": [{"name": "mrt", "args": {"variants": [
         {"name": "tiny"},
         {"name": "there", "variant": "tiny", "repo": str(tiny_repo)},
-        {"name": "tiny_ft", "variant": "tiny", "repo": str(named), "step": 100},
+        {"name": "tiny_ft", "variant": "tiny", "repo": str(named), "step": 100,
+         "write_if_missing": True},
+        {"name": "typo", "variant": "tiny", "repo": str(tmp_path / "not-asked-for")},
     ]}}]}))
     script = [sys.executable, str(ROOT / "scripts/make_tiny_checkpoint.py"),
               "--for-config", str(config)]
@@ -284,9 +286,14 @@ def test_a_config_s_missing_tiny_finetune_is_written_before_serving(tmp_path, ti
     written = ckpt.stat().st_mtime_ns
     again = subprocess.run(script, check=True, capture_output=True, text=True)
     assert "writing" not in again.stderr and ckpt.stat().st_mtime_ns == written
-    args = {"variants": [{"name": "ft", "variant": "tiny", "repo": str(tmp_path / "nope")}]}
+    assert not (tmp_path / "not-asked-for").exists()  # a typo stays an error to report
+    args = {"variants": [{"name": "ft", "variant": "tiny", "repo": str(tmp_path / "nope"),
+                          "write_if_missing": True}]}
     assert load_app_config(args, {}).tiny_repos_to_write() == [(tmp_path / "nope", None)]
     assert load_app_config({**args, "random_weights": True}, {}).tiny_repos_to_write() == []
+    for entry in ({"name": "mrt2_small", "repo": "/x"}, {"name": "tiny"}):
+        with pytest.raises(ValueError, match=r"write_if_missing: only a `tiny` variant's"):
+            load_app_config({"variants": [{**entry, "write_if_missing": True}]}, {})
 
 
 def test_a_local_path_that_is_not_there_is_named_as_such(tmp_path):
