@@ -48,8 +48,7 @@ print("SERVING_COMPILED", compiled)
 def run_fresh(script: str, cwd, **env: str) -> str:
     """`script`'s stdout from a new Python process with `env` added (and no JAX cache
     directory of the caller's)."""
-    env = {**os.environ, **env}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}, **env}
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -130,6 +129,15 @@ def test_the_cache_is_kept_under_its_size_limit(tmp_path):
     assert f"LIMIT {limit}" in out, out
     kept = [p.stat().st_size for p in small.glob("*-cache")]
     assert kept and sum(kept) <= limit
+
+
+def test_jax_s_own_directory_variable_gets_the_size_limit_too(tmp_path):
+    """Without it, that process would write programs with no last-use time (above)."""
+    cache = tmp_path / "jax-named"
+    out = run_fresh(COMPILE_THREE, tmp_path, JAX_COMPILATION_CACHE_DIR=str(cache))
+    assert f"LIMIT {16 * 2**30}" in out and "CACHE_WARNINGS []" in out, out
+    programs = list(cache.glob("*-cache"))
+    assert len(programs) >= 3 and len(list(cache.glob("*-atime"))) == len(programs)
 
 
 def test_a_bad_size_limit_is_named(monkeypatch):
