@@ -3,7 +3,7 @@
 
     scripts/bench_engine.py --variant mrt2_small --batch 1,2,4,8 --json out.json \\
         [--compare-upstream] [--breakdown] [--frames 30] [--compute-dtype auto|float32|bfloat16]
-        [--wide-weights] [--untuned] [--profile DIR]
+        [--wide-weights] [--untuned] [--profile DIR] [--program-memory]
 
 Random weights (speed does not depend on their values). Each row times whole
 engine steps as a server runs them: conditioning for every session, one batched
@@ -22,6 +22,10 @@ says how close each half runs to the arithmetic limit.
 trace stays in DIR for Perfetto or TensorBoard) and adds what it shows to each row
 (`serve_app/engine/profile.py`): the device's busy time a step, its kernel count
 and top operations, i.e. whether kernels or their launching bound the step.
+`--program-memory` adds XLA's memory plan (temporary buffers, arguments, outputs) of
+each batch size's step and of the forced runs a loop is put in with: compiled as a
+replica's warm-up compiles them, not run (the figure behind a compile's "can't reduce
+memory use" warning, and what fits beside the weights).
 Runs without Ray: it only needs serve_app and JAX.
 """
 
@@ -146,7 +150,7 @@ def breakdown(model: StreamingModel, batch: int, frames: int, warmup: int) -> di
 
 
 def bench_engine(loaded, batch: int, frames: int, warmup: int,
-                 profile: pathlib.Path | None = None) -> dict:
+                 profile: pathlib.Path | None = None, program_memory: bool = False) -> dict:
     engine = BatchedEngine(loaded.model, loaded.style, buckets=(batch,))
     t0 = time.perf_counter()
     engine.warmup_buckets()  # steps only: this benchmark forces no loop
@@ -169,6 +173,8 @@ def bench_engine(loaded, batch: int, frames: int, warmup: int,
     }
     if profile is not None:
         row["profile"] = profile_steps(engine, profile / f"batch-{batch}")
+    if program_memory:
+        row["program_memory_gb"] = engine.program_memory_gb()
     return row
 
 
@@ -237,6 +243,9 @@ def main() -> int:
                              "bfloat16 step converts them to (before/after)")
     parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                         help="profile a few more steps per batch size; traces under DIR")
+    parser.add_argument("--program-memory", action="store_true",
+                        help="XLA's memory plan of each batch size's step and of the "
+                             "forced runs (compiled, not run)")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
     logs.configure()
@@ -257,7 +266,8 @@ def main() -> int:
     dtype = jnp.dtype(loaded.model.sampler.cfg.depthformer.encoder.compute_dtype).name
     results = []
     for b in batches:
-        row = bench_engine(loaded, b, args.frames, args.warmup, args.profile)
+        row = bench_engine(loaded, b, args.frames, args.warmup, args.profile,
+                           args.program_memory)
         if args.breakdown:
             row.update(breakdown(loaded.model, b, args.frames, args.warmup))
         print(json.dumps(row), flush=True)  # each row as it lands: long runs show progress
@@ -316,6 +326,10 @@ def main() -> int:
     for r in results:
         if "profile" in r:
             print(f"batch {r['batch']} profile: {profile_line(r['profile'])}")
+        for program, plan in r.get("program_memory_gb", {}).items():
+            print(f"batch {r['batch']} {program}: " + (
+                ", ".join(f"{k} {v:g} GB" for k, v in plan.items()) if plan
+                else "no memory plan from this backend"))
     if "matmul_peak_gflops" in report:
         print(f"one {PEAK_MATMUL_N}x{PEAK_MATMUL_N} {dtype} matmul: "
               f"{report['matmul_peak_gflops']} GFLOP/s (this device's best case)")

@@ -105,9 +105,10 @@ def test_the_stand_in_for_litert_imports_and_refuses_to_run(tmp_path):
 
 
 def test_the_device_checks_engine_part_leaves_what_the_run_tool_brings_back(tmp_path):
-    """scripts/device_check engine, dry-run on tiny: both engine reports (the profile in the
-    narrowed one), the traces copied flat, the log; no more than the 8 files, none deeper
-    than the 2 folders, that come back from $OUT. A wrong part is refused."""
+    """scripts/device_check engine, dry-run on tiny: both engine reports (the profile and the
+    programs' memory plans in the narrowed one), the traces copied flat, the log; no more
+    than the 8 files, none deeper than the 2 folders, that come back from $OUT. A wrong
+    part is refused."""
     root = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     out.mkdir()
@@ -125,7 +126,13 @@ def test_the_device_checks_engine_part_leaves_what_the_run_tool_brings_back(tmp_
     wide = json.loads((out / "engine-tiny-wide.json").read_text())
     assert [r["batch"] for r in narrow["results"]] == [1, 2]
     assert all(r["profile"]["steps"] == 5 for r in narrow["results"])
-    assert "profile" not in wide["results"][0]
+    assert "profile" not in wide["results"][0] and "program_memory_gb" not in wide["results"][0]
+    # XLA's plans of each step and of tiny's forced runs (its context holds runs of 16 and 4)
+    plans = [r["program_memory_gb"] for r in narrow["results"]]
+    assert [sorted(p) for p in plans] == [["prefill-16", "prefill-4", f"step-{b}"]
+                                          for b in (1, 2)]
+    assert plans[1]["step-2"]["temp"] > plans[0]["step-1"]["temp"] > 0  # rows take room
+    assert plans[0]["prefill-16"]["temp"] > plans[0]["prefill-4"]["temp"]
     assert "engine done" in (out / "device-check-engine.log").read_text()
     refused = subprocess.run([str(root / "scripts/device_check"), "all"], env=env,
                              capture_output=True, text=True)

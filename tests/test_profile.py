@@ -96,3 +96,29 @@ def test_device_memory_is_the_allocators_count_in_gb(monkeypatch):
     assert memory_gb() is None
     monkeypatch.undo()
     assert memory_gb() is None  # this box: XLA:CPU
+
+
+def test_a_programs_memory_plan_is_xlas_in_gb_or_none():
+    """`program_memory_gb` (bench_engine --program-memory): a real compiled program's plan,
+    its 1 MB argument counted; None from a backend that plans nothing or cannot say."""
+    import jax
+    import jax.numpy as jnp
+
+    from serve_app.engine.device import program_memory_gb
+
+    compiled = jax.jit(lambda a: (a @ a).sum()).lower(jnp.ones((512, 512))).compile()
+    plan = program_memory_gb(compiled)
+    assert set(plan) == {"temp", "arguments", "outputs", "aliased", "code"}
+    assert plan["arguments"] == round(512 * 512 * 4 / 1e9, 4)
+
+    class Planless:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def memory_analysis(self):
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    assert program_memory_gb(Planless(None)) is None
+    assert program_memory_gb(Planless(NotImplementedError("no analysis"))) is None

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from ..styles import StyleModel
-from .device import on_cpu
+from .device import on_cpu, program_memory_gb
 from .model import CONDITIONING_TOKENS, State, StreamingModel, neutral_step_inputs
 from .session import CODE_LEVELS, Session
 
@@ -354,6 +354,25 @@ class BatchedEngine:
     def warmup_runs(self) -> None:
         """Compiles `StreamingModel.prefill` for each forced run length (one row)."""
         for frames in self.prefill_runs:
-            jax.block_until_ready(self.model.prefill(
-                self.model.weights, np.zeros((1, frames, CONDITIONING_TOKENS), np.int32),
-                np.zeros((1, frames, CODE_LEVELS), np.int32), self.model.state_at(0)))
+            jax.block_until_ready(self.model.prefill(*self._run_arguments(frames)))
+
+    def _run_arguments(self, frames: int) -> tuple:
+        return (self.model.weights, np.zeros((1, frames, CONDITIONING_TOKENS), np.int32),
+                np.zeros((1, frames, CODE_LEVELS), np.int32), self.model.state_at(0))
+
+    def program_memory_gb(self) -> dict[str, dict[str, float] | None]:
+        """XLA's memory plan (`device.program_memory_gb`) of the step at each bucket
+        ("step-8") and of each forced run ("prefill-64"), compiled as warm-up compiles
+        them (from the compilation cache after a warm-up): what each needs beyond the
+        weights and states, without running it."""
+        fresh = self.model.state_at(0)
+        plans = {}
+        for capacity in self.buckets:
+            state = _gather_rows(fresh, np.zeros(capacity, np.int32))
+            lowered = self.model.step.lower(self.model.weights, *neutral_step_inputs(capacity),
+                                            state)
+            plans[f"step-{capacity}"] = program_memory_gb(lowered.compile())
+        for frames in self.prefill_runs:
+            lowered = self.model.prefill.lower(*self._run_arguments(frames))
+            plans[f"prefill-{frames}"] = program_memory_gb(lowered.compile())
+        return plans

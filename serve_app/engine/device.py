@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
 
@@ -22,6 +24,24 @@ def memory_gb() -> dict[str, float] | None:
         return None
     keys = {"in_use": "bytes_in_use", "peak": "peak_bytes_in_use", "limit": "bytes_limit"}
     return {name: round(stats[key] / 1e9, 3) for name, key in keys.items() if key in stats}
+
+
+def program_memory_gb(compiled: Any) -> dict[str, float] | None:
+    """What XLA planned for one compiled program on its device (GB): its temporary
+    buffers, arguments, outputs (aliased ones, e.g. a donated state, counted once in
+    `aliased`) and code; None where the backend plans nothing it reports. A program's
+    temporary memory is what it needs beyond the weights and states a replica holds:
+    the compile-time figure that says whether a step or a forced run fits beside them."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # a backend without the analysis
+        return None
+    if stats is None:
+        return None
+    fields = {"temp": "temp_size_in_bytes", "arguments": "argument_size_in_bytes",
+              "outputs": "output_size_in_bytes", "aliased": "alias_size_in_bytes",
+              "code": "generated_code_size_in_bytes"}
+    return {name: round(getattr(stats, key, 0) / 1e9, 4) for name, key in fields.items()}
 
 
 def on_cpu() -> bool:
