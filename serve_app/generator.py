@@ -49,7 +49,7 @@ from .metrics import GeneratorMetrics
 from .model_switch import Candidate, Prepared, prepare, validate
 from .replicas import variant_health, variant_model_status
 from .selection import ModelSelection, SelectionRecord, SelectionStore, stored_for_boot
-from .styles import blend
+from .styles import RampState, blend
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger(PROGRESS_LOGGER)
@@ -139,6 +139,9 @@ class JamSpec:
     # new session it opens (1 or later; one due at chunk 0 ends `heard` instead)
     reseed: np.ndarray | None = None
     reseed_chunk: int = 0
+    # A moved stream's style glide in progress: the new session glides on towards its
+    # style from there
+    style_ramp: RampState | None = None
 
     def updated(self, update: JamUpdate) -> JamSpec:
         """The spec that starts a session sounding as one started with this spec does
@@ -610,6 +613,8 @@ class GeneratorCore:
                 notes=spec.notes, session_id=session_id,
                 context_frames=self.loaded.variant.context_frames,
             )
+            if spec.style_ramp is not None:
+                session.resume_style_ramp(spec.style_ramp)
             if spec.tempo_guidance_bpm is not None:
                 session.pulse = BeatPulse(spec.tempo_guidance_bpm)
             # in a thread: the chunker measures the loop's loudness (tens of ms)

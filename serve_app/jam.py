@@ -31,6 +31,7 @@ from .audio.bars import BarChunker, BarCut
 from .engine import Session
 from .engine.session import CODE_LEVELS
 from .engine.variants import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
+from .styles import RampState
 
 PACES = ("realtime", "asap")
 # A streamed chunk is held whole in the generator and the ingress until it is sent; a
@@ -55,6 +56,9 @@ class Chunk:
     codes: np.ndarray | None = None
     codes_from: int = 0
     codes_forced: tuple[int, ...] = ()
+    # The style glide in progress when the chunk was cut (None: none): a moved stream
+    # glides on from there. Not sent to clients either.
+    style_ramp: RampState | None = None
 
     @property
     def seconds(self) -> float:
@@ -273,18 +277,22 @@ class JamStream:
             self.underruns += 1
 
     def _take_heard(self) -> dict:
-        """A chunk's `codes`, `codes_from` and `codes_forced`: the codes pushed since
-        the last chunk (an empty array if its frames came without theirs)."""
+        """What a move continues a chunk from: its `codes`, `codes_from` and
+        `codes_forced` (the codes pushed since the last chunk; an empty array if its
+        frames came without theirs) and the session's `style_ramp` (ahead of the chunk's
+        last frame by the frames in flight and the decoder's delay: a few of a glide's
+        hundreds)."""
         heard, self._heard = self._heard, []
+        ramp = self.session.style_ramp()
         if not heard:
             return {"codes": np.zeros((0, CODE_LEVELS), np.int32),
-                    "codes_from": self.frames_out}
+                    "codes_from": self.frames_out, "style_ramp": ramp}
         forced, row = [], 0
         for codes in heard:
             forced.extend(range(row, row + len(codes) - 1))
             row += len(codes)
         return {"codes": np.concatenate(heard), "codes_from": self.frames_out - len(heard),
-                "codes_forced": tuple(forced)}
+                "codes_forced": tuple(forced), "style_ramp": ramp}
 
     def _push_bars(self, frame: np.ndarray, now: float) -> None:
         for cut in self.chunker.feed(frame):

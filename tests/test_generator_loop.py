@@ -8,6 +8,7 @@ operator sizes replicas by, so it has to be the steps' own time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -206,6 +207,40 @@ def test_a_moved_streams_context_and_waiting_reseed_go_in_where_they_belong(core
     decoded = decode_at_once(core.loaded, np.concatenate([c.codes for c in chunks]))
     assert_heard_as_decoded(chunks[2].audio.reshape(chunk, -1, 2)[:-1],
                             decoded[-(chunk - 1):])
+
+
+def test_a_glide_under_way_rides_on_the_chunks_and_a_continuation_goes_on_with_it(core,
+                                                                                 tiny):
+    """On the real loop: after a style update with a ramp, the chunks carry the glide
+    (where it started, its length, the frames done) for the ingress; a session started
+    from a continuation holding it is at the same point of the same glide."""
+    def style(name: str) -> StyleSpec:
+        return StyleSpec(names=[name], embeddings=[tiny.style.embed_text(name)], weights=[1.0])
+
+    spec = JamSpec(style=style("ambient"), seed=5,
+                   stream=StreamConfig(chunk_frames=4, pace="asap", max_backlog=8))
+
+    async def scenario():
+        sid = (await core.start(spec))["session_id"]
+        try:
+            first = await core.next_chunk(sid, timeout=60)
+            await core.update(sid, JamUpdate(style=style("techno"), style_ramp_seconds=2.0))
+            chunks = [await core.next_chunk(sid, timeout=60) for _ in range(4)]
+        finally:
+            await core.stop(sid)
+        moved = dataclasses.replace(spec, style=style("techno"), style_ramp=chunks[-1].style_ramp)
+        sid = (await core.start(moved))["session_id"]
+        try:
+            resumed = core._jams[sid].session.style_ramp()
+        finally:
+            await core.stop(sid)
+        return first, chunks[-1].style_ramp, resumed
+
+    first, glide, resumed = asyncio.run(scenario())
+    assert first.style_ramp is None  # no glide before the update
+    assert glide is not None and glide.frames == 50 and 0 < glide.done < 50, glide
+    assert resumed.frames == 50 and resumed.done >= glide.done  # it may have stepped since
+    np.testing.assert_array_equal(resumed.start, glide.start)
 
 
 def test_an_update_takes_effect_from_the_frame_it_names(core):

@@ -18,6 +18,7 @@ from serve_app.engine.session import CODE_LEVELS, Controls
 from serve_app.frames import FRAME_SAMPLES
 from serve_app.generator import BarSpec, JamSpec, JamUpdate, StyleSpec
 from serve_app.jam import JamStream, StreamConfig
+from serve_app.styles import StyleModel
 
 # 93.7 bpm, 4 beats: a bar is 122,945.6 samples, so bar lines fall inside frames
 CLOCK = BarClock(93.7, 4)
@@ -44,10 +45,15 @@ class Stream:
     chunk finished is played through `memory`, as the WebSocket stream plays it, unless
     `lost` (made, never sent: its replica died)."""
 
-    def __init__(self, memory: StreamMemory, spec: JamSpec, chunk_frames: int = 3):
-        """A session started from `spec`, as `Generator.start` starts one."""
+    def __init__(self, memory: StreamMemory, spec: JamSpec, chunk_frames: int = 3,
+                 style: np.ndarray | None = None, style_model: StyleModel | None = None):
+        """A session started from `spec`, as `Generator.start` starts one (on `style`,
+        its embedding, whose frames' inputs `style_model` makes)."""
         self.memory = memory
-        session = Session(None)
+        self.style_model = style_model
+        session = Session(style)
+        if spec.style_ramp is not None:
+            session.resume_style_ramp(spec.style_ramp)
         session.attach_decoder(1)
         chunker = spec.bar.chunker(None) if spec.bar is not None else None
         self.jam = JamStream(session, StreamConfig(chunk_frames=chunk_frames,
@@ -64,6 +70,8 @@ class Stream:
             while self.jam.session.prefill_pending:
                 forced = self.jam.session.next_frame_inputs(None).forced
                 played += self._step(forced, None, lost)
+            if self.style_model is not None:  # a sampled frame's inputs: the glide moves
+                self.jam.session.next_frame_inputs(self.style_model)
             played += self._step(codes_of(first_code + i), frame, lost)
             self.jam.reseed_at_boundary()
         return played
@@ -223,3 +231,37 @@ def test_a_moved_bar_stream_restarts_on_its_bar_line_without_repeating_a_sample(
 def test_skipped_samples_must_lie_within_one_frame():
     with pytest.raises(ValueError, match="skip_samples"):
         BarChunker(CLOCK, 1, skip_samples=FRAME_SAMPLES)
+
+
+def test_a_style_glide_under_way_goes_on_after_a_move():
+    """Chunks carry the session's glide (server side only); a continuation starts its
+    session there, so it goes on from the same point towards the same style instead of
+    jumping to it. A newer style update, or the end of the glide, leaves nothing to carry."""
+    model = StyleModel.mock()
+    ambient, techno = model.embed_text("ambient"), model.embed_text("techno")
+    memory = StreamMemory(JamSpec(StyleSpec(names=["ambient"])))
+    stream = Stream(memory, memory.spec, style=ambient, style_model=model)
+    to_techno = StyleSpec(names=["techno"], embeddings=[techno], weights=[1.0])
+    memory.update(JamUpdate(style=to_techno, style_ramp_seconds=1.0))
+    stream.jam.session.set_style(techno, ramp_seconds=1.0)  # 25 frames, as the generator
+    played = stream.play(noise(10), 0)  # 9 frames heard: chunks 0-2; 10 frames' inputs
+    assert len(played) == 3 and all(c.style_ramp is None for c in played)  # server only
+    glide = memory.continuation().spec.style_ramp
+    assert (glide.frames, glide.done) == (25, 10)
+    np.testing.assert_array_equal(glide.start, ambient)
+
+    moved = Stream(StreamMemory(memory.spec), memory.continuation().spec, style=techno,
+                   style_model=model)
+    plain = Session(techno)  # how a moved session started before: at the target
+    for _ in range(20):
+        goes_on = moved.jam.session.next_frame_inputs(model).block
+        np.testing.assert_array_equal(goes_on, stream.jam.session.next_frame_inputs(model).block)
+    assert not np.array_equal(
+        Stream(memory, memory.continuation().spec, style=techno, style_model=model)
+        .jam.session.next_frame_inputs(model).block, plain.next_frame_inputs(model).block)
+
+    memory.update(JamUpdate(style=StyleSpec(names=["jazz"], embeddings=[ambient],
+                                            weights=[1.0]), style_ramp_seconds=4.0))
+    assert memory.continuation().spec.style_ramp is None  # its glide: the next chunk says
+    stream.play(noise(30, seed=2), 100)  # the glide to techno ends (25 frames)
+    assert memory.continuation().spec.style_ramp is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve_app.styles import SteeringAssets, StyleModel, blend
+from serve_app.styles import RampState, SteeringAssets, StyleModel, StyleRamp, blend
 from serve_app.styles.prompts import parse_styles
 
 
@@ -77,3 +77,24 @@ def test_a_clip_reaches_musiccoca_as_upstream_would_make_it_but_resampled_by_sox
     # -48 dB here: the two anti-alias filters differ near 8 kHz, where the noise has energy
     assert error < 1e-2
     np.testing.assert_array_equal(mono_at(clip[:, :1], 16000, 16000), clip[:, :1])
+
+
+def test_a_glide_resumed_from_its_state_goes_on_exactly_and_a_foreign_one_is_ignored():
+    a, b = np.zeros(8, np.float32), np.ones(8, np.float32)
+    ramp = StyleRamp(a)
+    ramp.set_target(b, 1.0)  # 25 frames
+    for _ in range(10):
+        ramp.next_frame()
+    state = ramp.state()
+    assert (state.frames, state.done) == (25, 10)
+    resumed = StyleRamp(b)
+    resumed.resume(state)
+    np.testing.assert_array_equal(resumed.current, ramp.current)
+    for _ in range(20):  # the same frames on, then at the target with nothing to carry
+        np.testing.assert_array_equal(resumed.next_frame(), ramp.next_frame())
+    assert resumed.state() is None and np.array_equal(resumed.current, b)
+    for foreign in (RampState(np.zeros(4, np.float32), 25, 10),  # another style model's
+                    RampState(a, 25, 25)):  # already over
+        untouched = StyleRamp(b)
+        untouched.resume(foreign)
+        assert untouched.state() is None and np.array_equal(untouched.current, b)

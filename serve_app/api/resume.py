@@ -15,9 +15,12 @@ listener is:
 - where the listener's count of chunks, frames and bars stands, so that indices,
   `first_frame` and bar numbers run on across the move, and bar mode stays on its grid.
 
+- a style glide in progress (the last chunk's `style_ramp`), so that the new session
+  glides on towards the same style instead of jumping to it.
+
 What does not carry over: the sampler's random stream (the continuation is a new draw
-from the same context) and a style ramp in progress (the new session starts at its
-target).
+from the same context), and a glide whose update came after the last chunk (the new
+session starts at the update's style).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..engine.session import CODE_LEVELS
 from ..frames import FRAME_SAMPLES, SAMPLE_RATE
 from ..generator import JamSpec, JamUpdate
 from ..jam import Chunk
+from ..styles import RampState
 
 # Context rows kept per stream: more than any variant's context (mrt2_base: 500
 # frames), about 24 KB a stream. The generator keeps the last `context_frames` of them.
@@ -61,6 +65,7 @@ class StreamMemory:
         self._heard_end = 0  # the listener's frame after the last frame heard
         self._forced_again = False  # a moved session's first codes repeat what it forced
         self._reseed: tuple[np.ndarray, int] | None = None  # codes, the listener's chunk
+        self._ramp: RampState | None = None  # the style glide the last chunk was in
         # the current session's chunk 0, frame 0 and bar 0 in the listener's count
         self.index_offset = self.frame_offset = self.bar_offset = 0
         self.next_index = 0  # the listener's next chunk
@@ -69,6 +74,8 @@ class StreamMemory:
 
     def update(self, update: JamUpdate) -> None:
         self.spec = self.spec.updated(update)
+        if update.style is not None and not update.style.empty:
+            self._ramp = None  # a glide towards another style: the next chunk says where
 
     def reseeded(self, codes: np.ndarray, applies_from_chunk: int) -> None:
         """A reseed answered: `codes` replace the context where the listener's chunk
@@ -96,9 +103,10 @@ class StreamMemory:
             self._reseed = None  # applied: its codes come with this chunk's
         if chunk.codes is not None and len(chunk.codes):
             self._remember(chunk)
+        self._ramp = chunk.style_ramp
         self.next_index = index + 1
         return dataclasses.replace(chunk, index=index, first_frame=first_frame, extra=extra,
-                                   codes=None, codes_forced=())
+                                   codes=None, codes_forced=(), style_ramp=None)
 
     def _remember(self, chunk: Chunk) -> None:
         frame = chunk.codes_from + self.frame_offset
@@ -147,6 +155,8 @@ class StreamMemory:
         if codes:
             spec = dataclasses.replace(
                 spec, heard=np.asarray(codes, np.int32).reshape(-1, CODE_LEVELS))
+        if self._ramp is not None:
+            spec = dataclasses.replace(spec, style_ramp=self._ramp)
         return Continuation(spec, self.next_index, frame, self.next_bar, tuple(context))
 
     def _context_before(self, frame: int) -> list[tuple[int, np.ndarray]]:

@@ -16,7 +16,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..frames import FRAME_SAMPLES, SAMPLE_RATE
-from ..styles import StyleModel, StyleRamp
+from ..styles import RampState, StyleModel, StyleRamp
 from .conditioning import DEFAULT_CFG, DRUMS, NoteTracker, build_block
 
 MAX_TOP_K = 1024  # one RVQ level's codebook
@@ -209,6 +209,15 @@ class Session:
             self._ramp = StyleRamp(embedding)
         else:
             self._ramp.set_target(embedding, ramp_seconds)
+
+    def style_ramp(self) -> RampState | None:
+        """The style glide in progress, for a stream to carry to another replica."""
+        return self._ramp.state() if self._ramp is not None else None
+
+    def resume_style_ramp(self, state: RampState) -> None:
+        """Goes on with a glide begun in the session this one continues."""
+        if self._ramp is not None:
+            self._ramp.resume(state)
 
     def update_controls(self, **changes) -> None:
         """Applies changes atomically: all valid, or none applied."""

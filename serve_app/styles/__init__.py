@@ -2,6 +2,6 @@
 
 from .blend import SteeringAssets, blend
 from .embedder import StyleModel
-from .ramp import StyleRamp
+from .ramp import RampState, StyleRamp
 
-__all__ = ["SteeringAssets", "StyleModel", "StyleRamp", "blend"]
+__all__ = ["RampState", "SteeringAssets", "StyleModel", "StyleRamp", "blend"]

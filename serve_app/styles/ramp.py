@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..frames import FRAMES_PER_SECOND
+
+
+@dataclasses.dataclass(frozen=True)
+class RampState:
+    """A glide in progress, without its target: where it started (float32 embedding),
+    its length and the frames done. A stream that moves to another replica carries it,
+    so the new session glides on towards the same target instead of jumping to it."""
+
+    start: np.ndarray
+    frames: int
+    done: int
 
 
 class StyleRamp:
@@ -29,6 +42,20 @@ class StyleRamp:
         self._done = 0
         if self._frames == 0:
             self.current = self._target
+
+    def state(self) -> RampState | None:
+        """The glide in progress (None when there is none)."""
+        return RampState(self._start, self._frames, self._done) if self.ramping else None
+
+    def resume(self, state: RampState) -> None:
+        """Goes on with a glide `state` says is in progress, towards this ramp's target;
+        one from an embedding of another shape (another style model) is ignored."""
+        start = np.asarray(state.start, np.float32)
+        if start.shape != self._target.shape or not 0 <= state.done < state.frames:
+            return
+        self._start, self._frames, self._done = start, state.frames, state.done
+        t = self._done / self._frames
+        self.current = ((1.0 - t) * self._start + t * self._target).astype(np.float32)
 
     def next_frame(self) -> np.ndarray:
         """The embedding for the frame about to be generated."""
