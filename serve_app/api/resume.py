@@ -13,8 +13,7 @@ listener is:
 - a reseed not applied yet: its codes and the chunk it opens, so that it still opens
   that chunk after a move;
 - where the listener's count of chunks, frames and bars stands, so that indices,
-  `first_frame` and bar numbers run on across the move, and bar mode stays on its grid.
-
+  `first_frame` and bar numbers run on across the move, and bar mode stays on its grid;
 - a style glide in progress (the last chunk's `style_ramp`), so that the new session
   glides on towards the same style instead of jumping to it.
 
