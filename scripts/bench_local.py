@@ -33,6 +33,7 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve_app import logs  # noqa: E402
 from serve_app.config import load_app_config, read_config_file  # noqa: E402
 from serve_app.ports import free_port  # noqa: E402
 
@@ -163,6 +164,7 @@ def main() -> int:
     args, bench_args = parser.parse_args(argv[:split]), argv[split + 1:]
     if args.buckets and not args.variant:
         parser.error("--buckets needs --variant (the variant whose buckets it sets)")
+    logs.configure()  # progress lines of work done here (a tiny finetune written)
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = ray_server if args.ray else local_server

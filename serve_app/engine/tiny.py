@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import sys
 
 import numpy as np
 from filelock import FileLock
 
 from .. import checkpoints
+from ..logs import PROGRESS_LOGGER
 from . import codec, compile_cache, weights
 from .model import build_sampler, random_params
 from .variants import STYLE_EMBEDDING_DIM, get_variant
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)
 
 NUM_CENTROIDS = 3
 FINETUNE_SEED = 1  # a stand-in finetune's weights: not the default repo's (seed 0)
@@ -88,8 +89,8 @@ def write_named_repos(wanted: list[tuple[pathlib.Path, int | None]]) -> None:
         with FileLock(str(path.parent / f".{path.name}.lock")):
             if path.exists():  # another process wrote it meanwhile
                 continue
-            print(f"writing the tiny finetune the config names: {path} (step {step}; "
-                  "once, about 30 s on 2 cores) ...", file=sys.stderr, flush=True)
+            progress.info("writing the tiny finetune the config names: %s (step %s; once, "
+                          "about 30 s on 2 cores) ...", path, step)
             partial = path.with_name(f".{path.name}.partial")
             partial.mkdir(exist_ok=True)
             write_tiny_repo(partial, seed=FINETUNE_SEED, step=step)
