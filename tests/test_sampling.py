@@ -10,16 +10,17 @@ import pytest
 from serve_app.engine.batch import _gather_rows
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
 from serve_app.engine.model import StreamingModel, build_sampler
-from serve_app.engine.sampling import kth_largest_mask
+from serve_app.engine.sampling import first_argmax, kth_largest_mask, level_gumbel
 
 
+@pytest.mark.parametrize("bits_per_pass", [1, 4])
 @pytest.mark.parametrize("k", [1, 2, 40, 333, 1023, 1024, 5000])
-def test_kth_largest_mask_matches_a_sort(k):
+def test_kth_largest_mask_matches_a_sort(k, bits_per_pass):
     x = np.array(jax.random.normal(jax.random.PRNGKey(k), (3, 1, 1024)))
     x[1, 0, :200] = 0.5  # ties straddling the threshold
     x[2, 0, :10] = -0.0  # negative zero equals zero
     x[2, 0, 10:20] = 0.0
-    mask = np.asarray(kth_largest_mask(jnp.asarray(x), jnp.full((3, 1), k)))
+    mask = np.asarray(kth_largest_mask(jnp.asarray(x), jnp.full((3, 1), k), bits_per_pass))
     kth = np.sort(x, axis=-1)[..., -min(k, 1024)][..., None]
     np.testing.assert_array_equal(mask, x >= kth)
 
@@ -56,3 +57,39 @@ def test_fast_sampler_emits_upstreams_tokens(tiny, batch):
         _, _, theirs = upstream.step(upstream.weights, tokens, temperature, top_k, active,
                                      forced, force, theirs)
         np.testing.assert_array_equal(_tokens(ours), _tokens(theirs))
+
+
+@pytest.mark.parametrize("shape", [(1, 12294), (3, 4100), (2, 3, 1030)])
+def test_level_noise_is_upstreams_noise_bit_for_bit(shape):
+    """`level_gumbel` draws only a level's ids, but each one's noise is exactly what
+    `random.gumbel` over the whole vocabulary gives it, for every row's own key."""
+    rng = jax.vmap(jax.random.PRNGKey)(jnp.array([0, 7, 2**31 + 5, 2**32 - 1], jnp.uint32))
+    rng = jax.vmap(jax.random.fold_in)(rng, jnp.arange(4))  # keys of two full words
+    whole = jax.vmap(lambda key: jax.random.gumbel(key, shape, jnp.float32))(rng)
+    vocab = shape[-1]
+    for valid in [(0, 1024), (6, 1030), (vocab - 1024, vocab)]:
+        ours = level_gumbel(rng, shape, valid)
+        np.testing.assert_array_equal(
+            np.asarray(ours).view(np.uint32),
+            np.asarray(whole[..., valid[0]:valid[1]]).view(np.uint32))
+
+
+def test_level_noise_follows_jax_where_it_draws_otherwise():
+    """With JAX's older threefry bits (not per index), the noise is still JAX's own."""
+    rng = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+    with jax.threefry_partitionable(False):
+        whole = jax.vmap(lambda key: jax.random.gumbel(key, (1, 2048), jnp.float32))(rng)
+        ours = level_gumbel(rng, (1, 2048), (1024, 2048))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(whole[..., 1024:]))
+
+
+def test_first_argmax_is_jnp_argmax_with_ties_and_nans():
+    x = np.array(jax.random.normal(jax.random.PRNGKey(3), (5, 1, 1024)), np.float32)
+    x[1, 0, [7, 300, 900]] = 9.0  # a tie for the largest: the first wins
+    x[2, 0, [40, 41]] = np.nan  # a NaN counts as the largest: the first NaN
+    x[2, 0, 10] = np.inf
+    x[3, 0, :] = -0.0
+    x[3, 0, 512] = 0.0  # equal to -0.0: index 0 stays first
+    x[4, 0, :] = -np.inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))),
+                                  np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
