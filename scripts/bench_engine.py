@@ -23,9 +23,10 @@ trace stays in DIR for Perfetto or TensorBoard) and adds what it shows to each r
 (`serve_app/engine/profile.py`): the device's busy time a step, its kernel count
 and top operations, i.e. whether kernels or their launching bound the step.
 `--program-memory` adds XLA's memory plan (temporary buffers, arguments, outputs) of
-each batch size's step and of the forced runs a loop is put in with: compiled as a
-replica's warm-up compiles them, not run (the figure behind a compile's "can't reduce
-memory use" warning, and what fits beside the weights).
+each batch size's step (in its row) and, once (`run_memory_gb`: one row whatever the
+batch), of the forced runs a loop is put in with: compiled as a replica's warm-up
+compiles them, not run (the figure behind a compile's "can't reduce memory use"
+warning, and what fits beside the weights).
 Runs without Ray: it only needs serve_app and JAX.
 """
 
@@ -174,7 +175,7 @@ def bench_engine(loaded, batch: int, frames: int, warmup: int,
     if profile is not None:
         row["profile"] = profile_steps(engine, profile / f"batch-{batch}")
     if program_memory:
-        row["program_memory_gb"] = engine.program_memory_gb()
+        row["program_memory_gb"] = engine.step_memory_gb()
     return row
 
 
@@ -222,6 +223,11 @@ def _upstream_sampler_step(loaded):
         jax.block_until_ready(out)
 
     return step, "magenta_rt sampler step_with_emits, upstream decoder, model dtype (batch 1)"
+
+
+def _plan_line(plan: dict[str, float] | None) -> str:
+    return (", ".join(f"{k} {v:g} GB" for k, v in plan.items()) if plan
+            else "no memory plan from this backend")
 
 
 def main() -> int:
@@ -290,6 +296,9 @@ def main() -> int:
         "frames_timed": args.frames,
         "results": results,
     }
+    if args.program_memory:  # the forced runs are one row whatever the batch: once
+        report["run_memory_gb"] = BatchedEngine(loaded.model, loaded.style,
+                                                buckets=batches[:1]).run_memory_gb()
     if args.breakdown:
         report["matmul_peak_gflops"] = matmul_peak_gflops(dtype)
     base = next((r for r in results if r["batch"] == 1), None)
@@ -327,9 +336,9 @@ def main() -> int:
         if "profile" in r:
             print(f"batch {r['batch']} profile: {profile_line(r['profile'])}")
         for program, plan in r.get("program_memory_gb", {}).items():
-            print(f"batch {r['batch']} {program}: " + (
-                ", ".join(f"{k} {v:g} GB" for k, v in plan.items()) if plan
-                else "no memory plan from this backend"))
+            print(f"batch {r['batch']} {program}: {_plan_line(plan)}")
+    for program, plan in report.get("run_memory_gb", {}).items():
+        print(f"{program} (one row): {_plan_line(plan)}")
     if "matmul_peak_gflops" in report:
         print(f"one {PEAK_MATMUL_N}x{PEAK_MATMUL_N} {dtype} matmul: "
               f"{report['matmul_peak_gflops']} GFLOP/s (this device's best case)")

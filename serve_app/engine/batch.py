@@ -360,11 +360,10 @@ class BatchedEngine:
         return (self.model.weights, np.zeros((1, frames, CONDITIONING_TOKENS), np.int32),
                 np.zeros((1, frames, CODE_LEVELS), np.int32), self.model.state_at(0))
 
-    def program_memory_gb(self) -> dict[str, dict[str, float] | None]:
+    def step_memory_gb(self) -> dict[str, dict[str, float] | None]:
         """XLA's memory plan (`device.program_memory_gb`) of the step at each bucket
-        ("step-8") and of each forced run ("prefill-64"), compiled as warm-up compiles
-        them (from the compilation cache after a warm-up): what each needs beyond the
-        weights and states, without running it."""
+        ("step-8"), compiled as warm-up compiles it (from the compilation cache after a
+        warm-up): what each needs beyond the weights and states, without running it."""
         fresh = self.model.state_at(0)
         plans = {}
         for capacity in self.buckets:
@@ -372,7 +371,10 @@ class BatchedEngine:
             lowered = self.model.step.lower(self.model.weights, *neutral_step_inputs(capacity),
                                             state)
             plans[f"step-{capacity}"] = program_memory_gb(lowered.compile())
-        for frames in self.prefill_runs:
-            lowered = self.model.prefill.lower(*self._run_arguments(frames))
-            plans[f"prefill-{frames}"] = program_memory_gb(lowered.compile())
         return plans
+
+    def run_memory_gb(self) -> dict[str, dict[str, float] | None]:
+        """The same for each forced run ("prefill-64"): one row, whatever the buckets."""
+        return {f"prefill-{frames}": program_memory_gb(
+                    self.model.prefill.lower(*self._run_arguments(frames)).compile())
+                for frames in self.prefill_runs}
