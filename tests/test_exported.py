@@ -58,6 +58,22 @@ def test_another_salt_or_shape_is_another_program(compile_cache):
     assert three.traces == 2 and len(programs(two.__name__)) == 3
 
 
+def test_a_program_traced_under_other_random_settings_is_another_program(compile_cache):
+    """Random draws trace differently under JAX's threefry settings (the sampler's noise
+    among them): a program kept under one is not read back under the other."""
+    def noisy(key: jax.Array) -> jax.Array:
+        return jax.random.uniform(key, (8,))
+
+    noisy.__name__ = f"noisy_{next(_names)}"
+    key = jax.random.PRNGKey(3)
+    partitioned = exported.jit(noisy, salt="")(key)
+    with jax.threefry_partitionable(False):
+        serial = exported.jit(noisy, salt="")(key)
+        assert len(programs(noisy.__name__)) == 2
+        np.testing.assert_array_equal(serial, jax.random.uniform(key, (8,)))
+    assert not np.array_equal(serial, partitioned)
+
+
 def test_an_unreadable_program_is_traced_again_and_replaced(compile_cache, caplog):
     fn = Traced(2.0)
     exported.jit(fn, salt="2")(*ARGS)

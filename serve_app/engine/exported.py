@@ -11,9 +11,10 @@ that wrapper is traced, once per shape, and calls go through `jax.jit`'s own
 dispatch.
 
 A program is found by a key of everything it is traced from: the name, the argument
-trees, shapes and dtypes, the backend, the versions of jax, jaxlib and flax, a hash of
-the sources of `magenta_rt` and of this package, and the caller's `salt` (the
-model's config and whatever else its closure holds). A stale program would play wrong
+trees, shapes and dtypes, the backend, the versions of jax, jaxlib and flax, the JAX
+settings that decide how random draws are traced (`TRACE_SETTINGS`), a hash of the
+sources of `magenta_rt` and of this package, and the caller's `salt` (the model's
+config and whatever else its closure holds). A stale program would play wrong
 music, so anything that changes the trace must change the key; when in doubt the key
 misses and the program is traced and written again. A program that cannot be
 exported or read is traced as usual.
@@ -71,9 +72,20 @@ def _code_version() -> str:
     return digest.hexdigest()
 
 
+# JAX settings a trace reads beyond its arguments: which bits a key draws (the sampler's
+# noise; `sampling.level_gumbel` draws differently under each) and how they become floats.
+TRACE_SETTINGS = ("jax_threefry_partitionable", "jax_default_prng_impl",
+                  "jax_high_dynamic_range_gumbel", "jax_enable_x64")
+
+
+def _settings() -> str:
+    return ";".join(f"{name}={getattr(jax.config, name)}" for name in TRACE_SETTINGS)
+
+
 def _key(name: str, salt: str, avals: Sequence[Any], treedef: Any) -> str:
     digest = hashlib.sha256()
-    for part in (name, salt, _code_version(), jax.default_backend(), str(treedef)):
+    for part in (name, salt, _code_version(), _settings(), jax.default_backend(),
+                 str(treedef)):
         digest.update(part.encode())
         digest.update(b"\0")
     for aval in avals:
