@@ -94,10 +94,9 @@ def level_gumbel(rng: jax.Array, shape: tuple[int, ...], valid: tuple[int, int])
     the threefry hashing a level needs, which XLA:CPU runs as a loop per level (a
     fifth of a 16-row tiny step). Partitionable threefry makes element i's bits the
     xor of `threefry2x32(key, (0, i))`'s two words, so the slice is drawn from its own
-    flat indices alone; the
-    bits become floats exactly as JAX's `uniform(minval=tiny, maxval=1)` and
-    `gumbel` make them. Where JAX is configured otherwise (`_draws_by_index`), the
-    whole vocabulary is drawn and sliced, as before.
+    flat indices alone; the bits become floats exactly as JAX's `uniform(minval=tiny,
+    maxval=1)` and `gumbel` make them. Where JAX is configured otherwise
+    (`_draws_by_index`), the whole vocabulary is drawn and sliced, as before.
     """
     lo, hi = valid
     if not _draws_by_index() or math.prod(shape) >= 2**32 or rng.dtype != jnp.uint32:
