@@ -4,7 +4,11 @@ Frames arrive from the engine 40 ms at a time; chunks of `chunk_frames` leave to
 the client. The decoder is causal, so consecutive chunks join without crossfade.
 Memory is bounded by `max_backlog` chunks whatever the client does: when the
 backlog is full, chunks the client already received are dropped first; if none
-were, generation for this session pauses until the client catches up.
+were, generation for this session waits for the client (`waited_on_client_seconds`):
+the step loop is not woken for it meanwhile, and a realtime clock stops with it (the
+client cannot have played what it did not take), so the chunks after the wait are
+paced and judged late from where the client left off, not counted as the server's
+underruns.
 
 In bar mode a `BarChunker` cuts the frames into chunks of whole bars instead; the
 step loop only cuts them (`take_cut`), and a worker matches their loudness (`finish`)
@@ -143,6 +147,8 @@ class JamStream:
         self.last_chunk_latency: float | None = None  # seconds, first frame -> complete
         self.last_chunk_late = False  # the last chunk completed counted as an underrun
         self.last_batch_size = 0  # sessions in the last step that advanced this one
+        self._waiting_since: float | None = None  # the backlog full of chunks not taken
+        self.waited_on_client_seconds = 0.0
         self.in_flight = 0  # frames dispatched to the device and not yet delivered here
         self.sampled_in_flight = 0  # of those, the ones sampled (not forced loop codes)
         # For the generator's idle expiry: the last call for this session, and the calls
@@ -197,10 +203,27 @@ class JamStream:
         if total is not None and self.next_frame >= total + self.session.decoder_delay:
             return False
         if not self._make_room():
+            if self._waiting_since is None:
+                self._waiting_since = now
             return False
+        if self._waiting_since is not None:
+            self._client_caught_up(now)
         if self.config.pace == "realtime":
             return self.next_frame < self._frames_allowed(now)
         return True
+
+    def _client_caught_up(self, now: float) -> None:
+        """The client took chunks again after generation waited for it: a realtime
+        clock (pacing, and when a chunk counts as late) moves on by the wait."""
+        waited = max(0.0, now - self._waiting_since)
+        self._waiting_since = None
+        self.waited_on_client_seconds += waited
+        if self.config.pace != "realtime":
+            return
+        self.started += waited
+        if self._first_chunk is not None:
+            ready_at, first_frame = self._first_chunk
+            self._first_chunk = (ready_at + waited, first_frame)
 
     @property
     def _lead(self) -> int:
@@ -222,8 +245,8 @@ class JamStream:
         """Monotonic time at which a realtime stream's next frame is due (None: not paced)."""
         if self.session.prefill_pending:
             return 0.0
-        if self.config.pace != "realtime" or self.finished:
-            return None
+        if self.config.pace != "realtime" or self.finished or self._waiting_since is not None:
+            return None  # not paced, or waiting for the client: a delivery wakes the loop
         due_frame = self.next_frame + 1 - self._lead
         return self.started + due_frame / FRAMES_PER_SECOND
 
@@ -413,6 +436,7 @@ class JamStream:
             "backlog": len(self.backlog),
             "max_backlog": self.config.max_backlog,
             "dropped_chunks": self.dropped_chunks,
+            "waited_on_client_seconds": round(self.waited_on_client_seconds, 3),
             "behind_frames": self.behind_frames,
             "underruns": self.underruns,
             "total_frames": self.config.total_frames,

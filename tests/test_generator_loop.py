@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import resource
 import time
 
 import numpy as np
@@ -131,6 +132,35 @@ def test_a_chunk_stream_takes_no_more_than_its_credit_and_ends_with_its_session(
             await core.grant(sid, 1)
         with pytest.raises(BadRequest, match="credit: must be at least 1"):
             await anext(core.chunks(sid, credit=0))
+
+    asyncio.run(scenario())
+
+
+def test_a_realtime_client_that_stops_reading_leaves_the_loop_idle(core):
+    """A realtime stream whose backlog its client left full waits without the step loop
+    spinning for it (it used to poll without pause, a whole core while the client was
+    away), and counts the wait as the client's, not as an underrun."""
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    spec = JamSpec(style=StyleSpec(), seed=1,
+                   stream=StreamConfig(chunk_frames=2, pace="realtime", max_backlog=2))
+
+    async def scenario() -> None:
+        sid = (await core.start(spec))["session_id"]
+        while (await core.status(sid))["backlog"] < 2:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        began, used = time.monotonic(), cpu_seconds()
+        await asyncio.sleep(1.5)
+        busy = (cpu_seconds() - used) / (time.monotonic() - began)
+        assert busy < 0.3, f"the process used {busy:.2f} CPU-s a second while idle"
+        for index in range(3):  # the client comes back: the stream goes on
+            assert (await core.next_chunk(sid, 30)).index == index
+        status = await core.status(sid)
+        assert status["waited_on_client_seconds"] >= 1.5 and status["underruns"] == 0
+        await core.stop(sid)
 
     asyncio.run(scenario())
 

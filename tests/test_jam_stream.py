@@ -114,6 +114,31 @@ def test_realtime_chunks_finished_after_the_client_needs_them_are_underruns():
     assert jam.last_chunk_latency == pytest.approx(0.01)
 
 
+def test_a_realtime_client_that_stops_taking_chunks_stops_its_clock_not_the_loop():
+    """The backlog full of chunks the client has not taken: generation waits for it, no
+    wake-up is asked for meanwhile, and when the client takes them again its stream goes
+    on from where the client left off: the same lead, no burst, and no chunk counted as
+    the server's underrun for the time the client was away."""
+    clock = Clock()
+    config = StreamConfig(chunk_frames=2, pace="realtime", lead_margin_frames=1,
+                          max_backlog=2)
+    jam = JamStream(Session(None), config, clock=clock)
+    generate(jam, clock, 2)  # chunk 0: the client starts playing (t = 100)
+    clock.t += 0.08
+    generate(jam, clock, 2)  # chunk 1, in time; the client takes neither
+    assert not jam.due(clock()) and jam.next_due_at() is None  # waits, wakes nothing
+    clock.t += 5.0
+    assert not jam.due(clock()) and jam.next_due_at() is None
+    assert [jam.take_next().index for _ in range(2)] == [0, 1]
+    generate(jam, clock, 1)  # room again: the frame that was due when the client left
+    assert jam.status()["waited_on_client_seconds"] == pytest.approx(5.0)
+    assert not jam.due(clock())  # then paced at the lead it had, not a 5 s burst
+    assert jam.next_due_at() == pytest.approx(clock() + 0.04)
+    clock.t += 0.04
+    generate(jam, clock, 1)  # chunk 2, needed 0.16 s after the client's playback resumed
+    assert jam.next_chunk_index == 3 and jam.underruns == 0
+
+
 def test_frames_in_flight_count_for_pacing_length_and_backlog():
     clock = Clock()
     jam = JamStream(Session(None), StreamConfig(chunk_frames=2, max_backlog=1,
