@@ -203,8 +203,8 @@ class JamStream:
         if total is not None and self.next_frame >= total + self.session.decoder_delay:
             return False
         if not self._make_room():
-            if self._waiting_since is None:
-                self._waiting_since = now
+            if self._waiting_since is None and self.backlog:  # a chunk the client has not
+                self._waiting_since = now  # taken; not only chunks still being made
             return False
         if self._waiting_since is not None:
             self._client_caught_up(now)

@@ -182,6 +182,25 @@ def test_bar_chunks_are_cut_on_the_step_and_land_once_finished():
     assert jam.next_chunk_index == 2 and jam.underruns == 1 and jam.last_chunk_late
 
 
+def test_bars_still_being_finished_are_the_servers_wait_not_the_clients():
+    """A backlog filled only by chunks the server is still making (bars with the finisher
+    workers) is no client's doing: the realtime clock runs on, and a chunk that lands
+    late because of it is an underrun."""
+    clock = Clock()
+    jam = bar_jam(clock, pace="realtime", max_backlog=1)
+    generate(jam, clock, 5)  # bar 0 cut, with a worker
+    cut, started_at = jam.take_cut()
+    jam.land(jam.finish(cut), started_at, clock())
+    jam.take_next()  # chunk 0 plays from t = 100
+    generate(jam, clock, 5)  # bar 1 cut: needed from 100.2
+    assert not jam.due(clock()) and jam.next_due_at() is not None
+    cut, started_at = jam.take_cut()
+    clock.t += 0.5
+    assert not jam.due(clock())
+    jam.land(jam.finish(cut), started_at, clock())
+    assert jam.underruns == 1 and jam.status()["waited_on_client_seconds"] == 0
+
+
 def test_bars_being_finished_count_against_the_backlog():
     clock = Clock()
     jam = bar_jam(clock, max_backlog=2)
