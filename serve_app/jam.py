@@ -242,11 +242,12 @@ class JamStream:
             self.started = now
 
     def next_due_at(self) -> float | None:
-        """Monotonic time at which a realtime stream's next frame is due (None: not paced)."""
+        """Monotonic time at which a realtime stream's next frame is due (None: not paced,
+        or waiting for its client, whose next delivery wakes the loop)."""
         if self.session.prefill_pending:
             return 0.0
         if self.config.pace != "realtime" or self.finished or self._waiting_since is not None:
-            return None  # not paced, or waiting for the client: a delivery wakes the loop
+            return None
         due_frame = self.next_frame + 1 - self._lead
         return self.started + due_frame / FRAMES_PER_SECOND
 
