@@ -43,7 +43,7 @@ from .errors import (
 )
 from .jam import Chunk, JamStream, StreamConfig
 from .keyed_pool import KeyedPool
-from .logs import PROGRESS_LOGGER
+from .logs import PROGRESS_LOGGER, BurstWarning
 from .loop_encoder import NoLoopEncoder, build_loop_encoder
 from .metrics import GeneratorMetrics
 from .model_switch import Candidate, Prepared, prepare, validate
@@ -242,6 +242,9 @@ class GeneratorCore:
         self.step_seconds = 0.0
         self._last_step_done = 0.0  # perf_counter when the last step's audio reached host
         self._next_expiry_check = 0.0
+        # sessions newly behind real time: one line at once, then one every 10 s at most
+        self._behind_log = BurstWarning(
+            log, f"generator {self.name}: sessions that fell behind real time")
         self.prefill_frames = 0
         # bar-mode chunks' loudness matching, off the step loop (serve_app/keyed_pool.py)
         self._finisher = KeyedPool(FINISHING_WORKERS, f"finish-{self.name}")
@@ -374,6 +377,7 @@ class GeneratorCore:
                         self._next_expiry_check = now + 1.0
                         self.expire_idle(now)
                         self._report_device_memory()
+                        self._behind_log.flush()
                     due = self._due(now)
                     # Replies first: a step that completes chunks realtime clients wait
                     # on is delivered before the next one is dispatched, and the replies
@@ -550,10 +554,10 @@ class GeneratorCore:
         self.metrics.record("mrt_chunk_latency_ms", 1000 * jam.last_chunk_latency)
         if jam.last_chunk_late:
             self.metrics.record("mrt_underruns")
-            if jam.underruns == 1:  # once per session, then counted in status and metrics
-                log.warning("generator %s: session %s fell behind real time (batch %d, "
-                            "%.1f ms mean per 40 ms frame)", self.name, jam.session.id,
-                            jam.last_batch_size, self.mean_step_ms)
+            if jam.underruns == 1:  # logged once per session, then counted in status
+                self._behind_log.add(jam.session.id, (
+                    f"batch {jam.last_batch_size}, {self.mean_step_ms:.1f} ms mean per "
+                    "40 ms frame"))
 
     def _notify(self, session_id: str) -> None:
         event = self._events.get(session_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import resource
 import time
 
@@ -163,6 +164,38 @@ def test_a_realtime_client_that_stops_reading_leaves_the_loop_idle(core):
         await core.stop(sid)
 
     asyncio.run(scenario())
+
+
+def test_a_session_the_server_falls_behind_on_is_reported_not_silent(core, caplog):
+    """The loop stalls for 1.5 s with a realtime client reading (its lock held, as a
+    step or a compile far over its time would hold it; the lead is 0.28 s): the chunks
+    after it are late, and that shows in the session's status, in `mrt_underruns` and
+    in one warning line naming the session. None of it hangs on how fast the steps are."""
+    spec = JamSpec(style=StyleSpec(), seed=1,
+                   stream=StreamConfig(chunk_frames=2, pace="realtime"))
+
+    def underruns() -> float:
+        return core.metrics.snapshot()["mrt_underruns"]
+
+    async def scenario() -> None:
+        sid = (await core.start(spec))["session_id"]
+        for index in range(3):
+            assert (await core.next_chunk(sid, 30)).index == index
+        before = underruns()
+        with core._lock:  # the stall itself; nothing of the core is replaced
+            time.sleep(1.5)
+        for index in range(3, 8):
+            assert (await core.next_chunk(sid, 30)).index == index
+        status = await core.status(sid)
+        await core.stop(sid)
+        assert status["underruns"] >= 1 and underruns() - before == status["underruns"]
+        assert status["message"].startswith("this session fell behind real time")
+        lines = [r.getMessage() for r in caplog.records if r.name == "serve_app.generator"
+                 and "fell behind real time" in r.getMessage()]
+        assert len(lines) == 1 and sid in lines[0], lines
+
+    with caplog.at_level(logging.WARNING, logger="serve_app.generator"):
+        asyncio.run(scenario())
 
 
 def test_a_reseed_starts_the_new_loop_exactly_at_its_chunk(core, tiny):

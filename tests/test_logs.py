@@ -37,3 +37,27 @@ def test_logs_reach_the_real_stderr_past_a_redirected_sys_stderr(monkeypatch, ca
     assert "msg=generator tiny: compiled batch bucket 1" in err
     assert "level=WARNING logger=mrt_serve.generator msg=generator tiny: falling behind" in err
     assert redirected.getvalue() == ""
+
+
+def test_a_burst_of_warnings_is_one_line_at_once_and_one_summary_after_the_interval(caplog):
+    """Forty sessions falling behind in one step are two lines, not forty: the first at
+    once, the other 39 summed up when the interval has passed (a periodic flush)."""
+    now = [100.0]
+    burst = logs.BurstWarning(logging.getLogger("mrt_serve.test"), "gen: fell behind",
+                              interval=10.0, shown=3, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="mrt_serve.test"):
+        for n in range(40):
+            burst.add(f"s{n}", f"batch {n + 1}")
+        assert [r.getMessage() for r in caplog.records] == ["gen: fell behind: 1 (batch 1): s0"]
+        now[0] += 9.9
+        burst.flush()
+        assert len(caplog.records) == 1  # still inside the interval
+        now[0] += 0.1
+        burst.flush()
+        burst.flush()  # nothing held: nothing written
+        assert [r.getMessage() for r in caplog.records][1:] == [
+            "gen: fell behind: 39 (batch 40): s1, s2, s3 and 36 more"]
+        now[0] += 60
+        burst.add("s40", "batch 2")  # a quiet spell: the next one is written at once
+    assert [r.levelname for r in caplog.records] == ["WARNING"] * 3
+    assert caplog.records[-1].getMessage() == "gen: fell behind: 1 (batch 2): s40"
