@@ -56,7 +56,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from serve_app.audio import to_int16, to_wav_bytes
 from serve_app.audio.barclock import BarClock
 from serve_app.audio.synth import synth_loop
-from serve_app.client import api_key_headers, ws_url
+from serve_app.client import api_key_headers, stop_and_wait, ws_url
 from serve_app.frames import FRAMES_PER_SECOND
 
 FRAME_MS = str(1000 // FRAMES_PER_SECOND)  # a bound of the server's step-time histogram
@@ -172,7 +172,7 @@ async def jam(url: str, seconds: float, chunk_seconds: float, seed: int,
                     update_sent = time.monotonic()
                     await ws.send(json.dumps({"type": "update", "styles": STYLES[1]}))
                 if now - first_at >= seconds:
-                    await ws.send(json.dumps({"type": "stop"}))
+                    await stop_and_wait(ws)
                     return result
     except Exception as e:  # a failed session is a result, not a crash of the benchmark
         result.error = f"{type(e).__name__}: {e}"

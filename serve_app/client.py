@@ -10,6 +10,7 @@ musician feels: time to first audio and how long an update takes to be heard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -34,6 +35,7 @@ class JamRecording:
     update_sent_at: float | None = None
     update_applies_from_chunk: int | None = None
     update_heard_seconds: float | None = None  # update sent -> first chunk reflecting it
+    stopped: dict | None = None  # the server's answer to `stop` (None: none came)
 
     def summary(self) -> dict:
         return {
@@ -57,6 +59,21 @@ def ws_url(url: str) -> str:
     if url.startswith("http"):
         url = "ws" + url[4:]
     return url if url.endswith("/ws/jam") else url + "/ws/jam"
+
+
+async def stop_and_wait(ws, timeout: float = 10.0) -> dict | None:
+    """Stops the socket's session and reads on until the `stopped` answer (returned;
+    None if none came within `timeout`). Close a socket only after it: one closed while
+    chunks are on their way makes Ray Serve's proxy log two error lines for it
+    (ray-project/ray#64077), which buries the server's own log."""
+    await ws.send(json.dumps({"type": "stop"}))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await ws.recv()
+                if isinstance(raw, str) and (answer := json.loads(raw)).get("type") == "stopped":
+                    return answer
+    return None
 
 
 async def record_jam(
@@ -115,7 +132,7 @@ async def record_jam(
                         and received >= update_at * SAMPLE_RATE):
                     rec.update_sent_at = time.perf_counter()
                     await ws.send(json.dumps({"type": "update", **update}))
-        await ws.send(json.dumps({"type": "stop"}))
+        rec.stopped = await stop_and_wait(ws)
     rec.audio = np.concatenate(pieces)[:target] if pieces else rec.audio
     return rec
 

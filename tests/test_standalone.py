@@ -65,6 +65,7 @@ def test_serves_a_jam_and_the_benchmark_from_one_process(local_server, tmp_path)
     rec = record_jam(url, {"styles": "ambient", "chunk_seconds": 0.2, "seed": 3}, 1.0)
     assert rec.audio.shape[1] == 2 and rec.audio.shape[0] >= 48_000
     assert rec.summary()["session_id"].endswith("@local")
+    assert rec.stopped["session_id"] == rec.summary()["session_id"]  # closed after `stopped`
 
     report = tmp_path / "bench.json"
     bench = subprocess.run(

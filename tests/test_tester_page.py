@@ -45,3 +45,6 @@ def test_tester_page_starts_a_jam_and_schedules_gapless_audio(page, tmp_path):
     assert (tmp_path / "tester-playing.png").stat().st_size > 10_000
     page.click("#stop")
     page.wait_for_function("!window.mrtStats.connected", timeout=30_000)
+    # closed after the server's `stopped`, not under chunks still on their way
+    assert page.text_content("#log").rstrip().endswith("stopped")
+    assert not stats(page)["errors"] and not errors
