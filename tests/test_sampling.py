@@ -16,13 +16,26 @@ from serve_app.engine.sampling import first_argmax, kth_largest_mask, level_gumb
 @pytest.mark.parametrize("bits_per_pass", [1, 4])
 @pytest.mark.parametrize("k", [1, 2, 40, 333, 1023, 1024, 5000])
 def test_kth_largest_mask_matches_a_sort(k, bits_per_pass):
-    x = np.array(jax.random.normal(jax.random.PRNGKey(k), (3, 1, 1024)))
+    x = np.array(jax.random.normal(jax.random.PRNGKey(k), (3, 1, 1024)), np.float32)
     x[1, 0, :200] = 0.5  # ties straddling the threshold
     x[2, 0, :10] = -0.0  # negative zero equals zero
     x[2, 0, 10:20] = 0.0
     mask = np.asarray(kth_largest_mask(jnp.asarray(x), jnp.full((3, 1), k), bits_per_pass))
     kth = np.sort(x, axis=-1)[..., -min(k, 1024)][..., None]
     np.testing.assert_array_equal(mask, x >= kth)
+
+
+def test_kth_largest_mask_widens_narrow_floats_and_refuses_float64():
+    """bfloat16 logits (a bfloat16 step) widen exactly; float64 (under
+    `jax_enable_x64`) does not fit the 32-bit keys: a clear error, not a wrong mask."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 1024)).astype(jnp.bfloat16)
+    k = jnp.array([[7], [300]])
+    wide = np.asarray(x.astype(jnp.float32))
+    kth = np.array([np.sort(wide[0, 0])[-7], np.sort(wide[1, 0])[-300]])[:, None, None]
+    expected = wide >= kth
+    np.testing.assert_array_equal(np.asarray(kth_largest_mask(x, k)), expected)
+    with jax.enable_x64(True), pytest.raises(TypeError, match=r"logits: .* got float64"):
+        kth_largest_mask(jnp.zeros((1, 1, 8), jnp.float64), jnp.array([[2]]))
 
 
 def _tokens(state) -> np.ndarray:

@@ -29,7 +29,12 @@ from . import device
 
 
 def _order_preserving_uint32(x: jax.Array) -> jax.Array:
-    """Maps float32 to uint32 so that unsigned comparison matches float comparison."""
+    """Maps float32 to uint32 so that unsigned comparison matches float comparison.
+    Narrower floats widen exactly; float64 (logits under `jax_enable_x64`) would not
+    fit the 32-bit keys and is refused rather than bitcast into wrong ones."""
+    if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.finfo(x.dtype).bits > 32:
+        raise TypeError(f"logits: float32 or narrower expected, got {x.dtype}")
+    x = x.astype(jnp.float32)
     x = jnp.where(x == 0, jnp.zeros_like(x), x)  # -0.0 and +0.0 compare equal
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     sign = bits >> 31
