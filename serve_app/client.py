@@ -35,7 +35,7 @@ class JamRecording:
     update_sent_at: float | None = None
     update_applies_from_chunk: int | None = None
     update_heard_seconds: float | None = None  # update sent -> first chunk reflecting it
-    stopped: dict | None = None  # the server's answer to `stop` (None: none came)
+    stopped: dict | None = None  # the server's answer to `stop` (stop_and_wait)
 
     def summary(self) -> dict:
         return {
@@ -62,16 +62,18 @@ def ws_url(url: str) -> str:
 
 
 async def stop_and_wait(ws, timeout: float = 10.0) -> dict | None:
-    """Stops the socket's session and reads on until the `stopped` answer (returned;
-    None if none came within `timeout`). Close a socket only after it: one closed while
-    chunks are on their way makes Ray Serve's proxy log two error lines for it
-    (ray-project/ray#64077), which buries the server's own log."""
-    await ws.send(json.dumps({"type": "stop"}))
-    with contextlib.suppress(TimeoutError):
+    """Stops the socket's session and reads on until the answer: `stopped`, or an `error`
+    when no session was running any more (returned; None if none came within `timeout`
+    or the socket closed first). Close a socket only
+    after it: one closed while chunks are on their way makes Ray Serve's proxy log two
+    error lines for it (ray-project/ray#64077), which buries the server's own log."""
+    with contextlib.suppress(TimeoutError, websockets.ConnectionClosed):
+        await ws.send(json.dumps({"type": "stop"}))
         async with asyncio.timeout(timeout):
             while True:
                 raw = await ws.recv()
-                if isinstance(raw, str) and (answer := json.loads(raw)).get("type") == "stopped":
+                if isinstance(raw, str) and (answer := json.loads(raw)).get("type") in (
+                        "stopped", "error"):
                     return answer
     return None
 

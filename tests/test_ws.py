@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -14,9 +15,11 @@ import time
 import httpx
 import pytest
 import soundfile as sf
+import websockets.asyncio.client
 from websockets.sync.client import connect
 
 from serve_app.api.flow import STREAM_CREDIT_CHUNKS
+from serve_app.client import stop_and_wait
 
 from .serve_fixtures import recv_json
 
@@ -86,6 +89,27 @@ def test_prototype_start_update_stop_in_json_mode(ws_url):
         ws.send(json.dumps({"type": "stop"}))
         stopped = recv_json(ws, "stopped")
         assert stopped["session_id"] == started["session_id"]
+
+
+def test_a_client_stops_and_waits_for_the_answer_before_closing(ws_url):
+    """`stop_and_wait` (our clients close only after the answer, so that Serve's proxy
+    logs no error for the socket): `stopped` for a running session, at once an `error`
+    when none runs, neither waiting out its timeout."""
+    async def scenario() -> None:
+        async with websockets.asyncio.client.connect(ws_url) as ws:
+            answer = await asyncio.wait_for(stop_and_wait(ws, timeout=60), 30)
+            assert answer["type"] == "error" and answer["error"].startswith("stop:")
+            await ws.send(json.dumps({"type": "start", "binary_audio": True,
+                                      "params": {"chunk_seconds": 0.2}}))
+            while (started := json.loads(await ws.recv()))["type"] != "started":
+                pass
+            while not isinstance(await ws.recv(), bytes):  # audio under way
+                pass
+            answer = await asyncio.wait_for(stop_and_wait(ws, timeout=60), 30)
+            assert answer == {**answer, "type": "stopped",
+                              "session_id": started["session_id"]}
+
+    asyncio.run(scenario())
 
 
 def test_binary_wav_frames_are_followed_by_chunk_meta(ws_url):
