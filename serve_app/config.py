@@ -14,7 +14,7 @@ import pathlib
 import re
 from collections.abc import Mapping, Sequence
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .api.ab import ABSplit
 from .engine.variants import VARIANTS, variant_for_size
@@ -23,7 +23,13 @@ from .errors import field_problems
 log = logging.getLogger("mrt_serve.config")
 
 
+# NaN or infinity (YAML's .nan, .inf) in a count or weight is a typo, never a setting
+FINITE = ConfigDict(allow_inf_nan=False)
+
+
 class VariantConfig(BaseModel):
+    model_config = FINITE
+
     name: str
     variant: str | None = None  # model variant; defaults to `name`
     repo: str | None = None
@@ -92,6 +98,8 @@ class VariantConfig(BaseModel):
 
 
 class AppConfig(BaseModel):
+    model_config = FINITE
+
     variants: list[VariantConfig]
     default_variant: str | None = None
     # A/B split of sessions that name no variant: weight per variant, sticky per client id

@@ -283,3 +283,9 @@ def test_bad_configs_name_the_problem():
                                          r"least twice max_sessions \(64\), got 40"):
         build_app({"variants": [{"name": "tiny", "max_sessions": 32,
                                  "max_ongoing_requests": 40}]})
+    # YAML's .nan and .inf are typos, never settings: a NaN A/B weight would send no
+    # session anywhere
+    with pytest.raises(ValueError, match=r"ab_split\.tiny: Input should be a finite number"):
+        build_app({"variants": [{"name": "tiny"}], "ab_split": {"tiny": float("nan")}})
+    with pytest.raises(ValueError, match=r"variants\.0\.num_gpus: Input should be a finite"):
+        build_app({"variants": [{"name": "tiny", "num_gpus": float("inf")}]})

@@ -238,6 +238,14 @@ def test_a_client_that_never_consumes_holds_bounded_memory(http):
         ("/jam/start", {"styles": ",".join("abcdefghij")}, 400, "styles: at most 8"),
         ("/jam/start", {"styles": "a", "style_weights": "1, 2"}, 400, "style_weights: got 2"),
         ("/jam/start", {"styles": "a", "style_weights": "-1"}, 400, "style_weights: weights"),
+        # float() reads "nan" and "inf": they are refused, not blended into a NaN style
+        # (which rendered in full and then failed as a 500)
+        ("/generate_style", {"styles": "a", "style_weights": "nan"}, 400,
+         "style_weights: 'nan' is not a finite number"),
+        ("/jam/start", {"centroid_weights": "inf"}, 400,
+         "centroid_weights: 'inf' is not a finite number"),
+        ("/jam/start", {"temperature": "nan"}, 422, "temperature: Input should be a finite"),
+        ("/jam/start", {"loop_weight": "nan"}, 422, "loop_weight: Input should be a finite"),
         ("/jam/start", {"variant": "mrt2_huge"}, 400, "variant: 'mrt2_huge' is not served"),
         ("/jam/start", {"pace": "warp"}, 400, "pace: must be one of"),
         ("/jam/start", {"drums": "loud"}, 400, "drums: must be one of"),

@@ -18,6 +18,9 @@ def test_parse_styles_like_the_prototype():
         parse_styles("jazz", "1,2")
     with pytest.raises(ValueError, match="styles: at most 2 styles"):
         parse_styles("a,b,c", None, max_styles=2)
+    for text in ("nan", "inf", "-Infinity"):  # float() reads them; a blend of NaNs plays
+        with pytest.raises(ValueError, match=f"style_weights: '{text}' is not a finite number"):
+            parse_styles("jazz", text)
 
 
 def test_blend_is_normalised_and_steerable():
@@ -36,8 +39,11 @@ def test_blend_is_normalised_and_steerable():
         blend([a], [1.0], mean=0.5)
     with pytest.raises(ValueError, match="at least one style or steering weight"):
         blend([a], [0.0])
-    with pytest.raises(ValueError, match="weights must be >= 0"):
-        blend([a, b], [1.0, -1.0])
+    for bad in (-1.0, float("nan"), float("inf")):  # NaN would blend to NaN silently
+        with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+            blend([a, b], [1.0, bad])
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        blend([a], [1.0], steering=steering, centroid_weights=[float("nan")])
 
 
 def test_steering_assets_shapes_are_checked():

@@ -174,6 +174,12 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
             (json.dumps({"type": "consume", "chunk_index": 999}), "chunk_index: 999 has not"),
             (json.dumps({"type": "reseed"}), "loop_audio: required"),
             (json.dumps({"type": "ack", "index": "x"}), "index: ack needs"),
+            # JSON's NaN and Infinity, which Python's json reads
+            ('{"type": "update", "temperature": NaN}', "temperature: Input should be a finite"),
+            ('{"type": "update", "style_weights": [Infinity], "styles": ["a"]}',
+             "Input should be a finite number"),
+            ('{"type": "update", "styles": "a", "style_weights": "nan"}',
+             "style_weights: 'nan' is not a finite number"),
         ]
         for text, message in bad:
             ws.send(text)

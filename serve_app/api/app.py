@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
@@ -41,16 +42,22 @@ from .ws import JamSocket
 log = logging.getLogger(__name__)
 
 
+def NumberForm(default: Any, **constraints: Any) -> Any:
+    """A number form field that refuses NaN and infinity by name: float() reads "nan" and
+    "inf", and a NaN weight or scale turns a whole render into silence or noise."""
+    return Form(default, allow_inf_nan=False, **constraints)
+
+
 def control_fields(
     styles: str | None = Form(None, description='comma-separated, e.g. "acid house, strings"'),
     style_weights: str | None = Form(None, description='comma-separated, e.g. "1.0, 0.5"'),
-    mean: float | None = Form(None, ge=0, description="weight of the finetune's mean style"),
+    mean: float | None = NumberForm(None, ge=0, description="weight of the finetune's mean style"),
     centroid_weights: str | None = Form(None, description="weights of the finetune's centroids"),
-    temperature: float | None = Form(None, ge=0, le=10),
+    temperature: float | None = NumberForm(None, ge=0, le=10),
     topk: int | None = Form(None, ge=1, le=1024),
-    guidance_weight: float | None = Form(None, ge=-1, le=7, description="style CFG scale"),
-    cfg_notes: float | None = Form(None, ge=-1, le=7),
-    cfg_drums: float | None = Form(None, ge=-1, le=7),
+    guidance_weight: float | None = NumberForm(None, ge=-1, le=7, description="style CFG scale"),
+    cfg_notes: float | None = NumberForm(None, ge=-1, le=7),
+    cfg_drums: float | None = NumberForm(None, ge=-1, le=7),
     drums: str | None = Form(None, description="free | on | off"),
     notes: str | None = Form(None, description="held MIDI pitches, e.g. 60,64,67"),
 ) -> ControlFields:
@@ -256,10 +263,10 @@ def create_app(
         loop_audio: UploadFile = File(..., description="the loop to continue (WAV/FLAC/OGG/MP3)"),
         controls: ControlFields = ControlsForm,
         render: RenderFields = RenderForm,
-        bpm: float = Form(...),
-        loop_weight: float = Form(1.0, ge=0, le=10),
+        bpm: float = NumberForm(...),
+        loop_weight: float = NumberForm(1.0, ge=0, le=10),
         loudness_mode: str = Form("auto"),
-        loudness_headroom_db: float = Form(1.0, ge=0, le=24),
+        loudness_headroom_db: float = NumberForm(1.0, ge=0, le=24),
     ):
         async with board.tracking(render.request_id) as set_stage:
             clock = service.bar_clock(bpm, render.beats_per_bar)
@@ -274,7 +281,7 @@ def create_app(
     async def generate_style(
         controls: ControlFields = ControlsForm,
         render: RenderFields = RenderForm,
-        bpm: float = Form(120.0),
+        bpm: float = NumberForm(120.0),
     ):
         async with board.tracking(render.request_id) as set_stage:
             clock = service.bar_clock(bpm, render.beats_per_bar)
@@ -291,17 +298,17 @@ def create_app(
     async def jam_start(
         controls: ControlFields = ControlsForm,
         loop_audio: UploadFile | None = File(None, description="a loop: starts a bar-mode jam"),
-        bpm: float = Form(120.0),
+        bpm: float = NumberForm(120.0),
         beats_per_bar: int = Form(4),
         bars_per_chunk: int | None = Form(None, ge=1, le=64),
-        chunk_seconds: float | None = Form(None, gt=0),
+        chunk_seconds: float | None = NumberForm(None, gt=0),
         pace: str = Form("asap"),
         seed: int | None = Form(None, ge=0, lt=2**32),
         variant: str | None = Form(None),
-        style_ramp_seconds: float = Form(0.0, ge=0),
-        loop_weight: float = Form(1.0, ge=0, le=10),
+        style_ramp_seconds: float = NumberForm(0.0, ge=0),
+        loop_weight: float = NumberForm(1.0, ge=0, le=10),
         loudness_mode: str = Form("auto"),
-        loudness_headroom_db: float = Form(1.0, ge=0, le=24),
+        loudness_headroom_db: float = NumberForm(1.0, ge=0, le=24),
         target_sample_rate: int | None = Form(None),
         tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
         client_id: str | None = Form(None, max_length=200, description=CLIENT_ID_HELP),
@@ -331,7 +338,7 @@ def create_app(
     @app.get("/jam/next")
     async def jam_next(
         session_id: str = Query(...),
-        timeout: float | None = Query(None, gt=0),
+        timeout: float | None = Query(None, gt=0, allow_inf_nan=False),
         target_sample_rate: int | None = Query(None),
     ):
         limit = min(timeout or settings.next_timeout_seconds, settings.max_next_timeout_seconds)
@@ -354,7 +361,7 @@ def create_app(
     async def jam_update(
         session_id: str = Form(...),
         controls: ControlFields = ControlsForm,
-        style_ramp_seconds: float = Form(0.0, ge=0),
+        style_ramp_seconds: float = NumberForm(0.0, ge=0),
         use_current_mix_as_style: bool = Form(False),
     ):
         applied, _ = await service.update(session_id, controls, style_ramp_seconds,
@@ -371,7 +378,7 @@ def create_app(
     async def jam_reseed_splice(
         session_id: str = Form(...),
         loop_audio: UploadFile = File(...),
-        anchor_bars: float = Form(1.0, gt=0, le=16),
+        anchor_bars: float = NumberForm(1.0, gt=0, le=16),
     ):
         """New audio spliced in, keeping the last `anchor_bars` bars of what the session
         has been playing at the end of its context, so it carries on from there."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def _env_list(name: str) -> list[str]:
@@ -13,6 +13,8 @@ def _env_list(name: str) -> list[str]:
 
 
 class ApiSettings(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     default_variant: str = "tiny"
     ab_split: dict[str, float] | None = None  # weights of variants for unnamed sessions
     max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0)

@@ -50,7 +50,9 @@ MOVE_WAIT_SECONDS = 60.0
 class WsParams(BaseModel):
     """Start/update parameters; list or comma-string forms are both accepted."""
 
-    model_config = ConfigDict(extra="allow")
+    # allow_inf_nan: JSON's NaN and Infinity (Python's json reads them) get "should be a
+    # finite number", not a misleading range error or, unbounded, a silent NaN.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     styles: str | list[str] | None = None
     style_weights: str | list[float] | None = None

@@ -9,6 +9,7 @@ finetune's mean style embedding with weight `mean`, and its cluster centroids wi
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,8 +71,8 @@ def blend(
             (steering.centroids[i], w) for i, w in enumerate(centroid_weights) if w
         )
     all_weights = [w for _, w in parts]
-    if any(w < 0 for w in all_weights):
-        raise ValueError("style_weights: weights must be >= 0")
+    if not all(0 <= w < math.inf for w in all_weights):  # NaN fails this too
+        raise ValueError("style_weights: weights must be finite and >= 0")
     total = float(sum(all_weights))
     if total <= 0:
         raise ValueError("style_weights: at least one style or steering weight must be > 0")

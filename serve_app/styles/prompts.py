@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 MAX_STYLE_CHARS = 200
 
 
@@ -12,12 +14,18 @@ def split_list(value: str | None) -> list[str]:
 
 
 def parse_floats(value: str | None, field: str) -> list[float]:
+    """`"1.0, 0.5"` -> [1.0, 0.5]. Python's float() also reads "nan" and "inf", which
+    would make a blend of NaNs: silence or noise, rendered in full before anything
+    failed. They are refused here, naming the field."""
     out = []
     for part in split_list(value):
         try:
-            out.append(float(part))
+            number = float(part)
         except ValueError:
             raise ValueError(f"{field}: {part!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{field}: {part!r} is not a finite number")
+        out.append(number)
     return out
 
 
