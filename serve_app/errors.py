@@ -89,7 +89,14 @@ def field_problems(errors: Iterable[Mapping], *, skip: Container[str] = ()) -> l
     validator's (no field to name) is its reason alone: it names its fields itself."""
     problems = []
     for err in errors:
-        field = ".".join(str(p) for p in err["loc"] if p not in skip)
+        loc, kind = tuple(err["loc"]), err.get("type")
+        if kind == "json_invalid":  # FastAPI's loc is ("body", <character position>)
+            detail = (err.get("ctx") or {}).get("error", err["msg"])
+            problems.append(f"{loc[0]}: not valid JSON ({detail} at character {loc[-1]})")
+            continue
+        field = ".".join(str(p) for p in loc if p not in skip)
+        if not field and loc and kind != "value_error":
+            field = str(loc[0])  # the whole body is wrong (a list for an object, say)
         reason = err["msg"].removeprefix("Value error, ")
         problems.append(f"{field}: {reason}" if field else reason)
     return problems

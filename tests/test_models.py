@@ -128,6 +128,13 @@ def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_r
     assert r.json()["error"].startswith("ckpt_repo and repo_id name the same thing"), r.text
     r = http.post("/model/select", json={"ckpt_step": -1})
     assert r.json()["error"] == "ckpt_step: must be >= 0", r.text
+    # a body that is not a JSON object is the body's fault, named as such
+    r = http.post("/model/select", content=b"garbage", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["error"] == "body: not valid JSON (Expecting value at character 0)", r.text
+    r = http.post("/model/select", json=[1, 2])
+    assert r.status_code == 422 and r.json()["error"].startswith("body: Input should be a valid "
+                                                                 "dictionary"), r.text
 
 
 def test_corrupt_checkpoint_rolls_back(http, bad_repos):
