@@ -259,6 +259,7 @@ def test_a_client_that_never_consumes_holds_bounded_memory(http):
         ("/generate_style", {"beats_per_bar": 0}, 400, "beats_per_bar:"),
         ("/jam/consume", {"session_id": "nope.tiny@x", "chunk_index": 0}, 404, "unknown session"),
         ("/jam/update", {"session_id": "nope.tiny@x", "topk": 5}, 404, "unknown session"),
+        ("/jam/update", {"session_id": "", "topk": 5}, 422, "session_id: Field required"),
         ("/jam/stop", {}, 400, "session_id: required"),
     ],
 )
@@ -278,6 +279,10 @@ def test_bad_input_leaves_a_running_jam_untouched(http):
         assert http.post("/jam/consume", data={"session_id": sid,
                                                "chunk_index": 999}).status_code == 400
         assert http.get("/jam/next", params={"session_id": "bogus"}).status_code == 404
+        empty = http.get("/jam/next", params={"session_id": ""})  # named, not "unknown"
+        assert empty.status_code == 422 and empty.json()["error"].startswith("session_id:")
+        nan = http.get("/jam/next", params={"session_id": sid, "timeout": "nan"})
+        assert nan.json()["error"] == "timeout: Input should be a finite number"
         status = http.get("/jam/status", params={"session_id": sid}).json()
         assert status["topk"] == 40 and status["temperature"] == 1.3
         nxt = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]["index"]

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
@@ -40,6 +40,11 @@ from .settings import ApiSettings
 from .ws import JamSocket
 
 log = logging.getLogger(__name__)
+
+
+# the session a polled-jam call is about: an empty one is named as missing, not unknown
+SessionIdForm = Annotated[str, Form(min_length=1)]
+SessionIdQuery = Annotated[str, Query(min_length=1)]
 
 
 def NumberForm(default: Any, **constraints: Any) -> Any:
@@ -337,7 +342,7 @@ def create_app(
 
     @app.get("/jam/next")
     async def jam_next(
-        session_id: str = Query(...),
+        session_id: SessionIdQuery,
         timeout: float | None = Query(None, gt=0, allow_inf_nan=False),
         target_sample_rate: int | None = Query(None),
     ):
@@ -354,12 +359,12 @@ def create_app(
             chunk.seconds, lambda: JSONResponse({"chunk": chunk_b64(chunk, target_sample_rate)}))
 
     @app.post("/jam/consume")
-    async def jam_consume(session_id: str = Form(...), chunk_index: int = Form(...)):
+    async def jam_consume(session_id: SessionIdForm, chunk_index: int = Form(...)):
         return await service.of_session(session_id).consume(session_id, chunk_index)
 
     @app.post("/jam/update")
     async def jam_update(
-        session_id: str = Form(...),
+        session_id: SessionIdForm,
         controls: ControlFields = ControlsForm,
         style_ramp_seconds: float = NumberForm(0.0, ge=0),
         use_current_mix_as_style: bool = Form(False),
@@ -369,14 +374,14 @@ def create_app(
         return applied
 
     @app.post("/jam/reseed")
-    async def jam_reseed(session_id: str = Form(...), loop_audio: UploadFile = File(...)):
+    async def jam_reseed(session_id: SessionIdForm, loop_audio: UploadFile = File(...)):
         """A new loop: the session's context restarts from it at the next chunk."""
         answer, _ = await service.reseed(session_id, await loop_audio.read())
         return answer
 
     @app.post("/jam/reseed_splice")
     async def jam_reseed_splice(
-        session_id: str = Form(...),
+        session_id: SessionIdForm,
         loop_audio: UploadFile = File(...),
         anchor_bars: float = NumberForm(1.0, gt=0, le=16),
     ):
@@ -386,7 +391,7 @@ def create_app(
         return answer
 
     @app.get("/jam/status")
-    async def jam_status(session_id: str = Query(...)):
+    async def jam_status(session_id: SessionIdQuery):
         return await service.of_session(session_id).status(session_id)
 
     @app.post("/jam/stop")
