@@ -16,16 +16,21 @@ from __future__ import annotations
 import functools
 import logging
 
+from serve_app.api.settings import ApiSettings, ws_max_message_bytes
+
 PROXY_CALLBACK_ENV = {
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:without_ws_compression",
 }
 
 log = logging.getLogger("mrt_serve.proxy")
+# a loop as large as an upload may be, in a WebSocket message (settings.ws_max_message_bytes)
+WS_MAX_MESSAGE_BYTES = ws_max_message_bytes(ApiSettings().max_upload_bytes)
 
 
 def without_ws_compression() -> list:
-    """Makes uvicorn servers built in this process refuse permessage-deflate (a config
-    that names the option still wins); returns no middlewares. If uvicorn no longer has
+    """Makes uvicorn servers built in this process refuse permessage-deflate and take
+    WebSocket messages up to `WS_MAX_MESSAGE_BYTES` (a config that names either option
+    still wins); returns no middlewares. If uvicorn no longer has
     the option, the proxy starts as before and says so: compression costs time, not
     correctness."""
     import uvicorn
@@ -41,6 +46,7 @@ def without_ws_compression() -> list:
     @functools.wraps(original)
     def init(self, *args, **kwargs):
         kwargs.setdefault("ws_per_message_deflate", False)
+        kwargs.setdefault("ws_max_size", WS_MAX_MESSAGE_BYTES)
         original(self, *args, **kwargs)
 
     init._mrt_no_deflate = True

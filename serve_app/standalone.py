@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from .api.app import create_app
-from .api.settings import ApiSettings
+from .api.settings import ApiSettings, ws_max_message_bytes
 from .config import AppConfig, load_app_config, read_config_file
 from .engine.tiny import write_named_repos
 from .generator import GeneratorCore
@@ -92,6 +92,8 @@ def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
             # PCM does not compress: no permessage-deflate (deployments/proxy.py does the
             # same for Serve's proxy). log_config=None keeps our quiet key=value logging.
             uvicorn.run(app, host=host, port=port, ws_per_message_deflate=False,
+                        ws_max_size=ws_max_message_bytes(ApiSettings.from_config(
+                            config.api_config).max_upload_bytes),
                         log_config=None, access_log=False)
         except KeyboardInterrupt:
             pass  # Ctrl-C: uvicorn has already shut the server down gracefully

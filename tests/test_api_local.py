@@ -6,6 +6,8 @@ same create_app the Ingress deployment builds), against the real tiny model.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -118,3 +120,16 @@ def test_a_stop_ends_a_waiting_next_chunk_quietly(core, tiny):
             await core.next_chunk(sid, timeout=1)
 
     asyncio.run(scenario())
+
+
+def test_a_websocket_loop_over_the_upload_limit_is_refused_by_name(core, tiny):
+    """HTTP bodies are held to `max_upload_bytes` on the way in; a loop inside a WebSocket
+    message is held to the same limit when it is read, and the socket goes on."""
+    loop = base64.b64encode(b"\0" * 2000).decode()
+    with client(core, tiny, max_upload_bytes=1000) as http, http.websocket_connect(
+            "/ws/jam") as ws:
+        ws.send_json({"type": "start", "mode": "bar", "params": {"loop_audio_b64": loop}})
+        assert ws.receive_json() == {
+            "type": "error", "error": "loop_audio_b64: 2000 bytes, larger than the limit of 1000"}
+        ws.send_json({"type": "ping"})
+        assert ws.receive_json()["type"] == "pong"

@@ -13,8 +13,9 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from deployments.app import build_app, generator_options
 from deployments.autoscaling import SessionsPolicy
 from deployments.placement import Placement, as_configured, fit_to_cluster
-from deployments.proxy import PROXY_CALLBACK_ENV, without_ws_compression
+from deployments.proxy import PROXY_CALLBACK_ENV, WS_MAX_MESSAGE_BYTES, without_ws_compression
 from deployments.transport import GRPC_ENV, NODE_ENV
+from serve_app.api.settings import ApiSettings
 from serve_app.api.ws import WsParams
 from serve_app.audio import to_wav_bytes
 from serve_app.config import AppConfig, VariantConfig
@@ -258,6 +259,10 @@ def test_the_proxy_hook_turns_deflate_off_unless_a_config_asks_for_it():
         assert uvicorn.Config.__init__.__wrapped__ is original  # wrapped once, not twice
         assert uvicorn.Config(app=None).ws_per_message_deflate is False
         assert uvicorn.Config(app=None, ws_per_message_deflate=True).ws_per_message_deflate
+        # a loop as large as an upload may be fits in one message, as base64
+        assert uvicorn.Config(app=None).ws_max_size == WS_MAX_MESSAGE_BYTES
+        assert 4 * ApiSettings().max_upload_bytes / 3 < WS_MAX_MESSAGE_BYTES
+        assert uvicorn.Config(app=None, ws_max_size=5).ws_max_size == 5
     finally:
         uvicorn.Config.__init__ = original
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 import soundfile as sf
 import websockets.asyncio.client
@@ -319,6 +320,13 @@ def test_bar_mode_jams_on_a_loop_with_consume_reseed_and_splice(ws_url):
         assert spliced["event"] == "reseed_splice" and spliced["anchor_frames"] == 11
         ws.send(json.dumps({"type": "reseed", "loop_audio_b64": "%%%"}))
         assert "loop_audio_b64: not valid base64" in recv_json(ws, "error")["error"]
+        # 70 s of 16-bit WAV, 17.9 MB as base64: over uvicorn's default 16 MiB message,
+        # which closed the socket (1009) and the session on it; now an error names it
+        too_long = io.BytesIO()
+        sf.write(too_long, np.zeros((70 * 48000, 2), np.int16), 48000, format="WAV")
+        ws.send(json.dumps({"type": "reseed",
+                            "loop_audio_b64": base64.b64encode(too_long.getvalue()).decode()}))
+        assert "70.0 s is longer than the 60 s allowed" in recv_json(ws, "error")["error"]
         ws.send(json.dumps({"type": "consume", "chunk_index": "two"}))
         assert "chunk_index:" in recv_json(ws, "error")["error"]
         ws.send(json.dumps({"type": "status"}))

@@ -165,6 +165,9 @@ class JamService:
         """Uploaded bytes -> float32 [n, 2] at 48 kHz (None stays None)."""
         if data is None:
             return None
+        limit = self.settings.max_upload_bytes  # HTTP bodies are held to it on the way in
+        if len(data) > limit:
+            raise BadRequest(f"{field}: {len(data)} bytes, larger than the limit of {limit}")
         try:
             return await asyncio.to_thread(decode_audio, data, field=field,
                                            max_seconds=self.settings.max_loop_seconds)

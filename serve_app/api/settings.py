@@ -12,6 +12,17 @@ def _env_list(name: str) -> list[str]:
     return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
 
 
+def ws_max_message_bytes(max_upload_bytes: int) -> int:
+    """The largest WebSocket message our servers take in: a `start` or `reseed` carrying a
+    loop of `max_upload_bytes` as base64 (4/3 of it), and 1 MiB for the JSON around it.
+    uvicorn's default (16 MiB) closed the socket, and the session on it, under any loop
+    over 12 MB (a 33 s float32 WAV) with a bare 1009; within this limit a loop too large or
+    too long gets an `error` that names it and the session plays on. Serve's proxy is
+    set up before any app's config is read (deployments/proxy.py), so it takes the default
+    `max_upload_bytes`; a config that raises that limit raises it for HTTP uploads only."""
+    return -(-max_upload_bytes // 3) * 4 + (1 << 20)
+
+
 class ApiSettings(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
