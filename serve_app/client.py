@@ -64,9 +64,9 @@ def ws_url(url: str) -> str:
 async def stop_and_wait(ws, timeout: float = 10.0) -> dict | None:
     """Stops the socket's session and reads on until the answer: `stopped`, or an `error`
     when no session was running any more (returned; None if none came within `timeout`
-    or the socket closed first). Close a socket only
-    after it: one closed while chunks are on their way makes Ray Serve's proxy log two
-    error lines for it (ray-project/ray#64077), which buries the server's own log."""
+    or the socket closed first). Close a socket only after it: one closed while chunks
+    are on their way makes Ray Serve's proxy log two error lines for it
+    (ray-project/ray#64077), which buries the server's own log."""
     with contextlib.suppress(TimeoutError, websockets.ConnectionClosed):
         await ws.send(json.dumps({"type": "stop"}))
         async with asyncio.timeout(timeout):
