@@ -39,10 +39,12 @@ def build_generators(config: AppConfig) -> dict[str, GeneratorCore]:
             for v in config.variants}
 
 
-def build_app(config: AppConfig, generators: dict[str, GeneratorCore]) -> FastAPI:
-    """The API over in-process generators."""
+def build_app(config: AppConfig, generators: dict[str, GeneratorCore],
+              settings: ApiSettings | None = None) -> FastAPI:
+    """The API over in-process generators (`settings`: the config's `api:`, by default)."""
     styles = StyleEmbedderCore(config.style_mock, config.style_embedder.get("repo"))
-    return create_app(generators, styles, ApiSettings.from_config(config.api_config))
+    return create_app(generators, styles,
+                      settings or ApiSettings.from_config(config.api_config))
 
 
 @contextlib.contextmanager
@@ -86,14 +88,14 @@ def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
                       f"{', '.join(v.model_variant for v in config.variants)} ...",
                       file=sys.stderr, flush=True)
             generators = build_generators(config)
-            app = build_app(config, generators)
+            settings = ApiSettings.from_config(config.api_config)
+            app = build_app(config, generators, settings)
             print(f"mrt-serve local: http://{host}:{port} serving {', '.join(generators)} "
                   "(/health shows readiness)", file=sys.stderr, flush=True)
             # PCM does not compress: no permessage-deflate (deployments/proxy.py does the
             # same for Serve's proxy). log_config=None keeps our quiet key=value logging.
             uvicorn.run(app, host=host, port=port, ws_per_message_deflate=False,
-                        ws_max_size=ws_max_message_bytes(ApiSettings.from_config(
-                            config.api_config).max_upload_bytes),
+                        ws_max_size=ws_max_message_bytes(settings.max_upload_bytes),
                         log_config=None, access_log=False)
         except KeyboardInterrupt:
             pass  # Ctrl-C: uvicorn has already shut the server down gracefully
