@@ -389,8 +389,12 @@ def test_a_session_nobody_asks_about_expires_and_a_waiting_one_does_not(core):
         with pytest.raises(UnknownSession, match="expired: no request for 300 s"):
             await core.status(sid)
 
-        # a long-poll is a client still there: 10 s chunks, the second is ~8 s away
-        sid = (await core.start(spec))["session_id"]
+        # a long-poll is a client still there: 10 s chunks paced in real time, so the
+        # second is ~10 s away whatever the step's speed (as fast as it comes, asap, it
+        # could land within the half second below on a fast box, and the poll end)
+        paced = dataclasses.replace(spec, stream=dataclasses.replace(spec.stream,
+                                                                     pace="realtime"))
+        sid = (await core.start(paced))["session_id"]
         assert await core.next_chunk(sid, timeout=60) is not None
         waiting = asyncio.create_task(core.next_chunk(sid, timeout=60))
         await asyncio.sleep(0.5)
