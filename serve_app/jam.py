@@ -410,7 +410,9 @@ class JamStream:
         return None
 
     def consume(self, index: int) -> None:
-        if index < 0 or index >= self.next_chunk_index:
+        if index < 0:
+            raise ValueError(f"chunk_index: chunk indices start at 0, got {index}")
+        if index >= self.next_chunk_index:
             raise ValueError(
                 f"chunk_index: {index} has not been generated yet "
                 f"(next is {self.next_chunk_index})"

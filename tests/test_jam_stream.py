@@ -75,10 +75,12 @@ def test_full_backlog_pauses_until_the_client_reads():
     assert not jam.backlog and jam.status()["last_consumed"] == 2
 
 
-def test_consume_of_a_future_chunk_is_rejected():
+def test_consume_of_a_future_or_negative_chunk_is_rejected():
     jam = JamStream(Session(None), StreamConfig(chunk_frames=1))
     with pytest.raises(ValueError, match="chunk_index: 3 has not been generated yet"):
         jam.consume(3)
+    with pytest.raises(ValueError, match="chunk_index: chunk indices start at 0, got -1"):
+        jam.consume(-1)
 
 
 def test_fixed_length_stream_finishes_with_its_last_partial_chunk():

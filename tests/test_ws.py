@@ -175,10 +175,25 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
             (json.dumps({"type": "consume", "chunk_index": 999}), "chunk_index: 999 has not"),
             (json.dumps({"type": "reseed"}), "loop_audio: required"),
             (json.dumps({"type": "ack", "index": "x"}), "index: ack needs"),
+            # a negative index is no chunk's (they were taken silently)
+            (json.dumps({"type": "ack", "index": -1}), "index: chunk indices start at 0, got -1"),
+            (json.dumps({"type": "consume", "chunk_index": -1}),
+             "chunk_index: chunk indices start at 0, got -1"),
+            # params that are not an object (a reseed's closed the socket and its session)
+            (json.dumps({"type": "reseed", "params": [1]}), "params: must be a JSON object"),
+            (json.dumps({"type": "reseed_splice", "params": "x"}), "params: must be a JSON object"),
+            (json.dumps({"type": "reseed_splice", "anchor_bars": True}),
+             "anchor_bars: must be a number"),
+            # one reason for a field with a string and a JSON form, not one per form
+            (json.dumps({"type": "update", "drums": "maybe"}),
+             "drums: must be true, false, 'free', 'on' or 'off', got 'maybe'"),
+            (json.dumps({"type": "update", "styles": 5}),
+             "styles: must be a comma-separated string or a list of strings, got 5"),
             # JSON's NaN and Infinity, which Python's json reads
             ('{"type": "update", "temperature": NaN}', "temperature: Input should be a finite"),
             ('{"type": "update", "style_weights": [Infinity], "styles": ["a"]}',
-             "Input should be a finite number"),
+             "style_weights: must be a comma-separated string or a list of finite numbers, "
+             "got [inf]"),
             ('{"type": "update", "styles": "a", "style_weights": "nan"}',
              "style_weights: 'nan' is not a finite number"),
         ]

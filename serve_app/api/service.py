@@ -253,7 +253,8 @@ class JamService:
         if data is None:
             raise BadRequest("loop_audio: required (the new loop to jam on)")
         if anchor_bars is not None and not 0 < anchor_bars <= 16:
-            raise BadRequest(f"anchor_bars: must be within 0..16, got {anchor_bars:g}")
+            raise BadRequest(
+                f"anchor_bars: must be more than 0 and at most 16, got {anchor_bars:g}")
         answer = await client.reseed(session_id, await self.decode_loop(data), anchor_bars)
         codes = answer.pop("codes")
         return answer, codes

@@ -20,10 +20,18 @@ import base64
 import json
 import logging
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 from ..audio import to_wav_bytes
 from ..errors import ApiError, BadRequest, SessionLost, field_problems
@@ -47,6 +55,29 @@ MAX_MOVES_WITHOUT_AUDIO = 3
 MOVE_WAIT_SECONDS = 60.0
 
 
+def either(hint: Any, expected: str) -> Any:
+    """`hint` (a union of a string form and a JSON form) answering a bad value with one
+    reason, `expected`, instead of pydantic's reason per member ("drums.bool: ...;
+    drums.literal['free','on','off']: ...")."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise PydanticCustomError("either", "must be {expected}, got {shown}",
+                                      {"expected": expected, "shown": shown}) from None
+
+    return Annotated[hint, WrapValidator(check)]
+
+
+StyleNames = either(str | list[str] | None, "a comma-separated string or a list of strings")
+Numbers = either(str | list[float] | None, "a comma-separated string or a list of finite numbers")
+Pitches = either(str | list[int] | None, "a comma-separated string or a list of MIDI pitches")
+Drums = either(bool | Literal["free", "on", "off"] | None, "true, false, 'free', 'on' or 'off'")
+
+
 class WsParams(BaseModel):
     """Start/update parameters; list or comma-string forms are both accepted."""
 
@@ -54,17 +85,17 @@ class WsParams(BaseModel):
     # finite number", not a misleading range error or, unbounded, a silent NaN.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    styles: str | list[str] | None = None
-    style_weights: str | list[float] | None = None
+    styles: StyleNames = None
+    style_weights: Numbers = None
     temperature: float | None = Field(None, ge=0, le=10)
     topk: int | None = Field(None, ge=1, le=1024)
     guidance_weight: float | None = Field(None, ge=-1, le=7)
     cfg_notes: float | None = Field(None, ge=-1, le=7)
     cfg_drums: float | None = Field(None, ge=-1, le=7)
     mean: float | None = Field(None, ge=0)
-    centroid_weights: str | list[float] | None = None
-    notes: str | list[int] | None = None
-    drums: bool | Literal["free", "on", "off"] | None = None
+    centroid_weights: Numbers = None
+    notes: Pitches = None
+    drums: Drums = None
     style_ramp_seconds: float = Field(0.0, ge=0)
     pace: Literal["realtime", "asap"] | None = None
     chunk_seconds: float | None = Field(None, ge=0.04, le=10.0)
@@ -112,6 +143,24 @@ class WsParams(BaseModel):
             return base64.b64decode(self.loop_audio_b64, validate=True)
         except ValueError:
             raise BadRequest("loop_audio_b64: not valid base64") from None
+
+
+def message_params(message: dict) -> dict:
+    """A message's parameters: under `params`, or its own fields beside `type` (the
+    prototype's clients send both forms)."""
+    raw = message.get("params", {k: v for k, v in message.items() if k != "type"})
+    if not isinstance(raw, dict):
+        raise BadRequest("params: must be a JSON object")
+    return raw
+
+
+def chunk_index(value: Any, field: str, message_type: str) -> int:
+    """A chunk index a client sent (`ack`, `consume`): an integer from 0."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"{field}: {message_type} needs the integer index of a chunk")
+    if value < 0:
+        raise BadRequest(f"{field}: chunk indices start at 0, got {value}")
+    return value
 
 
 def parse_params(raw) -> WsParams:
@@ -219,7 +268,7 @@ class JamSocket:
     async def update(self, message: dict) -> None:
         if not self.session_id:
             raise BadRequest("update: no session is running; send start first")
-        raw = message.get("params", {k: v for k, v in message.items() if k != "type"})
+        raw = message_params(message)
         params = parse_params(raw)
         fixed = [k for k in NOT_UPDATABLE if raw.get(k) is not None]
         if fixed:
@@ -238,9 +287,7 @@ class JamSocket:
     def ack(self, message: dict) -> None:
         if not self.session_id or self.flow is None:
             raise BadRequest("ack: no session is running")
-        index = message.get("index")
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise BadRequest("index: ack needs the integer index of a received chunk")
+        index = chunk_index(message.get("index"), "index", "ack")
         try:
             self.flow.ack(index)
         except ValueError as e:
@@ -251,9 +298,8 @@ class JamSocket:
         `ack` for flow control."""
         if not self.session_id:
             raise BadRequest("consume: no session is running")
-        index = message.get("chunk_index", message.get("index"))
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise BadRequest("chunk_index: consume needs the integer index of a chunk")
+        index = chunk_index(message.get("chunk_index", message.get("index")), "chunk_index",
+                            "consume")
         own = self.memory.session_index(index)
         if own >= 0:  # not a chunk of the session before a move
             await self._on_session(lambda sid: self.service.of_session(sid).consume(sid, own))
@@ -263,10 +309,10 @@ class JamSocket:
     async def reseed(self, message: dict, *, splice: bool) -> None:
         if not self.session_id:
             raise BadRequest(f"{message.get('type')}: no session is running")
-        raw = message.get("params", message)
+        raw = message_params(message)
         data = parse_params({"loop_audio_b64": raw.get("loop_audio_b64")}).loop_bytes()
         anchor = raw.get("anchor_bars", 1.0) if splice else None
-        if anchor is not None and not isinstance(anchor, int | float):
+        if anchor is not None and (isinstance(anchor, bool) or not isinstance(anchor, int | float)):
             raise BadRequest("anchor_bars: must be a number")
         result, codes = await self._on_session(
             lambda sid: self.service.reseed(sid, data, anchor))
