@@ -8,6 +8,10 @@ they were raised.
 from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping
+from typing import Annotated, Any
+
+from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 
 
 class ApiError(Exception):
@@ -100,3 +104,20 @@ def field_problems(errors: Iterable[Mapping], *, skip: Container[str] = ()) -> l
         reason = err["msg"].removeprefix("Value error, ")
         problems.append(f"{field}: {reason}" if field else reason)
     return problems
+
+
+def either(hint: Any, expected: str) -> Any:
+    """`hint` (a union of a string form and a JSON form) answering a bad value with one
+    reason, `expected`, instead of pydantic's reason per member ("drums.bool: ...;
+    drums.literal['free','on','off']: ...")."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise PydanticCustomError("either", "must be {expected}, got {shown}",
+                                      {"expected": expected, "shown": shown}) from None
+
+    return Annotated[hint, WrapValidator(check)]

@@ -128,6 +128,10 @@ def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_r
     assert r.json()["error"].startswith("ckpt_repo and repo_id name the same thing"), r.text
     r = http.post("/model/select", json={"ckpt_step": -1})
     assert r.json()["error"] == "ckpt_step: must be >= 0", r.text
+    # one reason for a field of two forms (was "ckpt_step.int: ...; ckpt_step.literal[...")
+    r = http.post("/model/select", json={"ckpt_step": 1e20})
+    assert r.json()["error"] == (
+        "ckpt_step: must be a checkpoint step (an integer) or 'latest', got 1e+20"), r.text
     # a body that is not a JSON object is the body's fault, named as such
     r = http.post("/model/select", content=b"garbage", headers={"Content-Type": "application/json"})
     assert r.status_code == 422

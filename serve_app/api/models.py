@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import checkpoints
 from ..engine.variants import SIZE_ALIASES, VARIANTS, variant_for_size
-from ..errors import BadRequest, Unavailable
+from ..errors import BadRequest, Unavailable, either
 from ..selection import ModelSelection
 from .security import may_read_local_paths
 from .service import JamService
@@ -35,6 +35,9 @@ def _merge(values: dict, documented: str, prototype: str) -> None:
     values[documented] = a if a is not None else b
 
 
+Step = either(int | Literal["latest"] | None, "a checkpoint step (an integer) or 'latest'")
+
+
 class SelectRequest(BaseModel):
     """POST /model/select."""
 
@@ -42,7 +45,7 @@ class SelectRequest(BaseModel):
 
     ckpt_repo: str | None = Field(None, min_length=1, max_length=500,
                                   description="Hub repo id or local directory (alias repo_id)")
-    ckpt_step: int | Literal["latest"] | None = Field(
+    ckpt_step: Step = Field(
         None, description="finetune step, or 'latest' (alias step); none: the base weights")
     size: str | None = Field(None, description="tiny | small | base (large = base), or a "
                                                "variant name; default: the current one")

@@ -20,21 +20,13 @@ import base64
 import json
 import logging
 import time
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import WebSocket, WebSocketDisconnect
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
-from ..errors import ApiError, BadRequest, SessionLost, field_problems
+from ..errors import ApiError, BadRequest, SessionLost, either, field_problems
 from ..jam import Chunk, StreamConfig, frames_for
 from . import offload
 from .flow import FlowControl, StreamCredit
@@ -53,23 +45,6 @@ MODES = ("rt", "bar")
 MAX_MOVES_WITHOUT_AUDIO = 3
 # How long a call that found the session gone waits for the stream to move it.
 MOVE_WAIT_SECONDS = 60.0
-
-
-def either(hint: Any, expected: str) -> Any:
-    """`hint` (a union of a string form and a JSON form) answering a bad value with one
-    reason, `expected`, instead of pydantic's reason per member ("drums.bool: ...;
-    drums.literal['free','on','off']: ...")."""
-
-    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        try:
-            return handler(value)
-        except ValidationError:
-            shown = repr(value)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise PydanticCustomError("either", "must be {expected}, got {shown}",
-                                      {"expected": expected, "shown": shown}) from None
-
-    return Annotated[hint, WrapValidator(check)]
 
 
 StyleNames = either(str | list[str] | None, "a comma-separated string or a list of strings")
