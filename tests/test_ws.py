@@ -222,6 +222,9 @@ def test_start_errors_name_the_field(ws_url):
             ({"type": "start", "mode": "bar", "params": {"loudness_mode": "x"}},
              "loudness_mode: must be one of"),
             ({"type": "start", "audio_format": "mp3"}, "audio_format: must be one of"),
+            # named as this protocol names it (HTTP's is target_sample_rate)
+            ({"type": "start", "mode": "bar", "params": {"target_sr": 7}},
+             "target_sr: must be within 8000..192000 Hz, got 7"),
             ({"type": "start", "params": {"chunk_seconds": 0.01}}, "chunk_seconds:"),
             ({"type": "start", "params": {"pace": "warp"}}, "pace:"),
             ({"type": "start", "params": {"variant": "nope"}}, "variant: 'nope'"),
@@ -230,6 +233,24 @@ def test_start_errors_name_the_field(ws_url):
         ]:
             ws.send(json.dumps(message))
             assert expected in recv_json(ws, "error")["error"]
+
+
+def test_params_the_server_does_not_use_are_listed_not_dropped_silently(ws_url):
+    """A typo'd name, and bar mode's params in an rt start, come back in `ignored_params`
+    of `started` and of each `updated`; what was used is not listed."""
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "params": {
+            "styles": "funk", "chunk_seconds": 0.2, "bpm": 100, "loop_weight": 0.5,
+            "temprature": 0.5}}))
+        started = recv_json(ws, "started")
+        assert started["ignored_params"] == ["bpm", "loop_weight", "temprature"], started
+        ws.send(json.dumps({"type": "update", "topk": 30, "tpok": 20}))
+        updated = recv_json(ws, "status")
+        assert updated["event"] == "updated" and updated["ignored_params"] == ["tpok"], updated
+        ws.send(json.dumps({"type": "update", "params": {"topk": 31}}))
+        assert recv_json(ws, "status")["ignored_params"] == []
+        ws.send(json.dumps({"type": "status"}))
+        assert recv_json(ws, "status")["topk"] == 31
 
 
 def sessions_on_generator(serve_base) -> int:

@@ -141,16 +141,19 @@ class JamService:
         except ValueError as e:
             raise BadRequest(str(e)) from e
 
-    def output_rate(self, target_rate: int | None) -> int:
+    def output_rate(self, target_rate: int | None, field: str = "target_sample_rate") -> int:
+        """The rate audio goes out at; `field` is the name the client sent it under (the
+        WebSocket's is `target_sr`)."""
         if target_rate is None:
             return SAMPLE_RATE
         try:
-            return check_rate(target_rate)
+            return check_rate(target_rate, field)
         except ValueError as e:
             raise BadRequest(str(e)) from e
 
     def bar_spec(self, clock: BarClock, bars_per_chunk: int, target_rate: int | None,
-                 loudness_mode: str, headroom_db: float) -> BarSpec:
+                 loudness_mode: str, headroom_db: float,
+                 rate_field: str = "target_sample_rate") -> BarSpec:
         if loudness_mode not in LOUDNESS_MODES:
             raise BadRequest(f"loudness_mode: must be one of {list(LOUDNESS_MODES)}, "
                              f"got {loudness_mode!r}")
@@ -158,8 +161,8 @@ class JamService:
         if seconds > MAX_CHUNK_SECONDS:
             raise BadRequest(f"bars_per_chunk: {bars_per_chunk} bars at {clock.bpm:g} bpm make "
                              f"{float(seconds):.1f} s chunks; at most {MAX_CHUNK_SECONDS} s")
-        return BarSpec(clock, bars_per_chunk, self.output_rate(target_rate), loudness_mode,
-                       headroom_db)
+        return BarSpec(clock, bars_per_chunk, self.output_rate(target_rate, rate_field),
+                       loudness_mode, headroom_db)
 
     async def decode_loop(self, data: bytes | None, field: str = "loop_audio"):
         """Uploaded bytes -> float32 [n, 2] at 48 kHz (None stays None)."""

@@ -40,6 +40,10 @@ NOT_UPDATABLE = ("chunk_seconds", "pace", "seed", "variant", "window_chunks", "b
                  "beats_per_bar", "bars_per_chunk", "target_sr", "loudness_mode",
                  "headroom_db", "loop_audio_b64", "loop_weight", "tempo_guidance", "client_id")
 MODES = ("rt", "bar")
+# Start params only bar mode reads: an `rt` start that sends them is told they were
+# ignored, not refused (the prototype's clients may send one set of params either way).
+BAR_ONLY = ("loop_audio_b64", "bpm", "beats_per_bar", "bars_per_chunk", "loop_weight",
+            "target_sr", "loudness_mode", "headroom_db", "tempo_guidance")
 # Moves in a row without a chunk delivered in between before a stream gives up: every
 # replica failing in turn is an outage, not a scale-down.
 MAX_MOVES_WITHOUT_AUDIO = 3
@@ -107,9 +111,13 @@ class WsParams(BaseModel):
             cfg_drums=self.cfg_drums, drums=drums, notes=joined(self.notes),
         )
 
-    @property
-    def unknown(self) -> list[str]:
-        return sorted(self.model_extra or {})
+    def ignored(self, mode: str = "bar") -> list[str]:
+        """The params sent that `mode` does not use: unknown names (a typo is said, not
+        silently dropped) and, outside bar mode, bar mode's own."""
+        unused = set(self.model_extra or {})
+        if mode != "bar":
+            unused |= set(BAR_ONLY) & self.model_fields_set
+        return sorted(unused)
 
     def loop_bytes(self) -> bytes | None:
         if self.loop_audio_b64 is None:
@@ -208,7 +216,7 @@ class JamSocket:
         if mode == "bar":
             clock = service.bar_clock(params.bpm, params.beats_per_bar)
             bar = service.bar_spec(clock, params.bars_per_chunk, params.target_sr,
-                                   params.loudness_mode, params.headroom_db)
+                                   params.loudness_mode, params.headroom_db, "target_sr")
             loop = await service.decode_loop(params.loop_bytes(), "loop_audio_b64")
             chunk_seconds = float(params.bars_per_chunk * clock.seconds_per_bar)
             tempo = clock.bpm if params.tempo_guidance else None
@@ -236,7 +244,7 @@ class JamSocket:
         await self.send_json({
             "type": "started", "mode": mode, **started, "pace": stream.pace,
             "binary_audio": self.binary, "audio_format": self.audio_format,
-            "ignored_params": params.unknown, **self.flow.status(),
+            "ignored_params": params.ignored(mode), **self.flow.status(),
         })
         self._pump = asyncio.create_task(self._stream(self.session_id))
 
@@ -257,6 +265,7 @@ class JamSocket:
             "update_applies_from_chunk": self.memory.client_index(applied["applies_from_chunk"]),
             "update_applies_from_frame":
                 applied["applies_from_frame"] + self.memory.frame_offset,
+            "ignored_params": params.ignored(),
         })
 
     def ack(self, message: dict) -> None:
