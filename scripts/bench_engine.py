@@ -53,6 +53,7 @@ import sequence_layers.jax as sl
 from tqdm import tqdm
 
 from serve_app import logs
+from serve_app.cli_args import integer, positive_ints
 from serve_app.engine import BatchedEngine, Session, cpu_tuning, load_model, weights
 from serve_app.engine.conditioning import DEFAULT_CFG, build_block
 from serve_app.engine.device import device_name, memory_gb
@@ -235,9 +236,11 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--variant", default="tiny")
-    parser.add_argument("--batch", default="1,2,4,8")
-    parser.add_argument("--frames", type=int, default=30, help="timed frames per batch size")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed frames after compiling")
+    parser.add_argument("--batch", type=positive_ints, default="1,2,4,8")
+    parser.add_argument("--frames", type=integer(1), default=30,
+                        help="timed frames per batch size")
+    parser.add_argument("--warmup", type=integer(0), default=3,
+                        help="untimed frames after compiling")
     parser.add_argument("--compute-dtype", default="auto")
     parser.add_argument("--compare-upstream", action="store_true")
     parser.add_argument("--breakdown", action="store_true",
@@ -256,7 +259,7 @@ def main() -> int:
     args = parser.parse_args()
     logs.configure()
 
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = args.batch
     print(f"loading {args.variant} with random weights on {device_name()} ...", flush=True)
     loaded = load_model(args.variant, random_weights_seed=0, compute_dtype=args.compute_dtype)
     if args.untuned or args.wide_weights:

@@ -34,6 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serve_app import logs  # noqa: E402
+from serve_app.cli_args import positive_ints, seconds  # noqa: E402
 from serve_app.config import load_app_config, read_config_file  # noqa: E402
 from serve_app.ports import free_port  # noqa: E402
 
@@ -55,23 +56,12 @@ def stop(process: subprocess.Popen, grace_s: float = 60.0,
             process.wait()
 
 
-def parse_buckets(buckets: str) -> list[int]:
-    try:
-        sizes = sorted({int(b) for b in buckets.split(",")})
-    except ValueError:
-        sizes = []
-    if not sizes or sizes[0] < 1:
-        raise SystemExit(f"bench_local: --buckets: comma-separated batch sizes, got {buckets!r}")
-    return sizes
-
-
 def config_args(config: pathlib.Path, variant: str | None,
-                buckets: str | None) -> tuple[dict, dict]:
+                sizes: list[int] | None) -> tuple[dict, dict]:
     """(the application's args, the file's http_options), read and checked as `mrt-serve
     local` does (the same application choice and named errors), with `variant` served
-    with `buckets` ("2,8,32", when given) and as many sessions as the largest holds (a
+    with the bucket `sizes` (when given) and as many sessions as the largest holds (a
     replica serves no more sessions than its largest bucket)."""
-    sizes = parse_buckets(buckets) if buckets else None
     try:
         args, http = read_config_file(config)
     except ValueError as e:
@@ -152,12 +142,12 @@ def main() -> int:
                         help="the config's variant to serve and measure (default: the "
                              "config's default variant, every variant served)")
     parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--buckets", default=None, metavar="N,N,...",
+    parser.add_argument("--buckets", type=positive_ints, default=None, metavar="N,N,...",
                         help="the variant's batch buckets instead of the config's, and "
                              "the largest as its max_sessions (needs --variant)")
     parser.add_argument("--ray", action="store_true",
                         help="serve through Ray Serve (`serve run`) instead of one process")
-    parser.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
+    parser.add_argument("--ready-timeout", type=seconds(), default=READY_TIMEOUT_S,
                         metavar="SECONDS")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)

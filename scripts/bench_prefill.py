@@ -30,6 +30,7 @@ from tqdm import tqdm
 from serve_app import logs
 from serve_app.audio.barclock import BarClock
 from serve_app.audio.context import tiled_context
+from serve_app.cli_args import integer
 from serve_app.engine import BatchedEngine, Session, load_model
 from serve_app.engine.variants import FRAMES_PER_SECOND
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="tiny")
     parser.add_argument("--repo", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=integer(1), default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--random-weights", action="store_true",
                         help="random model and encoder weights: read no checkpoint files")

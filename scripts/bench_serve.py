@@ -56,6 +56,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from serve_app.audio import to_int16, to_wav_bytes
 from serve_app.audio.barclock import BarClock
 from serve_app.audio.synth import synth_loop
+from serve_app.cli_args import finite, integer, positive_ints, seconds
 from serve_app.client import api_key_headers, stop_and_wait, ws_url
 from serve_app.frames import FRAMES_PER_SECOND
 
@@ -346,9 +347,10 @@ def plot(report: dict, path: pathlib.Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="ws://HOST:PORT (or the /ws/jam URL)")
-    parser.add_argument("--sessions", default="1,2,4", help="comma-separated session counts")
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--chunk-seconds", type=float, default=0.5)
+    parser.add_argument("--sessions", type=positive_ints, default="1,2,4",
+                        help="comma-separated session counts")
+    parser.add_argument("--seconds", type=seconds(), default=20.0)
+    parser.add_argument("--chunk-seconds", type=seconds(), default=0.5)
     parser.add_argument("--variant", default=None)
     parser.add_argument("--audio", choices=("binary", "json"), default="binary",
                         help="binary frames + chunk_meta (default), or base64 in one JSON")
@@ -357,21 +359,19 @@ def main() -> int:
                              "at once, so every session's chunk is ready in the same step)")
     parser.add_argument("--api-key", default=None,
                         help="sent as X-API-Key, for a server with API keys configured")
-    parser.add_argument("--wait-ready", type=float, default=0, metavar="SECONDS",
+    parser.add_argument("--wait-ready", type=seconds(zero=True), default=0, metavar="SECONDS",
                         help="first wait up to this long for the variant to be ready (a "
                              "server just started compiles its buckets; default: no wait)")
-    parser.add_argument("--loop-seconds", type=float, default=None,
+    parser.add_argument("--loop-seconds", type=seconds(), default=None,
                         help="bar-mode jams on a synthesized loop this long, one bar a chunk")
-    parser.add_argument("--bpm", type=float, default=120.0, help="the loop's tempo (bar mode)")
-    parser.add_argument("--bars-per-chunk", type=int, default=1,
+    parser.add_argument("--bpm", type=finite, default=120.0, help="the loop's tempo (bar mode)")
+    parser.add_argument("--bars-per-chunk", type=integer(1), default=1,
                         help="bars in each chunk (bar mode; default 1)")
     parser.add_argument("--json", type=pathlib.Path, required=True)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    counts = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
-    if not counts or counts[0] < 1:
-        parser.error("--sessions: positive integers, e.g. 1,2,4")
-    if args.loop_seconds is not None and not 0 < args.loop_seconds <= 600:
+    counts = args.sessions
+    if args.loop_seconds is not None and args.loop_seconds > 600:
         parser.error("--loop-seconds: within 0..600 seconds")
     loop = (BarLoop.synth(args.loop_seconds, args.bpm, args.bars_per_chunk)
             if args.loop_seconds else None)
@@ -429,6 +429,10 @@ def main() -> int:
     plot(report, png)
     print(f"max sessions with zero underruns: {report['max_sessions_zero_underruns']}; "
           f"wrote {args.json} and {png}")
+    if all(r["failed_sessions"] == r["sessions"] for r in report["runs"]):
+        # nothing was measured (no server, a wrong key, ...): not a result of 0 sessions
+        print("error: no session ran in any run (their errors are above)", file=sys.stderr)
+        return 1
     return 0
 
 

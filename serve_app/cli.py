@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 from . import logs
+from .cli_args import finite, integer, seconds
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -100,18 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="render a style prompt to a WAV file, no server")
     gen.add_argument("--variant", default="mrt2_base", help="tiny, mrt2_small or mrt2_base")
     gen.add_argument("--repo", default=None, help="Hub repo id or local directory")
-    gen.add_argument("--step", type=int, default=None, help="finetune checkpoint step")
+    gen.add_argument("--step", type=integer(0), default=None, help="finetune checkpoint step")
     gen.add_argument("--styles", default="", help='comma-separated, e.g. "disco funk, strings"')
     gen.add_argument("--style-weights", default=None, help='e.g. "1.0, 0.5"')
-    gen.add_argument("--mean", type=float, default=0.0, help="weight of the finetune mean style")
+    gen.add_argument("--mean", type=finite, default=0.0, help="weight of the finetune mean style")
     gen.add_argument("--centroid-weights", default=None, help="weights of finetune centroids")
-    gen.add_argument("--seconds", type=float, default=8.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--temperature", type=float, default=1.3)
-    gen.add_argument("--topk", type=int, default=40)
-    gen.add_argument("--guidance", type=float, default=3.0, help="style CFG scale")
-    gen.add_argument("--cfg-notes", type=float, default=1.0)
-    gen.add_argument("--cfg-drums", type=float, default=1.0)
+    gen.add_argument("--seconds", type=seconds(), default=8.0)
+    gen.add_argument("--seed", type=integer(0), default=0)
+    gen.add_argument("--temperature", type=finite, default=1.3)
+    gen.add_argument("--topk", type=integer(1), default=40)
+    gen.add_argument("--guidance", type=finite, default=3.0, help="style CFG scale")
+    gen.add_argument("--cfg-notes", type=finite, default=1.0)
+    gen.add_argument("--cfg-drums", type=finite, default=1.0)
     gen.add_argument("--notes", default=None, help="held MIDI pitches, e.g. 60,64,67")
     gen.add_argument("--drums", default="free", choices=["free", "on", "off"])
     gen.add_argument("--out", type=pathlib.Path, required=True)
@@ -121,18 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     jam.add_argument("--url", default="ws://127.0.0.1:8000")
     jam.add_argument("--styles", default="")
     jam.add_argument("--style-weights", default=None)
-    jam.add_argument("--seconds", type=float, default=20.0)
-    jam.add_argument("--chunk-seconds", type=float, default=None)
+    jam.add_argument("--seconds", type=seconds(), default=20.0)
+    jam.add_argument("--chunk-seconds", type=seconds(), default=None)
     jam.add_argument("--pace", choices=["realtime", "asap"], default=None)
-    jam.add_argument("--temperature", type=float, default=None)
-    jam.add_argument("--topk", type=int, default=None)
-    jam.add_argument("--guidance", type=float, default=None)
-    jam.add_argument("--seed", type=int, default=None)
+    jam.add_argument("--temperature", type=finite, default=None)
+    jam.add_argument("--topk", type=integer(1), default=None)
+    jam.add_argument("--guidance", type=finite, default=None)
+    jam.add_argument("--seed", type=integer(0), default=None)
     jam.add_argument("--variant", default=None)
-    jam.add_argument("--update-at", type=float, default=None,
+    jam.add_argument("--update-at", type=seconds(zero=True), default=None,
                      help="seconds of received audio after which to send the update")
     jam.add_argument("--update-styles", default=None)
-    jam.add_argument("--update-ramp", type=float, default=None)
+    jam.add_argument("--update-ramp", type=seconds(zero=True), default=None)
     jam.add_argument("--api-key", default=None)
     jam.add_argument("--out", type=pathlib.Path, required=True)
     jam.set_defaults(func=_jam)
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("config", nargs="?", default="configs/tiny.yaml")
     local.add_argument("--app", default=None, help="application name (default: the first)")
     local.add_argument("--host", default=None, help="default: the config's http_options")
-    local.add_argument("--port", type=int, default=None, help="default: the config's, or 8000")
+    local.add_argument("--port", type=integer(1), default=None,
+                       help="default: the config's, or 8000")
     local.add_argument("--variant", action="append", default=[], dest="variants",
                        metavar="NAME", help="serve only this variant of the config "
                                             "(repeatable; default: every variant)")

@@ -256,7 +256,8 @@ def test_bench_local_names_what_is_wrong_with_its_buckets(tmp_path, monkeypatch,
     config = write_config(tmp_path / "one.yaml", {"variants": [{"name": "tiny"}]}, free_port())
     for args, reason in [(["--buckets", "2"], "--buckets needs --variant"),
                          (["--variant", "tiny", "--buckets", "2,x"],
-                          "--buckets: comma-separated batch sizes, got '2,x'"),
+                          "argument --buckets: positive integers, comma-separated "
+                          "(e.g. 1,2,4), got '2,x'"),
                          (["--variant", "nope", "--buckets", "2"],
                           "--variant: 'nope' is not among ['tiny']"),
                          (["--variant", "nope", "--ray"],
