@@ -47,10 +47,7 @@ def seconds(*, zero: bool = False) -> Callable[[str], float]:
     bound = "at least 0" if zero else "more than 0"
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
+        value = _number(text)
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
             raise argparse.ArgumentTypeError(f"seconds, a finite number {bound}, got {text!r}")
         return value
@@ -60,10 +57,15 @@ def seconds(*, zero: bool = False) -> Callable[[str], float]:
 
 def finite(text: str) -> float:
     """Any finite number (its range is checked where it is used, naming it)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"a finite number, got {text!r}")
     return value
+
+
+def _number(text: str) -> float:
+    """The number written, NaN for text that is none (refused with the rest)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
