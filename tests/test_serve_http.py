@@ -82,8 +82,28 @@ def test_generate_style_returns_exact_bar_lengths(http, bpm, bars, beats, rate):
     assert meta["styles"] == ["disco funk", "strings"] and meta["style_weights"] == [1.0, 0.5]
     assert meta["seconds_per_bar"] == pytest.approx(beats * 60 / bpm)
     assert body["request_id"] == f"req-{bpm}"
+    assert body["ignored_params"] == []  # every field sent was read
     progress = http.get("/progress", params={"request_id": f"req-{bpm}"}).json()
     assert progress["stage"] == "done" and progress["percent"] == 100.0
+
+
+def test_form_fields_a_route_does_not_read_are_listed_not_dropped_silently(http):
+    """A misspelt field (the form's own, or one of a dependency's like `temperature`)
+    is answered in `ignored_params`, as the WebSocket does; the rest applies."""
+    r = http.post("/jam/start", data={"styles": "x", "chunk_seconds": 0.2, "temprature": 0.5,
+                                      "temperature": 0.9})
+    assert r.status_code == 200 and r.json()["ignored_params"] == ["temprature"], r.text
+    sid = r.json()["session_id"]
+    try:
+        r = http.post("/jam/update", data={"session_id": sid, "tpok": 3, "topk": 30})
+        assert r.status_code == 200 and r.json()["ignored_params"] == ["tpok"], r.text
+        status = http.get("/jam/status", params={"session_id": sid}).json()
+        assert status["topk"] == 30 and status["temperature"] == 0.9
+    finally:
+        stop(http, sid)
+    r = http.post("/generate_style", data={"styles": "x", "bars": 1, "bmp": 100})
+    assert r.status_code == 200 and r.json()["ignored_params"] == ["bmp"], r.text
+    assert r.json()["metadata"]["bpm"] == 120  # the default, as the answer says
 
 
 def test_progress_answers_from_either_ingress_replica_during_and_after_a_render(base):

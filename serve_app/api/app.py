@@ -53,6 +53,25 @@ def NumberForm(default: Any, **constraints: Any) -> Any:
     return Form(default, allow_inf_nan=False, **constraints)
 
 
+def _form_names(dependant: Any) -> set[str]:
+    """The form fields a route reads, with its dependencies' (`ControlsForm`, ...)."""
+    names = {field.alias for field in dependant.body_params}
+    for sub in dependant.dependencies:
+        names |= _form_names(sub)
+    return names
+
+
+async def _ignored_form_fields(request: Request) -> list[str]:
+    """The form fields sent that the route does not read, for its answer's
+    `ignored_params`: a misspelt name is said, not dropped silently (as on the WebSocket).
+    The form is the one FastAPI already parsed (Starlette keeps it)."""
+    sent = set((await request.form()).keys())
+    return sorted(sent - _form_names(request.scope["route"].dependant))
+
+
+IgnoredFields = Annotated[list[str], Depends(_ignored_form_fields)]
+
+
 def control_fields(
     styles: str | None = Form(None, description='comma-separated, e.g. "acid house, strings"'),
     style_weights: str | None = Form(None, description='comma-separated, e.g. "1.0, 0.5"'),
@@ -199,7 +218,7 @@ def create_app(
     # -- fixed-length renders ------------------------------------------------
     async def render_bars(
         controls: ControlFields, clock: BarClock, render: RenderFields, rate: int,
-        set_stage: SetStage, *,
+        set_stage: SetStage, ignored: list[str], *,
         loop: np.ndarray | None = None, loop_weight: float = 1.0,
         loudness_mode: str = "none", headroom_db: float = 1.0,
     ) -> JSONResponse:
@@ -257,6 +276,7 @@ def create_app(
                 "tempo_guidance": tempo_guidance,
             },
             "request_id": render.request_id,
+            "ignored_params": ignored,
         }
         # a long render's JSON is tens of MB: rendered (in the constructor) off the loop too
         response = await asyncio.to_thread(JSONResponse, body)
@@ -272,6 +292,7 @@ def create_app(
         loop_weight: float = NumberForm(1.0, ge=0, le=10),
         loudness_mode: str = Form("auto"),
         loudness_headroom_db: float = NumberForm(1.0, ge=0, le=24),
+        ignored: IgnoredFields = (),
     ):
         async with board.tracking(render.request_id) as set_stage:
             clock = service.bar_clock(bpm, render.beats_per_bar)
@@ -279,19 +300,22 @@ def create_app(
             await set_stage("decoding")
             loop = await service.decode_loop(await loop_audio.read())
             return await render_bars(
-                controls, clock, render, rate, set_stage, loop=loop, loop_weight=loop_weight,
-                loudness_mode=loudness_mode, headroom_db=loudness_headroom_db)
+                controls, clock, render, rate, set_stage, ignored, loop=loop,
+                loop_weight=loop_weight, loudness_mode=loudness_mode,
+                headroom_db=loudness_headroom_db)
 
     @app.post("/generate_style")
     async def generate_style(
         controls: ControlFields = ControlsForm,
         render: RenderFields = RenderForm,
         bpm: float = NumberForm(120.0),
+        ignored: IgnoredFields = (),
     ):
         async with board.tracking(render.request_id) as set_stage:
             clock = service.bar_clock(bpm, render.beats_per_bar)
             return await render_bars(controls, clock, render,
-                                     service.output_rate(render.target_sample_rate), set_stage)
+                                     service.output_rate(render.target_sample_rate), set_stage,
+                                     ignored)
 
     @app.get("/progress")
     async def get_progress(request_id: str = Query(...)):
@@ -317,6 +341,7 @@ def create_app(
         target_sample_rate: int | None = Form(None),
         tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
         client_id: str | None = Form(None, max_length=200, description=CLIENT_ID_HELP),
+        ignored: IgnoredFields = (),
     ):
         """A loop or `bars_per_chunk` makes a bar-mode jam (chunks of whole bars on an exact
         grid); `chunk_seconds` alone makes a frame-mode jam."""
@@ -338,7 +363,7 @@ def create_app(
             started.update(mode="bar", chunk_seconds=chunk_seconds,
                            bars_per_chunk=bar.bars_per_chunk, bpm=clock.bpm,
                            beats_per_bar=clock.beats_per_bar, sample_rate=bar.rate)
-        return started
+        return {**started, "ignored_params": ignored}
 
     @app.get("/jam/next")
     async def jam_next(
@@ -368,10 +393,11 @@ def create_app(
         controls: ControlFields = ControlsForm,
         style_ramp_seconds: float = NumberForm(0.0, ge=0),
         use_current_mix_as_style: bool = Form(False),
+        ignored: IgnoredFields = (),
     ):
         applied, _ = await service.update(session_id, controls, style_ramp_seconds,
                                           use_current_mix_as_style=use_current_mix_as_style)
-        return applied
+        return {**applied, "ignored_params": ignored}
 
     @app.post("/jam/reseed")
     async def jam_reseed(session_id: SessionIdForm, loop_audio: UploadFile = File(...)):
