@@ -106,7 +106,8 @@ class StreamConfig:
             raise ValueError(f"pace: must be one of {list(PACES)}, got {self.pace!r}")
         limit = self.total_frames or MAX_CHUNK_SECONDS * FRAMES_PER_SECOND
         if not 1 <= self.chunk_frames <= limit:
-            raise ValueError(f"chunk_seconds: must be within 0.04..{MAX_CHUNK_SECONDS} seconds")
+            raise ValueError(f"chunk_seconds: must be within 0.04..{MAX_CHUNK_SECONDS} seconds, "
+                             f"got {self.chunk_frames / FRAMES_PER_SECOND:g}")
         if self.max_backlog < 1:
             raise ValueError("max_backlog: must be >= 1")
 

@@ -268,6 +268,11 @@ def test_a_client_that_never_consumes_holds_bounded_memory(http):
         ("/jam/start", {"loop_weight": "nan"}, 422, "loop_weight: Input should be a finite"),
         ("/jam/start", {"variant": "mrt2_huge"}, 400, "variant: 'mrt2_huge' is not served"),
         ("/jam/start", {"pace": "warp"}, 400, "pace: must be one of"),
+        # shorter than a frame was taken as one frame; refused as /ws/jam refuses it
+        ("/jam/start", {"chunk_seconds": 0.001}, 422,
+         "chunk_seconds: Input should be greater than or equal to 0.04"),
+        ("/jam/start", {"chunk_seconds": 60}, 400,
+         "chunk_seconds: must be within 0.04..50 seconds, got 60"),
         ("/jam/start", {"drums": "loud"}, 400, "drums: must be one of"),
         ("/jam/start", {"notes": "60, 200"}, 400, "notes: MIDI pitches must be 0..127"),
         ("/jam/start", {"centroid_weights": "1,1,1,1"}, 400, "centroid_weights: got 4"),

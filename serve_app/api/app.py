@@ -330,7 +330,7 @@ def create_app(
         bpm: float = NumberForm(120.0),
         beats_per_bar: int = Form(4),
         bars_per_chunk: int | None = Form(None, ge=1, le=64),
-        chunk_seconds: float | None = NumberForm(None, gt=0),
+        chunk_seconds: float | None = NumberForm(None, ge=0.04),  # one frame, as /ws/jam
         pace: str = Form("asap"),
         seed: int | None = Form(None, ge=0, lt=2**32),
         variant: str | None = Form(None),
