@@ -251,6 +251,15 @@ def test_params_the_server_does_not_use_are_listed_not_dropped_silently(ws_url):
         assert recv_json(ws, "status")["ignored_params"] == []
         ws.send(json.dumps({"type": "status"}))
         assert recv_json(ws, "status")["topk"] == 31
+    # a start's params may be flat, as an update's (they were dropped silently)
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "binary_audio": True, "styles": "funk",
+                            "chunk_seconds": 0.2, "topk": 33, "tpok": 1}))
+        started = recv_json(ws, "started")
+        assert started["ignored_params"] == ["tpok"] and started["chunk_seconds"] == 0.2
+        assert started["binary_audio"] is True
+        ws.send(json.dumps({"type": "status"}))
+        assert recv_json(ws, "status")["topk"] == 33
 
 
 def sessions_on_generator(serve_base) -> int:

@@ -1,7 +1,7 @@
 """`/ws/jam`: real-time jamming over one WebSocket (the prototype's `rt` protocol).
 
-Client -> server JSON: `start` {mode, binary_audio, audio_format, params}, `update`
-(any start params, flat or under `params`), `stop`, `ping`, `status`, `ack` {index}
+Client -> server JSON: `start` {mode, binary_audio, audio_format, params} (params flat
+beside them also read), `update` (any start params, flat or under `params`), `stop`, `ping`, `status`, `ack` {index}
 (optional flow control, see `flow.py`); `consume` {chunk_index}, `reseed`
 {loop_audio_b64}, `reseed_splice` {loop_audio_b64, anchor_bars}. `bar` mode jams on
 `loop_audio_b64` (optional) in chunks of `bars_per_chunk` whole bars at `bpm`.
@@ -128,10 +128,14 @@ class WsParams(BaseModel):
             raise BadRequest("loop_audio_b64: not valid base64") from None
 
 
-def message_params(message: dict) -> dict:
-    """A message's parameters: under `params`, or its own fields beside `type` (the
-    prototype's clients send both forms)."""
-    raw = message.get("params", {k: v for k, v in message.items() if k != "type"})
+# A start message's own fields, beside its params.
+START_FIELDS = ("type", "mode", "binary_audio", "audio_format")
+
+
+def message_params(message: dict, envelope: tuple[str, ...] = ("type",)) -> dict:
+    """A message's parameters: under `params`, or its own fields beside the `envelope`
+    (the prototype's clients send both forms)."""
+    raw = message.get("params", {k: v for k, v in message.items() if k not in envelope})
     if not isinstance(raw, dict):
         raise BadRequest("params: must be a JSON object")
     return raw
@@ -209,7 +213,7 @@ class JamSocket:
         audio_format = message.get("audio_format", "wav")
         if audio_format not in AUDIO_FORMATS:
             raise BadRequest(f"audio_format: must be one of {list(AUDIO_FORMATS)}")
-        params = parse_params(message.get("params", {}))
+        params = parse_params(message_params(message, START_FIELDS))
         service = self.service
         loop, bar, tempo = None, None, None
         chunk_seconds = params.chunk_seconds or 2.0
