@@ -112,7 +112,7 @@ def build_app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": STYLE_EMBEDDER_CPUS,
                            "runtime_env": {"env_vars": CPU_ENV}},
         graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
-    ).bind(config.style_mock, config.style_embedder.get("repo"))
+    ).bind(config.style_mock, config.style_embedder.repo)
     ingress_opts = {"max_ongoing_requests": 2000, "num_replicas": 1,
                     "graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S, **config.ingress}
     return Ingress.options(

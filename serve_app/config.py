@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .api.ab import ABSplit
+from .api.settings import ApiSettings
 from .engine.variants import VARIANTS, variant_for_size
 from .errors import field_problems
 
@@ -24,11 +25,13 @@ log = logging.getLogger("mrt_serve.config")
 
 
 # NaN or infinity (YAML's .nan, .inf) in a count or weight is a typo, never a setting
-FINITE = ConfigDict(allow_inf_nan=False)
+# Every config model: a NaN is no setting, and a name it does not know (a typo such as
+# `max_sesions`) is an error, not a setting silently left at its default.
+CHECKED = ConfigDict(allow_inf_nan=False, extra="forbid")
 
 
 class VariantConfig(BaseModel):
-    model_config = FINITE
+    model_config = CHECKED
 
     name: str
     variant: str | None = None  # model variant; defaults to `name`
@@ -97,14 +100,23 @@ class VariantConfig(BaseModel):
         return options
 
 
+class StyleEmbedderConfig(BaseModel):
+    """`style_embedder:`: MusicCoCa, or mock embeddings (`tiny`'s default)."""
+
+    model_config = CHECKED
+
+    mock: bool | None = None  # None: mock when only `tiny` is served
+    repo: str | None = None  # where MusicCoCa's files are (default: the Hub's)
+
+
 class AppConfig(BaseModel):
-    model_config = FINITE
+    model_config = CHECKED
 
     variants: list[VariantConfig]
     default_variant: str | None = None
     # A/B split of sessions that name no variant: weight per variant, sticky per client id
     ab_split: dict[str, float] | None = None
-    style_embedder: dict = Field(default_factory=dict)  # {mock: bool, repo: str}
+    style_embedder: StyleEmbedderConfig = Field(default_factory=StyleEmbedderConfig)
     ingress: dict = Field(default_factory=dict)  # {num_replicas, max_ongoing_requests}
     api: dict = Field(default_factory=dict)
     # Ask Ray for the generators' CPUs and GPUs as the cluster can place them when the app
@@ -127,8 +139,10 @@ class AppConfig(BaseModel):
         """Mock style embeddings unless told otherwise when only `tiny` is served (it has
         no MusicCoCa of its own); real MusicCoCa for real models; always mock with
         random weights."""
-        return self.random_weights or self.style_embedder.get(
-            "mock", all(v.model_variant == "tiny" for v in self.variants))
+        mock = self.style_embedder.mock
+        if mock is None:
+            mock = all(v.model_variant == "tiny" for v in self.variants)
+        return self.random_weights or mock
 
     def tiny_repos_to_write(self) -> list[tuple[pathlib.Path, int | None]]:
         """(directory, step) of each `write_if_missing` repo that does not exist yet: the
@@ -172,6 +186,10 @@ def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ, *,
     config.default_variant = config.default_variant or names[0]
     if config.default_variant not in names:
         raise ValueError(f"default_variant: {config.default_variant!r} is not among {names}")
+    try:  # the `api:` section as the ingress will read it (the environment aside)
+        ApiSettings(**config.api_config)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"api.{p}" for p in field_problems(e.errors()))) from None
     if config.ab_split is not None:
         ABSplit(config.ab_split, names)  # validates names and weights
     if only:

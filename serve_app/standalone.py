@@ -42,7 +42,7 @@ def build_generators(config: AppConfig) -> dict[str, GeneratorCore]:
 def build_app(config: AppConfig, generators: dict[str, GeneratorCore],
               settings: ApiSettings | None = None) -> FastAPI:
     """The API over in-process generators (`settings`: the config's `api:`, by default)."""
-    styles = StyleEmbedderCore(config.style_mock, config.style_embedder.get("repo"))
+    styles = StyleEmbedderCore(config.style_mock, config.style_embedder.repo)
     return create_app(generators, styles,
                       settings or ApiSettings.from_config(config.api_config))
 

@@ -96,6 +96,11 @@ def test_settings_read_keys_and_mode_from_the_environment(monkeypatch):
     s = ApiSettings.from_config({"max_styles": 3})
     assert s.api_keys == ["a", "b"] and s.admin_keys == ["z"]
     assert s.template_mode and s.max_styles == 3
+    # a mode it does not know was served as "auto" without a word
+    monkeypatch.setenv("SPACE_MODE", "templat")
+    with pytest.raises(ValueError, match=r"SPACE_MODE: must be one of \['serve', 'template', "
+                                         r"'auto'\], got 'templat'"):
+        ApiSettings.from_config({})
 
 
 def test_a_stop_ends_a_waiting_next_chunk_quietly(core, tiny):

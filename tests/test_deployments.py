@@ -294,3 +294,17 @@ def test_bad_configs_name_the_problem():
         build_app({"variants": [{"name": "tiny"}], "ab_split": {"tiny": float("nan")}})
     with pytest.raises(ValueError, match=r"variants\.0\.num_gpus: Input should be a finite"):
         build_app({"variants": [{"name": "tiny", "num_gpus": float("inf")}]})
+    # a misspelt setting was left at its default without a word (16 sessions, not 8)
+    for args, where in [
+        ({"variants": [{"name": "tiny", "max_sesions": 8}]}, r"variants\.0\.max_sesions"),
+        ({"variants": [{"name": "tiny"}], "defualt_variant": "tiny"}, "defualt_variant"),
+        ({"variants": [{"name": "tiny"}], "style_embedder": {"mok": True}},
+         r"style_embedder\.mok"),
+        ({"variants": [{"name": "tiny"}], "api": {"max_stylez": 3}}, r"api\.max_stylez"),
+    ]:
+        with pytest.raises(ValueError, match=where + ": Extra inputs are not permitted"):
+            build_app(args)
+    # the `api:` section is checked with the graph, not first when the ingress starts
+    with pytest.raises(ValueError, match=r"api\.max_bars: Input should be greater than or "
+                                         "equal to 1"):
+        build_app({"variants": [{"name": "tiny"}], "api": {"max_bars": 0}})

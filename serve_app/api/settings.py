@@ -4,6 +4,7 @@ section, then by the environment (MRT_API_KEYS, MRT_ADMIN_KEYS, SPACE_MODE)."""
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,8 +24,13 @@ def ws_max_message_bytes(max_upload_bytes: int) -> int:
     return -(-max_upload_bytes // 3) * 4 + (1 << 20)
 
 
+SpaceMode = Literal["serve", "template", "auto"]
+SPACE_MODES = get_args(SpaceMode)
+
+
 class ApiSettings(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
+    # extra="forbid": a misspelt setting in the `api:` section is an error naming it
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     default_variant: str = "tiny"
     ab_split: dict[str, float] | None = None  # weights of variants for unnamed sessions
@@ -46,7 +52,7 @@ class ApiSettings(BaseModel):
     progress_retention_seconds: float = Field(600.0, gt=0)
     api_keys: list[str] = Field(default_factory=list)
     admin_keys: list[str] = Field(default_factory=list)
-    space_mode: str = "auto"  # serve | template | auto
+    space_mode: SpaceMode = "auto"
 
     @classmethod
     def from_config(cls, config: dict | None = None) -> ApiSettings:
@@ -57,6 +63,8 @@ class ApiSettings(BaseModel):
             values["admin_keys"] = keys
         if mode := os.environ.get("SPACE_MODE"):
             values["space_mode"] = mode.strip().lower()
+            if values["space_mode"] not in SPACE_MODES:  # named as the operator wrote it
+                raise ValueError(f"SPACE_MODE: must be one of {list(SPACE_MODES)}, got {mode!r}")
         return cls(**values)
 
     @property

@@ -1,10 +1,11 @@
 """`/ws/jam`: real-time jamming over one WebSocket (the prototype's `rt` protocol).
 
 Client -> server JSON: `start` {mode, binary_audio, audio_format, params} (params flat
-beside them also read), `update` (any start params, flat or under `params`), `stop`, `ping`, `status`, `ack` {index}
-(optional flow control, see `flow.py`); `consume` {chunk_index}, `reseed`
-{loop_audio_b64}, `reseed_splice` {loop_audio_b64, anchor_bars}. `bar` mode jams on
-`loop_audio_b64` (optional) in chunks of `bars_per_chunk` whole bars at `bpm`.
+beside them also read), `update` (any start params, flat or under `params`), `stop`,
+`ping`, `status`, `ack` {index} (optional flow control, see `flow.py`); `consume`
+{chunk_index}, `reseed` {loop_audio_b64}, `reseed_splice` {loop_audio_b64, anchor_bars}.
+`bar` mode jams on `loop_audio_b64` (optional) in chunks of `bars_per_chunk` whole bars
+at `bpm`.
 Server -> client: `started`, `chunk` (base64 audio in JSON) or a binary frame followed
 by `chunk_meta`, `status`, `stopped`, `pong`, `error`. A bad message gets an `error`
 and the session goes on; a disconnect stops the session at once. A session whose
