@@ -222,6 +222,8 @@ def test_start_errors_name_the_field(ws_url):
             ({"type": "start", "mode": "bar", "params": {"loudness_mode": "x"}},
              "loudness_mode: must be one of"),
             ({"type": "start", "audio_format": "mp3"}, "audio_format: must be one of"),
+            ({"type": "start", "binary_audio": "no"},  # was read as true
+             "binary_audio: must be true or false, got 'no'"),
             # named as this protocol names it (HTTP's is target_sample_rate)
             ({"type": "start", "mode": "bar", "params": {"target_sr": 7}},
              "target_sr: must be within 8000..192000 Hz, got 7"),

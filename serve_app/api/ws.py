@@ -214,6 +214,9 @@ class JamSocket:
         audio_format = message.get("audio_format", "wav")
         if audio_format not in AUDIO_FORMATS:
             raise BadRequest(f"audio_format: must be one of {list(AUDIO_FORMATS)}")
+        binary = message.get("binary_audio", False)
+        if not isinstance(binary, bool):  # "no" would read as true
+            raise BadRequest(f"binary_audio: must be true or false, got {binary!r}")
         params = parse_params(message_params(message, START_FIELDS))
         service = self.service
         loop, bar, tempo = None, None, None
@@ -240,7 +243,7 @@ class JamSocket:
                            sample_rate=bar.rate)
         self.session_id = started["session_id"]
         self.memory = StreamMemory(spec)
-        self.binary = bool(message.get("binary_audio", False))
+        self.binary = binary
         self.audio_format = audio_format
         settings = self.service.settings
         self.flow = FlowControl(window=params.window_chunks,
