@@ -24,9 +24,9 @@ from .errors import field_problems
 log = logging.getLogger("mrt_serve.config")
 
 
-# NaN or infinity (YAML's .nan, .inf) in a count or weight is a typo, never a setting
-# Every config model: a NaN is no setting, and a name it does not know (a typo such as
-# `max_sesions`) is an error, not a setting silently left at its default.
+# Every config model: NaN or infinity (YAML's .nan, .inf) in a count or weight is a typo,
+# never a setting, and so is a name it does not know (`max_sesions`): an error, not a
+# setting silently left at its default.
 CHECKED = ConfigDict(allow_inf_nan=False, extra="forbid")
 
 
