@@ -90,10 +90,19 @@ def test_generate_style_returns_exact_bar_lengths(http, bpm, bars, beats, rate):
 def test_form_fields_a_route_does_not_read_are_listed_not_dropped_silently(http):
     """A misspelt field (the form's own, or one of a dependency's like `temperature`)
     is answered in `ignored_params`, as the WebSocket does; the rest applies."""
+    # a frame-mode jam (chunk_seconds, no loop) does not use bar mode's settings: its rate
+    # is /jam/next's target_sample_rate
     r = http.post("/jam/start", data={"styles": "x", "chunk_seconds": 0.2, "temprature": 0.5,
-                                      "temperature": 0.9})
-    assert r.status_code == 200 and r.json()["ignored_params"] == ["temprature"], r.text
+                                      "temperature": 0.9, "target_sample_rate": 44100,
+                                      "loudness_mode": "rms"})
+    assert r.status_code == 200, r.text
+    assert r.json()["ignored_params"] == ["loudness_mode", "target_sample_rate", "temprature"]
     sid = r.json()["session_id"]
+    bar = http.post("/jam/start", data={"styles": "x", "bars_per_chunk": 1,
+                                        "target_sample_rate": 44100, "loudness_mode": "rms"})
+    assert bar.status_code == 200 and bar.json()["ignored_params"] == [], bar.text
+    assert bar.json()["sample_rate"] == 44100
+    stop(http, bar.json()["session_id"])
     try:
         r = http.post("/jam/update", data={"session_id": sid, "tpok": 3, "topk": 30})
         assert r.status_code == 200 and r.json()["ignored_params"] == ["tpok"], r.text

@@ -13,7 +13,7 @@ import base64
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 import numpy as np
@@ -61,15 +61,32 @@ def _form_names(dependant: Any) -> set[str]:
     return names
 
 
-async def _ignored_form_fields(request: Request) -> list[str]:
-    """The form fields sent that the route does not read, for its answer's
-    `ignored_params`: a misspelt name is said, not dropped silently (as on the WebSocket).
-    The form is the one FastAPI already parsed (Starlette keeps it)."""
-    sent = set((await request.form()).keys())
-    return sorted(sent - _form_names(request.scope["route"].dependant))
+@dataclasses.dataclass(frozen=True)
+class SentFields:
+    """The form fields a request sent, and those its route reads: for the answer's
+    `ignored_params`, so that a misspelt name is said, not dropped silently (as on the
+    WebSocket)."""
+
+    sent: frozenset[str]
+    read: frozenset[str]
+
+    def ignored(self, unused: Iterable[str] = ()) -> list[str]:
+        """The names sent that the route does not read, and those of `unused` (read, but
+        not used by this request: a frame-mode jam's bar settings) that were sent."""
+        return sorted((self.sent - self.read) | (self.sent & set(unused)))
 
 
-IgnoredFields = Annotated[list[str], Depends(_ignored_form_fields)]
+async def _sent_fields(request: Request) -> SentFields:
+    # the form FastAPI already parsed (Starlette keeps it)
+    sent = frozenset((await request.form()).keys())
+    return SentFields(sent, frozenset(_form_names(request.scope["route"].dependant)))
+
+
+SentForm = Annotated[SentFields, Depends(_sent_fields)]
+# What a frame-mode /jam/start (chunk_seconds, no loop) reads and does not use: bar mode's
+# settings; its audio's rate is /jam/next's target_sample_rate.
+FRAME_MODE_UNUSED = ("bars_per_chunk", "loop_weight", "loudness_mode", "loudness_headroom_db",
+                     "target_sample_rate")
 
 
 def control_fields(
@@ -292,7 +309,7 @@ def create_app(
         loop_weight: float = NumberForm(1.0, ge=0, le=10),
         loudness_mode: str = Form("auto"),
         loudness_headroom_db: float = NumberForm(1.0, ge=0, le=24),
-        ignored: IgnoredFields = (),
+        fields: SentForm = None,
     ):
         async with board.tracking(render.request_id) as set_stage:
             clock = service.bar_clock(bpm, render.beats_per_bar)
@@ -300,7 +317,7 @@ def create_app(
             await set_stage("decoding")
             loop = await service.decode_loop(await loop_audio.read())
             return await render_bars(
-                controls, clock, render, rate, set_stage, ignored, loop=loop,
+                controls, clock, render, rate, set_stage, fields.ignored(), loop=loop,
                 loop_weight=loop_weight, loudness_mode=loudness_mode,
                 headroom_db=loudness_headroom_db)
 
@@ -309,13 +326,13 @@ def create_app(
         controls: ControlFields = ControlsForm,
         render: RenderFields = RenderForm,
         bpm: float = NumberForm(120.0),
-        ignored: IgnoredFields = (),
+        fields: SentForm = None,
     ):
         async with board.tracking(render.request_id) as set_stage:
             clock = service.bar_clock(bpm, render.beats_per_bar)
             return await render_bars(controls, clock, render,
                                      service.output_rate(render.target_sample_rate), set_stage,
-                                     ignored)
+                                     fields.ignored())
 
     @app.get("/progress")
     async def get_progress(request_id: str = Query(...)):
@@ -341,7 +358,7 @@ def create_app(
         target_sample_rate: int | None = Form(None),
         tempo_guidance: bool = Form(False, description="experimental: drum pulses on beats"),
         client_id: str | None = Form(None, max_length=200, description=CLIENT_ID_HELP),
-        ignored: IgnoredFields = (),
+        fields: SentForm = None,
     ):
         """A loop or `bars_per_chunk` makes a bar-mode jam (chunks of whole bars on an exact
         grid); `chunk_seconds` alone makes a frame-mode jam."""
@@ -363,7 +380,8 @@ def create_app(
             started.update(mode="bar", chunk_seconds=chunk_seconds,
                            bars_per_chunk=bar.bars_per_chunk, bpm=clock.bpm,
                            beats_per_bar=clock.beats_per_bar, sample_rate=bar.rate)
-        return {**started, "ignored_params": ignored}
+        return {**started,
+                "ignored_params": fields.ignored(() if bar is not None else FRAME_MODE_UNUSED)}
 
     @app.get("/jam/next")
     async def jam_next(
@@ -393,11 +411,11 @@ def create_app(
         controls: ControlFields = ControlsForm,
         style_ramp_seconds: float = NumberForm(0.0, ge=0),
         use_current_mix_as_style: bool = Form(False),
-        ignored: IgnoredFields = (),
+        fields: SentForm = None,
     ):
         applied, _ = await service.update(session_id, controls, style_ramp_seconds,
                                           use_current_mix_as_style=use_current_mix_as_style)
-        return {**applied, "ignored_params": ignored}
+        return {**applied, "ignored_params": fields.ignored()}
 
     @app.post("/jam/reseed")
     async def jam_reseed(session_id: SessionIdForm, loop_audio: UploadFile = File(...)):
