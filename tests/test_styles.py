@@ -27,6 +27,9 @@ def test_blend_is_normalised_and_steerable():
     a, b = np.ones(768, np.float32), np.zeros(768, np.float32)
     np.testing.assert_allclose(blend([a, b], [1.0, 1.0]), 0.5)
     np.testing.assert_allclose(blend([a, b], [10.0, 10.0]), 0.5)
+    # weights are relative at any size: two of 1e308 summed to inf and blended to zeros
+    np.testing.assert_allclose(blend([a, b], [1e308, 1e308]), 0.5)
+    np.testing.assert_allclose(blend([a, b], [5e-324, 5e-324]), 0.5)  # subnormal
     steering = SteeringAssets(mean=np.full(768, 2.0, np.float32),
                               centroids=np.stack([np.full(768, 4.0, np.float32)] * 2))
     np.testing.assert_allclose(blend([a], [1.0], steering=steering, mean=1.0), 1.5)

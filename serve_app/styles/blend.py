@@ -73,8 +73,13 @@ def blend(
     all_weights = [w for _, w in parts]
     if not all(0 <= w < math.inf for w in all_weights):  # NaN fails this too
         raise ValueError("style_weights: weights must be finite and >= 0")
-    total = float(sum(all_weights))
-    if total <= 0:
+    top = max(all_weights, default=0.0)
+    if top <= 0:
         raise ValueError("style_weights: at least one style or steering weight must be > 0")
-    mix = sum(np.asarray(e, np.float32) * (w / total) for e, w in parts)
+    # Weights are relative: scaled by the largest first, their sum cannot overflow (two
+    # weights of 1e308 summed to inf and mixed every style at 0, a silent all-zero style).
+    ratios = [w / top for w in all_weights]
+    total = sum(ratios)
+    mix = sum(np.asarray(e, np.float32) * (r / total) for (e, _), r in zip(parts, ratios,
+                                                                            strict=True))
     return np.asarray(mix, np.float32)
