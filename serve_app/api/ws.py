@@ -151,9 +151,8 @@ def chunk_index(value: Any, field: str, message_type: str) -> int:
     return value
 
 
-def parse_params(raw) -> WsParams:
-    if not isinstance(raw, dict):
-        raise BadRequest("params: must be a JSON object")
+def parse_params(raw: dict) -> WsParams:
+    """`raw` (from `message_params`, which refuses anything but an object) as params."""
     try:
         return WsParams(**raw)
     except ValidationError as e:
