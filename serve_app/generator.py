@@ -634,6 +634,9 @@ class GeneratorCore:
                 jam.reseed(spec.reseed, spec.reseed_chunk)
         except ValueError as e:
             raise BadRequest(str(e)) from e
+        # read before the engine sees the session: its step thread may prefill a run of
+        # it before this answers, and the answer says how much context it starts from
+        prefill_frames = session.prefill_pending
         with self._lock:
             try:
                 self.engine.add(session)
@@ -656,7 +659,7 @@ class GeneratorCore:
             "channels": CHANNELS,
             "crossfade_seconds": 0.0,  # the decoder is causal: chunks join seamlessly
             "steering_assets": self.loaded.steering.describe(),
-            "prefill_frames": session.prefill_pending,
+            "prefill_frames": prefill_frames,
         }
 
     async def next_chunk(self, session_id: str, timeout: float = 10.0) -> Chunk | None:
