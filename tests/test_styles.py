@@ -42,11 +42,14 @@ def test_blend_is_normalised_and_steerable():
         blend([a], [1.0], mean=0.5)
     with pytest.raises(ValueError, match="at least one style or steering weight"):
         blend([a], [0.0])
+    # each named as the client wrote it (a negative centroid weight was "style_weights")
     for bad in (-1.0, float("nan"), float("inf")):  # NaN would blend to NaN silently
-        with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        with pytest.raises(ValueError, match=r"^style_weights: weights must be finite and >= 0"):
             blend([a, b], [1.0, bad])
-    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
-        blend([a], [1.0], steering=steering, centroid_weights=[float("nan")])
+        with pytest.raises(ValueError, match=r"^mean: weights must be finite and >= 0"):
+            blend([a], [1.0], steering=steering, mean=bad)
+        with pytest.raises(ValueError, match=r"^centroid_weights: .* >= 0, got \[5.0, "):
+            blend([a], [1.0], steering=steering, centroid_weights=[5.0, bad])
 
 
 def test_steering_assets_shapes_are_checked():

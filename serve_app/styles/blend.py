@@ -55,6 +55,11 @@ def blend(
         raise ValueError(
             f"style_weights: got {len(weights)} weights for {len(embeddings)} styles"
         )
+    for field, values in (("style_weights", weights), ("mean", [mean]),
+                          ("centroid_weights", centroid_weights)):
+        if not all(0 <= w < math.inf for w in values):  # NaN fails this too
+            raise ValueError(f"{field}: weights must be finite and >= 0, got "
+                             f"{[float(w) for w in values]}")
     steering = steering or SteeringAssets()
     parts = list(zip(embeddings, weights, strict=True))
     if mean:
@@ -71,8 +76,6 @@ def blend(
             (steering.centroids[i], w) for i, w in enumerate(centroid_weights) if w
         )
     all_weights = [w for _, w in parts]
-    if not all(0 <= w < math.inf for w in all_weights):  # NaN fails this too
-        raise ValueError("style_weights: weights must be finite and >= 0")
     top = max(all_weights, default=0.0)
     if top <= 0:
         raise ValueError("style_weights: at least one style or steering weight must be > 0")
