@@ -128,6 +128,21 @@ def test_new_target_mid_ramp_starts_from_where_the_glide_is(tiny):
     np.testing.assert_array_equal(s._ramp.next_frame(), c)
 
 
+def test_a_glide_of_no_length_is_refused_and_the_one_under_way_goes_on(tiny):
+    """Lengths are checked here too (callers other than the API): 1e308 s overflowed the
+    frame count, and a refused target must not replace the glide in progress."""
+    a, b = style(tiny, "a"), style(tiny, "b")
+    s = Session(a)
+    s.set_style(b, ramp_seconds=0.4)
+    s._ramp.next_frame()
+    for bad in (1e308, 3600.04, -0.04, float("nan")):
+        with pytest.raises(ValueError, match=r"^style_ramp_seconds: must be from 0 to 3600, got"):
+            s.set_style(a, ramp_seconds=bad)
+    np.testing.assert_allclose(s._ramp.next_frame(), a + (b - a) * 2 / 10, atol=1e-5)
+    s.set_style(a, ramp_seconds=3600)  # an hour is allowed
+    assert s.style_ramp().frames == 90000
+
+
 def test_join_and_leave_between_steps_without_recompiling(tiny, make_engine):
     engine = make_engine(buckets=(1, 2, 4))
     engine.warmup()

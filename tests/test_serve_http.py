@@ -285,6 +285,12 @@ def test_a_client_that_never_consumes_holds_bounded_memory(http):
         ("/jam/start", {"drums": "loud"}, 400, "drums: must be one of"),
         ("/jam/start", {"notes": "60, 200"}, 400, "notes: MIDI pitches must be 0..127"),
         ("/jam/start", {"centroid_weights": "1,1,1,1"}, 400, "centroid_weights: got 4"),
+        # was "style_weights: weights must be ..."
+        ("/jam/start", {"centroid_weights": "1,-1"}, 400,
+         "centroid_weights: weights must be finite and >= 0, got [1.0, -1.0]"),
+        # an hour at most (1e308 s overflowed the glide's frame count: a 500)
+        ("/jam/update", {"session_id": "nope.tiny@x", "style_ramp_seconds": 1e308}, 422,
+         "style_ramp_seconds: Input should be less than or equal to 3600"),
         ("/jam/start", {"bpm": 120, "bars_per_chunk": 64}, 400,
          "bars_per_chunk: 64 bars at 120 bpm make 128.0 s chunks; at most 50 s"),
         ("/generate_style", {"bpm": 5}, 400, "bpm: must be within"),
@@ -308,7 +314,8 @@ def test_bad_input_leaves_a_running_jam_untouched(http):
     try:
         first = http.get("/jam/next", params={"session_id": sid}).json()["chunk"]["index"]
         for form in ({"session_id": sid, "topk": 5000}, {"session_id": sid, "notes": "x"},
-                     {"session_id": sid, "styles": "a", "style_weights": "1,2"}):
+                     {"session_id": sid, "styles": "a", "style_weights": "1,2"},
+                     {"session_id": sid, "styles": "a", "style_ramp_seconds": "1e308"}):
             assert http.post("/jam/update", data=form).status_code in (400, 422)
         assert http.post("/jam/consume", data={"session_id": sid,
                                                "chunk_index": 999}).status_code == 400

@@ -184,6 +184,11 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
             (json.dumps({"type": "reseed_splice", "params": "x"}), "params: must be a JSON object"),
             (json.dumps({"type": "reseed_splice", "anchor_bars": True}),
              "anchor_bars: must be a number"),
+            # a glide of 1e308 s overflowed its frame count and closed the socket
+            (json.dumps({"type": "update", "styles": "a", "style_ramp_seconds": 1e308}),
+             "style_ramp_seconds: Input should be less than or equal to 3600"),
+            (json.dumps({"type": "update", "centroid_weights": [1, -1]}),  # not "style_weights"
+             "centroid_weights: weights must be finite and >= 0, got [1.0, -1.0]"),
             # one reason for a field with a string and a JSON form, not one per form
             (json.dumps({"type": "update", "drums": "maybe"}),
              "drums: must be true, false, 'free', 'on' or 'off', got 'maybe'"),

@@ -30,6 +30,7 @@ from ..errors import ApiError, BadRequest, NotReady, Unavailable, field_problems
 from ..generator import variant_of
 from ..jam import StreamConfig, frames_for
 from ..progress import MemoryProgressStore, ProgressBoard, ProgressStore, SetStage
+from ..styles import MAX_RAMP_SECONDS
 from ..web import page
 from . import offload
 from .clients import GeneratorClient, StyleClient
@@ -351,7 +352,7 @@ def create_app(
         pace: str = Form("asap"),
         seed: int | None = Form(None, ge=0, lt=2**32),
         variant: str | None = Form(None),
-        style_ramp_seconds: float = NumberForm(0.0, ge=0),
+        style_ramp_seconds: float = NumberForm(0.0, ge=0, le=MAX_RAMP_SECONDS),
         loop_weight: float = NumberForm(1.0, ge=0, le=10),
         loudness_mode: str = Form("auto"),
         loudness_headroom_db: float = NumberForm(1.0, ge=0, le=24),
@@ -409,7 +410,7 @@ def create_app(
     async def jam_update(
         session_id: SessionIdForm,
         controls: ControlFields = ControlsForm,
-        style_ramp_seconds: float = NumberForm(0.0, ge=0),
+        style_ramp_seconds: float = NumberForm(0.0, ge=0, le=MAX_RAMP_SECONDS),
         use_current_mix_as_style: bool = Form(False),
         fields: SentForm = None,
     ):

@@ -18,6 +18,7 @@ from ..errors import BadRequest, Unavailable, UnknownSession
 from ..frames import SAMPLE_RATE
 from ..generator import BarSpec, JamSpec, JamUpdate, StyleSpec, variant_of
 from ..jam import MAX_CHUNK_SECONDS, StreamConfig
+from ..styles import check_ramp_seconds
 from ..styles.prompts import parse_floats, parse_styles
 from .ab import ABSplit
 from .clients import GeneratorClient, StyleClient
@@ -230,8 +231,10 @@ class JamService:
             notes = fields.parsed_notes()
         except ValueError as e:
             raise BadRequest(str(e)) from e
-        if style_ramp_seconds < 0:
-            raise BadRequest("style_ramp_seconds: must be >= 0")
+        try:
+            check_ramp_seconds(style_ramp_seconds)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
         style = await self.style_spec(fields) if fields.touches_style else None
         if use_current_mix_as_style:
             mix = await client.recent_audio(session_id, 10.0)

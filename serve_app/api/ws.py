@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..audio import to_wav_bytes
 from ..errors import ApiError, BadRequest, SessionLost, either, field_problems
 from ..jam import Chunk, StreamConfig, frames_for
+from ..styles import MAX_RAMP_SECONDS
 from . import offload
 from .flow import FlowControl, StreamCredit
 from .resume import StreamMemory
@@ -76,7 +77,7 @@ class WsParams(BaseModel):
     centroid_weights: Numbers = None
     notes: Pitches = None
     drums: Drums = None
-    style_ramp_seconds: float = Field(0.0, ge=0)
+    style_ramp_seconds: float = Field(0.0, ge=0, le=MAX_RAMP_SECONDS)
     pace: Literal["realtime", "asap"] | None = None
     chunk_seconds: float | None = Field(None, ge=0.04, le=10.0)
     seed: int | None = Field(None, ge=0, lt=2**32)
@@ -476,6 +477,13 @@ class JamSocket:
                     await self.error(f"message: not valid JSON ({e.msg})")
                 except ApiError as e:
                     await self.error(e.message)
+                except WebSocketDisconnect:
+                    raise
+                except Exception as e:  # a fault of ours: it ends this message, not the jam
+                    kind = payload.get("type")
+                    log.exception("ws: a %r message failed", kind)
+                    await self.error(f"{kind}: the server failed on this message "
+                                     f"({type(e).__name__}; in its log); the session goes on")
         except WebSocketDisconnect:
             return
         finally:

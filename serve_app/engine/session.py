@@ -16,7 +16,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..frames import FRAME_SAMPLES, SAMPLE_RATE
-from ..styles import RampState, StyleModel, StyleRamp
+from ..styles import RampState, StyleModel, StyleRamp, check_ramp_seconds
 from .conditioning import DEFAULT_CFG, DRUMS, NoteTracker, build_block
 
 MAX_TOP_K = 1024  # one RVQ level's codebook
@@ -203,8 +203,7 @@ class Session:
         return through[0][None] if len(through) == 1 else np.stack(through)
 
     def set_style(self, embedding: np.ndarray, ramp_seconds: float = 0.0) -> None:
-        if ramp_seconds < 0:
-            raise ValueError(f"style_ramp_seconds: must be >= 0, got {ramp_seconds}")
+        check_ramp_seconds(ramp_seconds)  # the first style too, which has no glide
         if self._ramp is None:
             self._ramp = StyleRamp(embedding)
         else:

@@ -2,6 +2,7 @@
 
 from .blend import SteeringAssets, blend
 from .embedder import StyleModel
-from .ramp import RampState, StyleRamp
+from .ramp import MAX_RAMP_SECONDS, RampState, StyleRamp, check_ramp_seconds
 
-__all__ = ["RampState", "SteeringAssets", "StyleModel", "StyleRamp", "blend"]
+__all__ = ["MAX_RAMP_SECONDS", "RampState", "SteeringAssets", "StyleModel", "StyleRamp",
+           "blend", "check_ramp_seconds"]

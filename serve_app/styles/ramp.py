@@ -8,6 +8,18 @@ import numpy as np
 
 from ..frames import FRAMES_PER_SECOND
 
+# The longest glide: an hour, longer than any jam. Bounded so that its frame count is a
+# number (a glide of 1e308 s overflowed to infinity and closed the client's socket).
+MAX_RAMP_SECONDS = 3600.0
+
+
+def check_ramp_seconds(seconds: float) -> float:
+    """`seconds` if it is a glide's length, else a ValueError naming the field."""
+    if not 0 <= seconds <= MAX_RAMP_SECONDS:  # NaN fails this too
+        raise ValueError(f"style_ramp_seconds: must be from 0 to {MAX_RAMP_SECONDS:g}, "
+                         f"got {seconds}")
+    return seconds
+
 
 @dataclasses.dataclass(frozen=True)
 class RampState:
@@ -36,9 +48,10 @@ class StyleRamp:
         return self._done < self._frames
 
     def set_target(self, embedding: np.ndarray, seconds: float) -> None:
+        frames = round(check_ramp_seconds(seconds) * FRAMES_PER_SECOND)
         self._start = self.current
         self._target = np.asarray(embedding, np.float32)
-        self._frames = max(0, round(seconds * FRAMES_PER_SECOND))
+        self._frames = frames
         self._done = 0
         if self._frames == 0:
             self.current = self._target
