@@ -59,6 +59,9 @@ def test_uploads_in_any_format_rate_and_layout_become_48k_stereo(fmt, subtype, r
     (encoded(np.zeros(44100, np.float32)), "loop_audio: the audio is silent"),
     (encoded(synth_loop(5.0)), "loop_audio: 5.0 s is longer than the 3 s allowed"),
     (encoded(np.zeros((0, 2), np.float32)), "loop_audio: the file holds no audio samples"),
+    # was tiled into a buzz (or, one sample, a constant) and continued
+    (encoded(synth_loop(0.035)), r"loop_audio: 0.035 s is shorter than one frame of the "
+                                 r"model \(0.04 s\)"),
 ])
 def test_bad_uploads_are_refused_with_the_reason(data, message):
     with pytest.raises(ValueError, match=message):
@@ -208,6 +211,8 @@ def test_intro_bars_are_dropped_and_progress_reports_stages(api):
      "loop_audio: the audio is silent"),
     ({}, {"loop_audio": ("x.wav", encoded(synth_loop(31.0)), "audio/wav")},
      "loop_audio: 31.0 s is longer than the 30 s allowed"),
+    ({}, {"loop_audio": ("x.wav", encoded(synth_loop(0.002)), "audio/wav")},
+     "loop_audio: 0.002 s is shorter than one frame of the model (0.04 s)"),
     ({"loudness_mode": "loud"}, None, "loudness_mode: must be one of"),
     ({"bpm": "5"}, None, "bpm: must be within"),
 ])

@@ -2,7 +2,8 @@
 
 libsndfile (via soundfile) reads WAV, FLAC, OGG/Vorbis/Opus and, from 1.1 on, MP3;
 soxr resamples. A loop is what the model continues, so uploads that cannot be a
-loop are refused up front: empty, undecodable, all-silent, or longer than allowed.
+loop are refused up front: empty, undecodable, all-silent, shorter than one model frame
+(a 2 ms upload was tiled into a buzz and continued) or longer than allowed.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from ..frames import CHANNELS, SAMPLE_RATE
+from ..frames import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE
 
 SILENCE_PEAK = 10 ** (-80 / 20)  # -80 dBFS: below this nothing audible is there
+MIN_SECONDS = FRAME_SAMPLES / SAMPLE_RATE  # one frame, the least the model encodes
 
 
 def decode_audio(data: bytes, *, max_seconds: float, field: str = "loop_audio") -> np.ndarray:
@@ -34,6 +36,9 @@ def decode_audio(data: bytes, *, max_seconds: float, field: str = "loop_audio") 
                          "WAV, FLAC, OGG or MP3") from None
     if samples.shape[0] == 0:
         raise ValueError(f"{field}: the file holds no audio samples")
+    if samples.shape[0] / rate < MIN_SECONDS:
+        raise ValueError(f"{field}: {samples.shape[0] / rate:.3g} s is shorter than one "
+                         f"frame of the model ({MIN_SECONDS:g} s); there is nothing to continue")
     if samples.shape[0] / rate > max_seconds:
         raise ValueError(f"{field}: {samples.shape[0] / rate:.1f} s is longer than the "
                          f"{max_seconds:g} s allowed")
