@@ -243,19 +243,22 @@ def test_start_errors_name_the_field(ws_url):
 
 
 def test_params_the_server_does_not_use_are_listed_not_dropped_silently(ws_url):
-    """A typo'd name, and bar mode's params in an rt start, come back in `ignored_params`
-    of `started` and of each `updated`; what was used is not listed."""
+    """A typo'd name, bar mode's params in an rt start, and fields beside `params` come
+    back in `ignored_params` of `started` and of each `updated`; what was used is not."""
     with connect(ws_url) as ws:
         ws.send(json.dumps({"type": "start", "params": {
             "styles": "funk", "chunk_seconds": 0.2, "bpm": 100, "loop_weight": 0.5,
-            "temprature": 0.5}}))
+            "temprature": 0.5}, "seed": 7}))  # a field beside `params` is not read: listed
         started = recv_json(ws, "started")
-        assert started["ignored_params"] == ["bpm", "loop_weight", "temprature"], started
+        assert started["ignored_params"] == ["bpm", "loop_weight", "seed", "temprature"], started
         ws.send(json.dumps({"type": "update", "topk": 30, "tpok": 20}))
         updated = recv_json(ws, "status")
         assert updated["event"] == "updated" and updated["ignored_params"] == ["tpok"], updated
         ws.send(json.dumps({"type": "update", "params": {"topk": 31}}))
         assert recv_json(ws, "status")["ignored_params"] == []
+        # both forms in one message: `params` is read, the fields beside it are listed
+        ws.send(json.dumps({"type": "update", "params": {"temperature": 1.1}, "topk": 5}))
+        assert recv_json(ws, "status")["ignored_params"] == ["topk"]
         ws.send(json.dumps({"type": "status"}))
         assert recv_json(ws, "status")["topk"] == 31
     # a start's params may be flat, as an update's (they were dropped silently)

@@ -134,13 +134,18 @@ class WsParams(BaseModel):
 START_FIELDS = ("type", "mode", "binary_audio", "audio_format")
 
 
-def message_params(message: dict, envelope: tuple[str, ...] = ("type",)) -> dict:
+def message_params(message: dict, envelope: tuple[str, ...] = ("type",)
+                   ) -> tuple[dict, list[str]]:
     """A message's parameters: under `params`, or its own fields beside the `envelope`
-    (the prototype's clients send both forms)."""
-    raw = message.get("params", {k: v for k, v in message.items() if k not in envelope})
-    if not isinstance(raw, dict):
+    (the prototype's clients send both forms); and the names it does not read: fields
+    beside `params` when both forms are sent, which a client is told of (they were
+    dropped without a word)."""
+    beside = [k for k in message if k not in envelope and k != "params"]
+    if "params" not in message:
+        return {k: message[k] for k in beside}, []
+    if not isinstance(message["params"], dict):
         raise BadRequest("params: must be a JSON object")
-    return raw
+    return message["params"], beside
 
 
 def chunk_index(value: Any, field: str, message_type: str) -> int:
@@ -217,7 +222,8 @@ class JamSocket:
         binary = message.get("binary_audio", False)
         if not isinstance(binary, bool):  # "no" would read as true
             raise BadRequest(f"binary_audio: must be true or false, got {binary!r}")
-        params = parse_params(message_params(message, START_FIELDS))
+        raw, beside = message_params(message, START_FIELDS)
+        params = parse_params(raw)
         service = self.service
         loop, bar, tempo = None, None, None
         chunk_seconds = params.chunk_seconds or 2.0
@@ -252,14 +258,14 @@ class JamSocket:
         await self.send_json({
             "type": "started", "mode": mode, **started, "pace": stream.pace,
             "binary_audio": self.binary, "audio_format": self.audio_format,
-            "ignored_params": params.ignored(mode), **self.flow.status(),
+            "ignored_params": sorted(params.ignored(mode) + beside), **self.flow.status(),
         })
         self._pump = asyncio.create_task(self._stream(self.session_id))
 
     async def update(self, message: dict) -> None:
         if not self.session_id:
             raise BadRequest("update: no session is running; send start first")
-        raw = message_params(message)
+        raw, beside = message_params(message)
         params = parse_params(raw)
         fixed = [k for k in NOT_UPDATABLE if raw.get(k) is not None]
         if fixed:
@@ -273,7 +279,7 @@ class JamSocket:
             "update_applies_from_chunk": self.memory.client_index(applied["applies_from_chunk"]),
             "update_applies_from_frame":
                 applied["applies_from_frame"] + self.memory.frame_offset,
-            "ignored_params": params.ignored(),
+            "ignored_params": sorted(params.ignored() + beside),
         })
 
     def ack(self, message: dict) -> None:
@@ -301,7 +307,7 @@ class JamSocket:
     async def reseed(self, message: dict, *, splice: bool) -> None:
         if not self.session_id:
             raise BadRequest(f"{message.get('type')}: no session is running")
-        raw = message_params(message)
+        raw, _ = message_params(message)  # a reseed's answer lists nothing
         data = parse_params({"loop_audio_b64": raw.get("loop_audio_b64")}).loop_bytes()
         anchor = raw.get("anchor_bars", 1.0) if splice else None
         if anchor is not None and (isinstance(anchor, bool) or not isinstance(anchor, int | float)):
