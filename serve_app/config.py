@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .api.ab import ABSplit
 from .api.settings import ApiSettings
+from .engine import compile_cache
 from .engine.variants import VARIANTS, variant_for_size
 from .errors import field_problems
 
@@ -195,6 +196,7 @@ def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ, *,
     if only:
         _keep_only(config, only)
     apply_boot_env(config, environ)
+    compile_cache.max_bytes(environ)  # a bad limit: said once, not by each replica starting
     return config
 
 

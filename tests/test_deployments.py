@@ -267,6 +267,16 @@ def test_the_proxy_hook_turns_deflate_off_unless_a_config_asks_for_it():
         uvicorn.Config.__init__ = original
 
 
+def test_a_bad_compile_cache_limit_is_refused_with_the_graph(monkeypatch):
+    """Read by every replica as it starts, where each would fail alone; refused first by
+    the app builder (`serve run`, `mrt-serve local`, bench_local) naming the variable."""
+    for bad in ("nan", "0", "-1", "lots"):
+        monkeypatch.setenv("MRT_COMPILE_CACHE_MAX_GB", bad)
+        with pytest.raises(ValueError, match=f"MRT_COMPILE_CACHE_MAX_GB: a size in GB above "
+                                             f"0, got '{bad}'"):
+            build_app({"variants": [{"name": "tiny"}]})
+
+
 def test_bad_configs_name_the_problem():
     with pytest.raises(ValueError, match="variants: list at least one"):
         build_app({"variants": []})

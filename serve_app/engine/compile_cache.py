@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+from collections.abc import Mapping
 
 import filelock
 import jax
@@ -52,9 +53,9 @@ def default_dir() -> pathlib.Path:
     return pathlib.Path(base) / "mrt-serve" / "xla"
 
 
-def max_bytes() -> int:
+def max_bytes(environ: Mapping[str, str] = os.environ) -> int:
     """The cache's size limit; raises ValueError naming the variable for a bad value."""
-    setting = os.environ.get(MAX_GB_ENV, "").strip()
+    setting = environ.get(MAX_GB_ENV, "").strip()
     try:
         gb = float(setting) if setting else DEFAULT_MAX_GB
     except ValueError:
