@@ -106,6 +106,17 @@ def field_problems(errors: Iterable[Mapping], *, skip: Container[str] = ()) -> l
     return problems
 
 
+def clipped(text: str, limit: int = 80) -> str:
+    """Client text as an error quotes it: whole up to `limit` characters, else its start and
+    its length (a 5000-character session id came back whole in every answer)."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value a client sent, as an error shows it: its repr, clipped."""
+    return clipped(repr(value), limit)
+
+
 def either(hint: Any, expected: str) -> Any:
     """`hint` (a union of a string form and a JSON form) answering a bad value with one
     reason, `expected`, instead of pydantic's reason per member ("drums.bool: ...;
@@ -115,9 +126,7 @@ def either(hint: Any, expected: str) -> Any:
         try:
             return handler(value)
         except ValidationError:
-            shown = repr(value)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise PydanticCustomError("either", "must be {expected}, got {shown}",
-                                      {"expected": expected, "shown": shown}) from None
+                                      {"expected": expected, "shown": shown(value)}) from None
 
     return Annotated[hint, WrapValidator(check)]

@@ -40,6 +40,7 @@ from .errors import (
     SessionLost,
     Unavailable,
     UnknownSession,
+    clipped,
 )
 from .jam import Chunk, JamStream, StreamConfig
 from .keyed_pool import KeyedPool
@@ -582,15 +583,17 @@ class GeneratorCore:
         if jam is not None:
             jam.last_request = time.monotonic()
             return jam
-        if session_id in self._ended:
+        if session_id in self._ended:  # an id of ours: whole
             raise UnknownSession(f"session {session_id} ended: {self._ended[session_id]}")
         owner = replica_of(session_id)
         if owner and owner != self.replica_tag:
             raise SessionLost(
-                f"unknown session {session_id}: it lived on generator replica {owner}, "
+                f"unknown session {clipped(session_id)}: it lived on generator replica "
+                f"{clipped(owner)}, "
                 f"which is no longer running{SessionLost.ADVICE}"
             )
-        raise UnknownSession(f"unknown session {session_id} (stopped, expired or never started)")
+        raise UnknownSession(f"unknown session {clipped(session_id)} (stopped, expired or never "
+                             "started)")
 
     def _style_embedding(self, style: StyleSpec) -> np.ndarray | None:
         if style.empty:

@@ -35,6 +35,7 @@ from .audio.bars import BarChunker, BarCut
 from .engine import Session
 from .engine.session import CODE_LEVELS
 from .engine.variants import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
+from .errors import shown
 from .styles import RampState
 
 PACES = ("realtime", "asap")
@@ -103,7 +104,7 @@ class StreamConfig:
 
     def validate(self) -> None:
         if self.pace not in PACES:
-            raise ValueError(f"pace: must be one of {list(PACES)}, got {self.pace!r}")
+            raise ValueError(f"pace: must be one of {list(PACES)}, got {shown(self.pace)}")
         limit = self.total_frames or MAX_CHUNK_SECONDS * FRAMES_PER_SECOND
         if not 1 <= self.chunk_frames <= limit:
             raise ValueError(f"chunk_seconds: must be within 0.04..{MAX_CHUNK_SECONDS} seconds, "

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol
 
-from .errors import ApiError, UnknownSession
+from .errors import ApiError, UnknownSession, shown
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class ProgressBoard:
         value = await asyncio.to_thread(self.store.get, request_id)
         record = None if value is None else _parsed(value)
         if record is None or record.expired(time.time()):
-            raise UnknownSession(f"request_id: no generation known as {request_id!r}")
+            raise UnknownSession(f"request_id: no generation known as {shown(request_id)}")
         return record
 
     async def read(self, request_id: str, generators: Mapping) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -307,6 +308,23 @@ def test_bad_input_gets_a_4xx_naming_the_field(http, route, form, status, messag
     r = http.post(route, data=form)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
+
+
+def test_an_error_quotes_long_client_text_clipped(http):
+    """A 5000-character id or name is quoted by its start and its length (it came back
+    whole in every answer)."""
+    long = "x" * 5000
+    for method, route, kwargs in [
+        ("get", "/jam/next", {"params": {"session_id": long}}),
+        ("post", "/jam/stop", {"json": {"session_id": long}}),
+        ("get", "/progress", {"params": {"request_id": long}}),
+        ("post", "/jam/start", {"data": {"variant": long}}),
+        ("post", "/jam/start", {"data": {"pace": long}}),
+    ]:
+        r = getattr(http, method)(route, **kwargs)
+        error = r.json()["error"]
+        assert r.status_code in (400, 404) and len(error) < 300, (route, r.status_code, error)
+        assert re.search(r"x\.\.\. \(500[02] characters\)", error), (route, error)
 
 
 def test_bad_input_leaves_a_running_jam_untouched(http):

@@ -162,6 +162,8 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
             ("this is not json", "message: not valid JSON"),
             (json.dumps([1, 2]), "message: must be a JSON object"),
             (json.dumps({"type": "dance"}), "type: unknown message type 'dance'"),
+            (json.dumps({"type": "x" * 5000}),  # quoted clipped, not whole
+             f"type: unknown message type '{'x' * 56}... (5002 characters); expected"),
             (json.dumps({"type": "update", "topk": 0}), "topk:"),
             (json.dumps({"type": "update", "temperature": "hot"}), "temperature:"),
             (json.dumps({"type": "update", "temperature": "hot", "topk": 0}),  # both named

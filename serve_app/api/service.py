@@ -14,7 +14,7 @@ from ..audio.decode import decode_audio
 from ..audio.loudness import MODES as LOUDNESS_MODES
 from ..audio.resample import check_rate
 from ..engine import Controls
-from ..errors import BadRequest, Unavailable, UnknownSession
+from ..errors import BadRequest, Unavailable, UnknownSession, clipped, shown
 from ..frames import SAMPLE_RATE
 from ..generator import BarSpec, JamSpec, JamUpdate, StyleSpec, variant_of
 from ..jam import MAX_CHUNK_SECONDS, StreamConfig
@@ -107,7 +107,7 @@ class JamService:
     def generator(self, variant: str | None) -> tuple[str, GeneratorClient]:
         name = variant or self.settings.default_variant
         if name not in self.generators:
-            raise BadRequest(f"variant: {name!r} is not served here; choose one of "
+            raise BadRequest(f"variant: {shown(name)} is not served here; choose one of "
                              f"{sorted(self.generators)}")
         if self.settings.template_mode:
             raise Unavailable("template mode: this deployment does not generate audio "
@@ -117,7 +117,7 @@ class JamService:
     def of_session(self, session_id: str) -> GeneratorClient:
         client = self.generators.get(variant_of(session_id))
         if client is None:
-            raise UnknownSession(f"unknown session {session_id}")
+            raise UnknownSession(f"unknown session {clipped(session_id)}")
         return client
 
     async def style_spec(self, fields: ControlFields) -> StyleSpec:
@@ -157,7 +157,7 @@ class JamService:
                  rate_field: str = "target_sample_rate") -> BarSpec:
         if loudness_mode not in LOUDNESS_MODES:
             raise BadRequest(f"loudness_mode: must be one of {list(LOUDNESS_MODES)}, "
-                             f"got {loudness_mode!r}")
+                             f"got {shown(loudness_mode)}")
         seconds = bars_per_chunk * clock.seconds_per_bar
         if seconds > MAX_CHUNK_SECONDS:
             raise BadRequest(f"bars_per_chunk: {bars_per_chunk} bars at {clock.bpm:g} bpm make "

@@ -27,7 +27,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
-from ..errors import ApiError, BadRequest, SessionLost, either, field_problems
+from ..errors import ApiError, BadRequest, SessionLost, either, field_problems, shown
 from ..jam import Chunk, StreamConfig, frames_for
 from ..styles import MAX_RAMP_SECONDS
 from . import offload
@@ -207,7 +207,7 @@ class JamSocket:
         elif kind in ("reseed", "reseed_splice"):
             await self.reseed(message, splice=kind == "reseed_splice")
         else:
-            raise BadRequest(f"type: unknown message type {kind!r}; expected start, update, "
+            raise BadRequest(f"type: unknown message type {shown(kind)}; expected start, update, "
                              "stop, ping, status, ack, consume, reseed or reseed_splice")
 
     async def start(self, message: dict) -> None:
@@ -215,13 +215,13 @@ class JamSocket:
             raise BadRequest("start: a session is already running on this socket; send stop")
         mode = message.get("mode", "rt")
         if mode not in MODES:
-            raise BadRequest(f"mode: must be one of {list(MODES)}, got {mode!r}")
+            raise BadRequest(f"mode: must be one of {list(MODES)}, got {shown(mode)}")
         audio_format = message.get("audio_format", "wav")
         if audio_format not in AUDIO_FORMATS:
             raise BadRequest(f"audio_format: must be one of {list(AUDIO_FORMATS)}")
         binary = message.get("binary_audio", False)
         if not isinstance(binary, bool):  # "no" would read as true
-            raise BadRequest(f"binary_audio: must be true or false, got {binary!r}")
+            raise BadRequest(f"binary_audio: must be true or false, got {shown(binary)}")
         raw, beside = message_params(message, START_FIELDS)
         params = parse_params(raw)
         service = self.service
