@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping
 from typing import Annotated, Any
 
-from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import BeforeValidator, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
 
 
@@ -115,6 +115,18 @@ def clipped(text: str, limit: int = 80) -> str:
 def shown(value: Any, limit: int = 60) -> str:
     """A value a client sent, as an error shows it: its repr, clipped."""
     return clipped(repr(value), limit)
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {str(value).lower()}")
+    return value
+
+
+# JSON numbers that refuse true and false, which pydantic's lax mode reads as 1 and 0
+# (`topk: true` was top-k 1, `notes: [true]` pitch 1); strings of digits still pass.
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 def either(hint: Any, expected: str) -> Any:

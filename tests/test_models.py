@@ -132,6 +132,10 @@ def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_r
     r = http.post("/model/select", json={"ckpt_step": 1e20})
     assert r.json()["error"] == (
         "ckpt_step: must be a checkpoint step (an integer) or 'latest', got 1e+20"), r.text
+    # true is no step (pydantic's lax mode read it as step 1)
+    r = http.post("/model/select", json={"step": True, "dry_run": True})
+    assert r.json()["error"] == (
+        "ckpt_step: must be a checkpoint step (an integer) or 'latest', got True"), r.text
     # a body that is not a JSON object is the body's fault, named as such
     r = http.post("/model/select", content=b"garbage", headers={"Content-Type": "application/json"})
     assert r.status_code == 422

@@ -165,6 +165,10 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
             (json.dumps({"type": "x" * 5000}),  # quoted clipped, not whole
              f"type: unknown message type '{'x' * 56}... (5002 characters); expected"),
             (json.dumps({"type": "update", "topk": 0}), "topk:"),
+            # true and false are no numbers (they were read as 1 and 0: top-k 1, pitch 1)
+            (json.dumps({"type": "update", "topk": True}), "topk: must be a number, got true"),
+            (json.dumps({"type": "update", "notes": [60, True]}),
+             "notes: must be a comma-separated string or a list of MIDI pitches, got [60, True]"),
             (json.dumps({"type": "update", "temperature": "hot"}), "temperature:"),
             (json.dumps({"type": "update", "temperature": "hot", "topk": 0}),  # both named
              "; topk: Input should be greater than or equal to 1"),

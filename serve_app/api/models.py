@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import checkpoints
 from ..engine.variants import SIZE_ALIASES, VARIANTS, variant_for_size
-from ..errors import BadRequest, Unavailable, either
+from ..errors import BadRequest, Int, Unavailable, either
 from ..selection import ModelSelection
 from .security import may_read_local_paths
 from .service import JamService
@@ -35,7 +35,7 @@ def _merge(values: dict, documented: str, prototype: str) -> None:
     values[documented] = a if a is not None else b
 
 
-Step = either(int | Literal["latest"] | None, "a checkpoint step (an integer) or 'latest'")
+Step = either(Int | Literal["latest"] | None, "a checkpoint step (an integer) or 'latest'")
 
 
 class SelectRequest(BaseModel):

@@ -27,7 +27,16 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
-from ..errors import ApiError, BadRequest, SessionLost, either, field_problems, shown
+from ..errors import (
+    ApiError,
+    BadRequest,
+    Float,
+    Int,
+    SessionLost,
+    either,
+    field_problems,
+    shown,
+)
 from ..jam import Chunk, StreamConfig, frames_for
 from ..styles import MAX_RAMP_SECONDS
 from . import offload
@@ -54,8 +63,8 @@ MOVE_WAIT_SECONDS = 60.0
 
 
 StyleNames = either(str | list[str] | None, "a comma-separated string or a list of strings")
-Numbers = either(str | list[float] | None, "a comma-separated string or a list of finite numbers")
-Pitches = either(str | list[int] | None, "a comma-separated string or a list of MIDI pitches")
+Numbers = either(str | list[Float] | None, "a comma-separated string or a list of finite numbers")
+Pitches = either(str | list[Int] | None, "a comma-separated string or a list of MIDI pitches")
 Drums = either(bool | Literal["free", "on", "off"] | None, "true, false, 'free', 'on' or 'off'")
 
 
@@ -68,31 +77,31 @@ class WsParams(BaseModel):
 
     styles: StyleNames = None
     style_weights: Numbers = None
-    temperature: float | None = Field(None, ge=0, le=10)
-    topk: int | None = Field(None, ge=1, le=1024)
-    guidance_weight: float | None = Field(None, ge=-1, le=7)
-    cfg_notes: float | None = Field(None, ge=-1, le=7)
-    cfg_drums: float | None = Field(None, ge=-1, le=7)
-    mean: float | None = Field(None, ge=0)
+    temperature: Float | None = Field(None, ge=0, le=10)
+    topk: Int | None = Field(None, ge=1, le=1024)
+    guidance_weight: Float | None = Field(None, ge=-1, le=7)
+    cfg_notes: Float | None = Field(None, ge=-1, le=7)
+    cfg_drums: Float | None = Field(None, ge=-1, le=7)
+    mean: Float | None = Field(None, ge=0)
     centroid_weights: Numbers = None
     notes: Pitches = None
     drums: Drums = None
-    style_ramp_seconds: float = Field(0.0, ge=0, le=MAX_RAMP_SECONDS)
+    style_ramp_seconds: Float = Field(0.0, ge=0, le=MAX_RAMP_SECONDS)
     pace: Literal["realtime", "asap"] | None = None
-    chunk_seconds: float | None = Field(None, ge=0.04, le=10.0)
-    seed: int | None = Field(None, ge=0, lt=2**32)
+    chunk_seconds: Float | None = Field(None, ge=0.04, le=10.0)
+    seed: Int | None = Field(None, ge=0, lt=2**32)
     variant: str | None = None
     client_id: str | None = Field(None, max_length=200)
-    window_chunks: int | None = Field(None, ge=1, le=64)
+    window_chunks: Int | None = Field(None, ge=1, le=64)
     # bar mode
     loop_audio_b64: str | None = None
-    bpm: float = Field(120.0, gt=0)
-    beats_per_bar: int = Field(4, ge=1, le=32)
-    bars_per_chunk: int = Field(1, ge=1, le=64)
-    loop_weight: float = Field(1.0, ge=0, le=10)
-    target_sr: int | None = None
+    bpm: Float = Field(120.0, gt=0)
+    beats_per_bar: Int = Field(4, ge=1, le=32)
+    bars_per_chunk: Int = Field(1, ge=1, le=64)
+    loop_weight: Float = Field(1.0, ge=0, le=10)
+    target_sr: Int | None = None
     loudness_mode: str = "auto"
-    headroom_db: float = Field(1.0, ge=0, le=24)
+    headroom_db: Float = Field(1.0, ge=0, le=24)
     tempo_guidance: bool = False
     use_current_mix_as_style: bool = False
 
