@@ -229,9 +229,6 @@ class JamService:
         try:
             changes = fields.control_changes()
             notes = fields.parsed_notes()
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
-        try:
             check_ramp_seconds(style_ramp_seconds)
         except ValueError as e:
             raise BadRequest(str(e)) from e

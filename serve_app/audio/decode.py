@@ -36,12 +36,13 @@ def decode_audio(data: bytes, *, max_seconds: float, field: str = "loop_audio") 
                          "WAV, FLAC, OGG or MP3") from None
     if samples.shape[0] == 0:
         raise ValueError(f"{field}: the file holds no audio samples")
-    if samples.shape[0] / rate < MIN_SECONDS:
-        raise ValueError(f"{field}: {samples.shape[0] / rate:.3g} s is shorter than one "
-                         f"frame of the model ({MIN_SECONDS:g} s); there is nothing to continue")
-    if samples.shape[0] / rate > max_seconds:
-        raise ValueError(f"{field}: {samples.shape[0] / rate:.1f} s is longer than the "
-                         f"{max_seconds:g} s allowed")
+    seconds = samples.shape[0] / rate
+    if seconds < MIN_SECONDS:
+        raise ValueError(f"{field}: {seconds:.3g} s is shorter than one frame of the model "
+                         f"({MIN_SECONDS:g} s); there is nothing to continue")
+    if seconds > max_seconds:
+        raise ValueError(f"{field}: {seconds:.1f} s is longer than the {max_seconds:g} s "
+                         "allowed")
     if not np.isfinite(samples).all():
         raise ValueError(f"{field}: the audio holds NaN or infinite samples")
     if np.abs(samples).max() < SILENCE_PEAK:
