@@ -70,6 +70,29 @@ def is_local(repo: str) -> bool:
     return os.path.isdir(os.path.expanduser(repo))
 
 
+# What `git check-ref-format` refuses in a branch or tag name (a commit id never has it):
+# the Hub's revisions are those, so anything else cannot name one, and is better refused
+# with its reason than stored as a selection every replica then fails to download.
+_REF_PROBLEMS = (
+    (re.compile(r"[\x00-\x20\x7f]"), "a space or control character"),
+    (re.compile(r"[~^:?*\[\\]"), "one of ~ ^ : ? * [ \\"),
+    (re.compile(r"\.\.|@\{|//"), "'..', '@{' or '//'"),
+    (re.compile(r"(?:^|/)\.|^/"), "a part that starts with '.', or a '/' first"),
+    (re.compile(r"/$|\.$|\.lock$"), "an end in '/', '.' or '.lock'"),
+)
+
+
+def check_revision(revision: str) -> str:
+    """`revision` if it can be a Hub branch, tag or commit id; a ValueError saying why
+    not."""
+    if revision in ("", "@"):
+        raise ValueError(f"{revision!r} is not a branch, tag or commit id")
+    for pattern, what in _REF_PROBLEMS:
+        if pattern.search(revision):
+            raise ValueError(f"{revision!r} is not a branch, tag or commit id (it has {what})")
+    return revision
+
+
 def _safe_relative(name: str) -> str:
     path = pathlib.PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts:
@@ -91,6 +114,10 @@ class Repo:
         if allow_local and not local and repo.startswith(("/", "~", ".")):
             # no Hub id starts so: say what is wrong, not the Hub's word on a bad id
             raise CheckpointNotFound(f"no such local directory: {os.path.expanduser(repo)}")
+        if local and revision is not None:
+            # a revision the directory cannot have would otherwise be ignored, and stored
+            raise CheckpointNotFound(f"{self.local} is a local directory, which has no "
+                                     f"revision {revision!r} (only a Hub repo has)")
 
     def where(self) -> str:
         if self.local is not None:

@@ -304,3 +304,22 @@ def test_a_local_path_that_is_not_there_is_named_as_such(tmp_path):
     with pytest.raises(checkpoints.CheckpointNotFound) as raised:
         checkpoints.Repo(str(missing))
     assert str(raised.value) == f"no such local directory: {missing}"
+
+
+def test_a_revision_is_a_branch_tag_or_commit_of_a_hub_repo(tmp_path):
+    commit = "0123456789abcdef" * 2 + "01234567"
+    for good in ("main", "v1.0", "refs/pr/1", "release/2026-12", commit):
+        assert checkpoints.check_revision(good) == good
+    for bad, why in [("", None), ("a b", "a space or control character"),
+                     ("x\x00", "a space or control character"), ("a:b", "one of ~ ^ :"),
+                     ("../main", "'..'"), ("a@{1}", "'@{'"), ("a//b", "'//'"),
+                     (".hidden", "a part that starts with '.'"), ("/main", "a '/' first"),
+                     ("main/", "an end in '/'"), ("v1.", "an end in"), ("b.lock", "an end in")]:
+        with pytest.raises(ValueError, match="is not a branch, tag or commit id") as raised:
+            checkpoints.check_revision(bad)
+        assert why is None or why in str(raised.value), (bad, str(raised.value))
+    # a directory has no revisions: refused rather than ignored
+    with pytest.raises(checkpoints.CheckpointNotFound,
+                       match=f"{tmp_path} is a local directory, which has no revision 'main'"):
+        checkpoints.Repo(str(tmp_path), revision="main")
+    assert checkpoints.Repo("someone/repo", revision="main").revision == "main"

@@ -87,6 +87,12 @@ def test_checkpoint_listing(http, finetunes, bad_repos):
                     params={"repo_id": str(bad_repos["v1"])}).json()["v1_archives"] == [1863001]
     r = http.get("/model/checkpoints", params={"repo_id": "/no/such/dir"})
     assert r.status_code in (400, 503) and r.json()["error"].startswith("repo_id:")
+    r = http.get("/model/checkpoints", params={"repo_id": "someone/repo", "revision": "a..b"})
+    assert r.status_code == 422 and r.json()["error"] == (
+        "revision: 'a..b' is not a branch, tag or commit id (it has '..', '@{' or '//')")
+    r = http.post("/model/assets/load", json={"repo_id": str(finetunes["a"]), "revision": "v1"})
+    assert r.status_code == 400 and "is a local directory, which has no revision 'v1'" in (
+        r.json()["error"]), r.text
 
 
 def test_dry_run_checks_without_switching(http, finetunes):
@@ -117,6 +123,12 @@ def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_r
         ({"ckpt_repo": str(finetunes["a"]), "ckpt_stp": 5}, 422, "ckpt_stp"),
         ({"ckpt_step": "latest"}, 400, "ckpt_step: 'latest' needs ckpt_repo"),
         ({"variant": "nope"}, 400, "variant:"),
+        # a revision that cannot be a branch, tag or commit (was stored as the selection)
+        ({"revision": "\x00"}, 422, "revision: '\\x00' is not a branch, tag or commit id "
+                                     "(it has a space or control character)"),
+        # and one a local directory cannot have (was ignored, and stored)
+        ({"ckpt_repo": str(finetunes["a"]), "revision": "main", "dry_run": True}, 400,
+         f"ckpt_repo: {finetunes['a']} is a local directory, which has no revision 'main'"),
     ]
     for body, status, text in cases:
         r = http.post("/model/select", json=body)

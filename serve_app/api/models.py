@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from .. import checkpoints
 from ..engine.variants import SIZE_ALIASES, VARIANTS, variant_for_size
@@ -35,6 +35,8 @@ def _merge(values: dict, documented: str, prototype: str) -> None:
     values[documented] = a if a is not None else b
 
 
+# a branch, tag or commit id of a Hub repo (`checkpoints.check_revision`)
+Revision = Annotated[str, Field(max_length=200), AfterValidator(checkpoints.check_revision)]
 Step = either(Int | Literal["latest"] | None, "a checkpoint step (an integer) or 'latest'")
 
 
@@ -49,7 +51,7 @@ class SelectRequest(BaseModel):
         None, description="finetune step, or 'latest' (alias step); none: the base weights")
     size: str | None = Field(None, description="tiny | small | base (large = base), or a "
                                                "variant name; default: the current one")
-    revision: str | None = Field(None, max_length=200)
+    revision: Revision | None = None
     assets_repo_id: str | None = Field(None, min_length=1, max_length=500)
     sync_assets: bool = Field(True, description="take steering assets from the new repo")
     prewarm: bool = Field(True, description="return once the new model serves")
@@ -82,7 +84,7 @@ class AssetsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repo_id: str = Field(min_length=1, max_length=500)
-    revision: str | None = Field(None, max_length=200)
+    revision: Revision | None = None
     variant: str | None = None
 
     @model_validator(mode="before")
@@ -168,7 +170,7 @@ def add_model_routes(app: FastAPI, service: JamService) -> None:
     @app.get("/model/checkpoints")
     async def model_checkpoints(request: Request,
                                 repo_id: str = Query(..., min_length=1, max_length=500),
-                                revision: str | None = Query(None, max_length=200)):
+                                revision: Annotated[Revision | None, Query()] = None):
         """Finetune steps a repo offers, and the latest: a Hub id, or a local directory
         for an admin key (or when no keys are configured)."""
         return await _listing(repo_id, revision,
