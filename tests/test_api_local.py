@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from serve_app.api.app import create_app
 from serve_app.api.settings import ApiSettings
+from serve_app.config import load_app_config
 from serve_app.generator import GeneratorCore
 from serve_app.styles.service import StyleService
 
@@ -82,6 +83,29 @@ def test_no_keys_means_open_local_access(core, tiny):
         assert http.get("/ping").status_code == 200
 
 
+def test_cors_lets_the_configured_origins_call_with_a_key(core, tiny):
+    """A page on an allowed origin: its preflight is answered without a key (a browser
+    sends none), and a refusal carries the CORS headers, so the page can read why. A page
+    on another origin gets none; with no origins configured, nothing changes."""
+    app = "https://app.example.com"
+    preflight = {"Origin": app, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "x-api-key"}
+    with client(core, tiny, api_keys=["k1"], cors_origins=[app]) as http:
+        r = http.options("/jam/start", headers=preflight)
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == app
+        assert "x-api-key" in r.headers["access-control-allow-headers"].lower()
+        refused = http.get("/health", headers={"Origin": app})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
+        r = http.get("/health", headers={"Origin": app, "X-API-Key": "k1"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == app
+        other = http.options("/jam/start", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    with client(core, tiny) as http:
+        r = http.get("/health", headers={"Origin": app})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
 def test_template_mode_reports_and_refuses_generation(core, tiny):
     with client(core, tiny, space_mode="template") as http:
         assert http.get("/health").json()["status"] == "template"
@@ -93,9 +117,20 @@ def test_settings_read_keys_and_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("MRT_API_KEYS", "a, b")
     monkeypatch.setenv("MRT_ADMIN_KEYS", "z")
     monkeypatch.setenv("SPACE_MODE", "Template")
+    monkeypatch.setenv("MRT_CORS_ORIGINS", "https://a.example, http://localhost:5173")
     s = ApiSettings.from_config({"max_styles": 3})
     assert s.api_keys == ["a", "b"] and s.admin_keys == ["z"]
     assert s.template_mode and s.max_styles == 3
+    assert s.cors_origins == ["https://a.example", "http://localhost:5173"]
+    monkeypatch.setenv("MRT_CORS_ORIGINS", "https://a.example/app")  # a path never matches
+    with pytest.raises(ValueError, match=r"MRT_CORS_ORIGINS: 'https://a.example/app' is not an "
+                                         r"origin: scheme://host\[:port\] with no path"):
+        ApiSettings.from_config({})
+    monkeypatch.delenv("MRT_CORS_ORIGINS")
+    with pytest.raises(ValueError, match=r"api.cors_origins.0: 'https://a.example/' is not an "
+                                         r"origin"):  # the config's section, named so
+        load_app_config({"variants": [{"name": "tiny"}],
+                         "api": {"cors_origins": ["https://a.example/"]}}, {})
     # a mode it does not know was served as "auto" without a word
     monkeypatch.setenv("SPACE_MODE", "templat")
     with pytest.raises(ValueError, match=r"SPACE_MODE: must be one of \['serve', 'template', "

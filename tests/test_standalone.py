@@ -4,11 +4,14 @@ starts it, from a config file of the same format `serve run` reads."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -18,6 +21,7 @@ from serve_app.config import load_app_config
 from serve_app.ports import free_port
 from serve_app.standalone import build_app, build_generators
 
+from .browser import open_page
 from .generator_cores import wait_for_boot, wait_until_ready
 from .script_modules import load_script
 from .serve_fixtures import tiny_config, wait_ready
@@ -41,10 +45,27 @@ def mrt_serve(*args: str, **kwargs) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def local_server(tiny_repo, tmp_path_factory):
+def sites(tmp_path_factory):
+    """Two origins serving a blank page, as a musician's web app hosted elsewhere: the
+    config allows the first (CORS), not the second."""
+    folder = tmp_path_factory.mktemp("site")
+    (folder / "index.html").write_text("<!doctype html><title>a web app</title>")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield [f"http://127.0.0.1:{server.server_address[1]}" for server in servers]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def local_server(tiny_repo, tmp_path_factory, sites):
     port = free_port()
-    config = write_config(tmp_path_factory.mktemp("local") / "local.yaml",
-                          tiny_config(tiny_repo, max_sessions=2, buckets=(1, 2)), port)
+    args = tiny_config(tiny_repo, max_sessions=2, buckets=(1, 2),
+                       api={"cors_origins": [sites[0]]})
+    config = write_config(tmp_path_factory.mktemp("local") / "local.yaml", args, port)
     server = mrt_serve("local", str(config))
     base = f"http://127.0.0.1:{port}"
     try:
@@ -78,6 +99,39 @@ def test_serves_a_jam_and_the_benchmark_from_one_process(local_server, tmp_path)
     assert run["overhead_ms_p50"] is not None and run["overhead_ms_p50"] >= 0
     steps = run["generator_steps"]  # the in-process generator's histogram, via /health
     assert steps["replicas"] == ["local"] and 1 <= steps["rows_per_step_mean"] <= 2
+
+
+# In the page: the calls a web app makes (a preflighted POST of a form with a key header,
+# a JSON stop), each answer's status, or the browser's refusal.
+CALLS_FROM_A_PAGE = """async (base) => {
+    const said = async (call) => {
+        try { const r = await call(); return [r.status, await r.json()]; }
+        catch (e) { return ['refused', String(e)]; }
+    };
+    const form = new FormData();
+    form.append('styles', 'ambient');
+    const started = await said(() => fetch(base + '/jam/start', {
+        method: 'POST', body: form, headers: {'X-API-Key': 'unused here'}}));
+    const stopped = started[0] === 200 ? await said(() => fetch(base + '/jam/stop', {
+        method: 'POST', headers: {'Content-Type': 'application/json'},
+        body: JSON.stringify({session_id: started[1].session_id})})) : null;
+    return {health: await said(() => fetch(base + '/health')), started, stopped};
+}"""
+
+
+def test_a_web_app_on_an_allowed_origin_jams_from_the_browser(local_server, sites, tmp_path):
+    """A real Chromium on another origin: the configured one starts and stops a jam
+    (preflights and all); one not configured is refused by the browser, as before."""
+    base, _ = local_server
+    with open_page(sites[0], tmp_path / "allowed.png") as (page, errors):
+        calls = page.evaluate(CALLS_FROM_A_PAGE, base)
+    assert calls["health"][0] == 200 and calls["health"][1]["status"] == "ready", calls
+    assert calls["started"][0] == 200 and calls["started"][1]["session_id"], calls
+    assert calls["stopped"][0] == 200, calls
+    assert not errors
+    with open_page(sites[1], tmp_path / "other.png") as (page, _):
+        calls = page.evaluate(CALLS_FROM_A_PAGE, base)
+    assert calls["health"][0] == "refused" and calls["started"][0] == "refused", calls
 
 
 def test_says_when_it_is_ready_and_stops_cleanly_on_sigterm(local_server):

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..audio import to_int16, to_wav_bytes
@@ -458,6 +459,11 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     add_model_routes(app, service)
     app.add_middleware(ApiKeyMiddleware, settings=settings)
+    if settings.cors_origins:
+        # outside the key check: a browser's preflight carries no key, and a refusal
+        # (401, 403) must carry the CORS headers for the page to read why
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"])
     return app
 
 

@@ -1,12 +1,14 @@
 """Limits and keys of the HTTP/WebSocket API: defaults, overridden by the config's `api:`
-section, then by the environment (MRT_API_KEYS, MRT_ADMIN_KEYS, SPACE_MODE)."""
+section, then by the environment (MRT_API_KEYS, MRT_ADMIN_KEYS, MRT_CORS_ORIGINS,
+SPACE_MODE)."""
 
 from __future__ import annotations
 
 import os
-from typing import Literal, get_args
+import re
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 def _env_list(name: str) -> list[str]:
@@ -24,6 +26,17 @@ def ws_max_message_bytes(max_upload_bytes: int) -> int:
     return -(-max_upload_bytes // 3) * 4 + (1 << 20)
 
 
+def _origin(value: str) -> str:
+    """An origin as browsers send it (scheme://host[:port], nothing after), or "*": a
+    path or a trailing slash would never match a request's Origin, and a page allowed
+    that way would fail in the browser with nothing said here."""
+    if value != "*" and not re.fullmatch(r"https?://[^/\s?#]+", value):
+        raise ValueError(f"{value!r} is not an origin: scheme://host[:port] with no path "
+                         "(e.g. https://app.example.com), or '*' for any")
+    return value
+
+
+Origin = Annotated[str, AfterValidator(_origin)]
 SpaceMode = Literal["serve", "template", "auto"]
 SPACE_MODES = get_args(SpaceMode)
 
@@ -52,6 +65,9 @@ class ApiSettings(BaseModel):
     progress_retention_seconds: float = Field(600.0, gt=0)
     api_keys: list[str] = Field(default_factory=list)
     admin_keys: list[str] = Field(default_factory=list)
+    # Web pages on these origins may call the HTTP API from a browser (CORS; "*": any).
+    # None by default: only pages the server itself serves. WebSockets need no CORS.
+    cors_origins: list[Origin] = Field(default_factory=list)
     space_mode: SpaceMode = "auto"
 
     @classmethod
@@ -61,6 +77,11 @@ class ApiSettings(BaseModel):
             values["api_keys"] = keys
         if keys := _env_list("MRT_ADMIN_KEYS"):
             values["admin_keys"] = keys
+        if origins := _env_list("MRT_CORS_ORIGINS"):
+            try:  # named as the operator wrote it, not as a config field
+                values["cors_origins"] = [_origin(o) for o in origins]
+            except ValueError as e:
+                raise ValueError(f"MRT_CORS_ORIGINS: {e}") from None
         if mode := os.environ.get("SPACE_MODE"):
             values["space_mode"] = mode.strip().lower()
             if values["space_mode"] not in SPACE_MODES:  # named as the operator wrote it
