@@ -102,7 +102,7 @@ def test_serves_a_jam_and_the_benchmark_from_one_process(local_server, tmp_path)
 
 
 # In the page: the calls a web app makes (a preflighted POST of a form with a key header,
-# a JSON stop), each answer's status, or the browser's refusal.
+# a JSON stop, a WebSocket jam), each answer's status, or the refusal.
 CALLS_FROM_A_PAGE = """async (base) => {
     const said = async (call) => {
         try { const r = await call(); return [r.status, await r.json()]; }
@@ -115,23 +115,40 @@ CALLS_FROM_A_PAGE = """async (base) => {
     const stopped = started[0] === 200 ? await said(() => fetch(base + '/jam/stop', {
         method: 'POST', headers: {'Content-Type': 'application/json'},
         body: JSON.stringify({session_id: started[1].session_id})})) : null;
-    return {health: await said(() => fetch(base + '/health')), started, stopped};
+    const socket = await new Promise((resolve) => {
+        const ws = new WebSocket(base.replace('http', 'ws') + '/ws/jam');
+        ws.onopen = () => ws.send(JSON.stringify(
+            {type: 'start', params: {styles: 'ambient', chunk_seconds: 0.2}}));
+        ws.onmessage = (e) => {
+            ws.send(JSON.stringify({type: 'stop'}));
+            resolve(JSON.parse(e.data).type);
+        };
+        ws.onclose = (e) => resolve(`closed ${e.code}: ${e.reason}`);
+    });
+    return {health: await said(() => fetch(base + '/health')), started, stopped, socket};
 }"""
 
 
 def test_a_web_app_on_an_allowed_origin_jams_from_the_browser(local_server, sites, tmp_path):
     """A real Chromium on another origin: the configured one starts and stops a jam
-    (preflights and all); one not configured is refused by the browser, as before."""
+    (preflights and all) and opens a WebSocket jam; one not configured is refused by the
+    browser (HTTP) and by the server (its WebSocket, which browsers apply no CORS to);
+    the server's own pages are not refused."""
     base, _ = local_server
     with open_page(sites[0], tmp_path / "allowed.png") as (page, errors):
         calls = page.evaluate(CALLS_FROM_A_PAGE, base)
     assert calls["health"][0] == 200 and calls["health"][1]["status"] == "ready", calls
     assert calls["started"][0] == 200 and calls["started"][1]["session_id"], calls
-    assert calls["stopped"][0] == 200, calls
+    assert calls["stopped"][0] == 200 and calls["socket"] == "started", calls
     assert not errors
     with open_page(sites[1], tmp_path / "other.png") as (page, _):
         calls = page.evaluate(CALLS_FROM_A_PAGE, base)
     assert calls["health"][0] == "refused" and calls["started"][0] == "refused", calls
+    assert calls["socket"] == (f"closed 4403: origin: {sites[1]} may not open a WebSocket "
+                               "here (not in api.cors_origins)"), calls
+    with open_page(base + "/", tmp_path / "own.png") as (page, _):
+        calls = page.evaluate(CALLS_FROM_A_PAGE, base)
+    assert calls["started"][0] == 200 and calls["socket"] == "started", calls
 
 
 def test_says_when_it_is_ready_and_stops_cleanly_on_sigterm(local_server):

@@ -1,4 +1,5 @@
-"""Optional API keys and request-size limits, as plain ASGI middleware.
+"""Optional API keys, request-size limits and the origins a browser's WebSocket may come
+from, as plain ASGI middleware.
 
 No keys configured means open access (local use). With keys, every HTTP route
 and the WebSocket need one (header `X-API-Key`, `Authorization: Bearer`, or
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from .settings import ApiSettings
 
@@ -81,6 +82,29 @@ class ApiKeyMiddleware:
         elif not _matches(key, s.api_keys + s.admin_keys):
             return await _reject(scope, receive, send, 401,
                                  "api key: missing or not valid (X-API-Key header)")
+        return await self.app(scope, receive, send)
+
+
+class WebSocketOriginMiddleware:
+    """With `cors_origins` configured, a browser's WebSocket opens only from those origins
+    or from the server's own pages. Browsers apply no CORS to WebSockets, so the list that
+    keeps other sites from reading the HTTP API would otherwise not keep them from jamming
+    on the server. Clients that are not browsers send no Origin and pass."""
+
+    def __init__(self, app, origins: list[str]) -> None:
+        self.app = app
+        self.origins = origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and "*" not in self.origins:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope.get("headers", [])}
+            origin = headers.get("origin")
+            own = urlsplit(origin or "").netloc.lower() == headers.get("host", "").lower()
+            if origin is not None and origin not in self.origins and not own:
+                return await _reject(scope, receive, send, 403,
+                                     f"origin: {origin} may not open a WebSocket here "
+                                     "(not in api.cors_origins)")
         return await self.app(scope, receive, send)
 
 
