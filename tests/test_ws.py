@@ -160,6 +160,8 @@ def test_bad_messages_get_errors_and_the_session_goes_on(ws_url):
         assert recv_json(ws)["type"] == "started"
         bad = [
             ("this is not json", "message: not valid JSON"),
+            # deeper than Python's JSON parser goes: it closed the socket
+            ("[" * 100_000 + "]" * 100_000, "message: not valid JSON (nested too deeply)"),
             (json.dumps([1, 2]), "message: must be a JSON object"),
             (json.dumps({"type": "dance"}), "type: unknown message type 'dance'"),
             (json.dumps({"type": "x" * 5000}),  # quoted clipped, not whole

@@ -485,11 +485,17 @@ class JamSocket:
                     continue
                 try:
                     payload = json.loads(text)
-                    if not isinstance(payload, dict):
-                        raise BadRequest("message: must be a JSON object with a 'type'")
-                    await self.handle(payload)
                 except json.JSONDecodeError as e:
                     await self.error(f"message: not valid JSON ({e.msg})")
+                    continue
+                except RecursionError:  # '[' * 100000: it closed the socket
+                    await self.error("message: not valid JSON (nested too deeply)")
+                    continue
+                if not isinstance(payload, dict):
+                    await self.error("message: must be a JSON object with a 'type'")
+                    continue
+                try:
+                    await self.handle(payload)
                 except ApiError as e:
                     await self.error(e.message)
                 except WebSocketDisconnect:
