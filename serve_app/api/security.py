@@ -14,6 +14,8 @@ import hmac
 import json
 from urllib.parse import parse_qs, urlsplit
 
+from starlette.datastructures import Headers
+
 from .settings import ApiSettings
 
 
@@ -97,11 +99,10 @@ class WebSocketOriginMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket" and "*" not in self.origins:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in scope.get("headers", [])}
+            headers = Headers(scope=scope)
             origin = headers.get("origin")
-            own = urlsplit(origin or "").netloc.lower() == headers.get("host", "").lower()
-            if origin is not None and origin not in self.origins and not own:
+            if (origin is not None and origin not in self.origins
+                    and urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
                 return await _reject(scope, receive, send, 403,
                                      f"origin: {origin} may not open a WebSocket here "
                                      "(not in api.cors_origins)")
