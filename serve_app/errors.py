@@ -13,6 +13,10 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
 
+# a JSON text nested deeper than the parser goes ('[' * 100000): json.loads raises
+# RecursionError, which no JSON check expects
+TOO_DEEP = "not valid JSON (nested too deeply)"
+
 
 class ApiError(Exception):
     status = 500

@@ -173,3 +173,25 @@ def test_a_websocket_loop_over_the_upload_limit_is_refused_by_name(core, tiny):
             "type": "error", "error": "loop_audio_b64: 2000 bytes, larger than the limit of 1000"}
         ws.send_json({"type": "ping"})
         assert ws.receive_json()["type"] == "pong"
+
+
+def test_what_the_framework_refuses_is_answered_with_the_field_and_the_reason(core, tiny):
+    """Starlette and FastAPI answer some requests before a route runs; those answers were
+    `{"detail": ...}` alone (no `error`, no field). `detail` stays for older clients."""
+    deep = b"[" * 100_000  # json.loads raises RecursionError, which FastAPI called unparseable
+    cases = [
+        ("get", "/jam/nowhere", {}, 404,
+         "path: /jam/nowhere is not a route of this server (see /docs)"),
+        ("post", "/health", {}, 405, "method: POST is not allowed on /health (it takes GET)"),
+        ("post", "/model/select", {"content": deep, "headers": {
+            "Content-Type": "application/json"}}, 422, "body: not valid JSON (nested too deeply)"),
+        ("post", "/jam/start", {"content": b"--x\r\nstyles", "headers": {
+            "Content-Type": "multipart/form-data"}}, 400, "body: Missing boundary in multipart"),
+    ]
+    with client(core, tiny) as http:
+        for method, path, kwargs, status, error in cases:
+            r = getattr(http, method)(path, **kwargs)
+            assert (r.status_code, r.json()["error"]) == (status, error), (path, r.text)
+            assert "detail" in r.json()
+        assert http.post("/health").headers["allow"] == "GET"
+        assert http.get("/health").status_code == 200  # and the server goes on

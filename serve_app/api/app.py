@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -27,7 +26,7 @@ from ..audio.barclock import BarClock
 from ..audio.loudness import LoudnessMatcher, fade_edges
 from ..audio.resample import check_rate, resample, resample_int16
 from ..engine import CHANNELS, SAMPLE_RATE
-from ..errors import ApiError, BadRequest, NotReady, Unavailable, field_problems
+from ..errors import BadRequest, NotReady, Unavailable
 from ..generator import variant_of
 from ..jam import StreamConfig, frames_for
 from ..progress import MemoryProgressStore, ProgressBoard, ProgressStore, SetStage
@@ -35,6 +34,7 @@ from ..styles import MAX_RAMP_SECONDS
 from ..web import page
 from . import offload
 from .clients import GeneratorClient, StyleClient
+from .http_errors import add_error_handlers
 from .models import add_model_routes
 from .security import ApiKeyMiddleware, BodyLimitMiddleware, WebSocketOriginMiddleware
 from .service import ControlFields, JamService
@@ -198,16 +198,7 @@ def create_app(
         description="Magenta RealTime 2 as a service: style jams over HTTP and WebSocket.",
     )
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        problems = field_problems(exc.errors(), skip=("body", "query", "form"))
-        detail = [{k: err[k] for k in ("loc", "msg", "type")} for err in exc.errors()]
-        return JSONResponse({"error": "; ".join(problems), "detail": detail},
-                            status_code=422, headers={})
+    add_error_handlers(app)
 
     # -- service -------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audio import to_wav_bytes
 from ..errors import (
+    TOO_DEEP,
     ApiError,
     BadRequest,
     Float,
@@ -489,7 +490,7 @@ class JamSocket:
                     await self.error(f"message: not valid JSON ({e.msg})")
                     continue
                 except RecursionError:  # '[' * 100000: it closed the socket
-                    await self.error("message: not valid JSON (nested too deeply)")
+                    await self.error(f"message: {TOO_DEEP}")
                     continue
                 if not isinstance(payload, dict):
                     await self.error("message: must be a JSON object with a 'type'")
