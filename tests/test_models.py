@@ -145,9 +145,27 @@ def test_bad_selections_name_the_field_and_change_nothing(http, finetunes, bad_r
     assert r.json()["error"] == (
         "ckpt_step: must be a checkpoint step (an integer) or 'latest', got 1e+20"), r.text
     # true is no step (pydantic's lax mode read it as step 1)
-    r = http.post("/model/select", json={"step": True, "dry_run": True})
+    r = http.post("/model/select", json={"ckpt_step": True, "dry_run": True})
     assert r.json()["error"] == (
         "ckpt_step: must be a checkpoint step (an integer) or 'latest', got True"), r.text
+    # the prototype's names are the ones named back to a client that sent them (the
+    # generator's checks and pydantic's both answered "ckpt_repo"/"ckpt_step"), and the
+    # documented ones to one that sent those (a missing repo for 'latest' was "repo_id")
+    gone = f"{finetunes['a']}-gone"
+    for body, status, error in [
+        ({"step": True}, 422, "step: must be a checkpoint step (an integer) or 'latest', "
+                              "got True"),
+        ({"step": -1}, 422, "step: must be >= 0"),
+        ({"repo_id": ""}, 422, "repo_id: String should have at least 1 character"),
+        ({"repo_id": gone}, 400, f"repo_id: no such local directory: {gone}"),
+        ({"repo_id": str(finetunes["a"]), "step": 999}, 400, "step: "),
+        ({"repo_id": gone, "step": "latest"}, 400, "repo_id: "),
+        ({"ckpt_repo": gone, "ckpt_step": "latest"}, 400, "ckpt_repo: "),
+    ]:
+        r = http.post("/model/select", json=body | {"dry_run": True})
+        assert r.status_code == status and r.json()["error"].startswith(error), (body, r.text)
+    r = http.post("/model/assets/load", json={"assets_repo_id": gone})
+    assert r.status_code == 400 and r.json()["error"].startswith("assets_repo_id: "), r.text
     # a body that is not a JSON object is the body's fault, named as such
     r = http.post("/model/select", content=b"garbage", headers={"Content-Type": "application/json"})
     assert r.status_code == 422

@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    model_validator,
+)
 
 from .. import checkpoints
 from ..engine.variants import SIZE_ALIASES, VARIANTS, variant_for_size
-from ..errors import BadRequest, Int, Unavailable, either
+from ..errors import ApiError, BadRequest, Int, Unavailable, either
 from ..selection import ModelSelection
 from .security import may_read_local_paths
 from .service import JamService
@@ -27,28 +36,81 @@ from .service import JamService
 BOOT_ENV = ("MRT_CKPT_REPO", "MRT_CKPT_STEP", "MRT_SIZE", "SPACE_MODE")
 
 
-def _merge(values: dict, documented: str, prototype: str) -> None:
-    a, b = values.pop(documented, None), values.pop(prototype, None)
-    if a is not None and b is not None and a != b:
-        raise ValueError(f"{documented} and {prototype} name the same thing and disagree "
-                         f"({a!r} vs {b!r}); send one of them")
-    values[documented] = a if a is not None else b
+def _name(*names: str) -> AliasChoices:
+    """A field's documented name, then the prototype's."""
+    return AliasChoices(*names)
+
+
+class TwoNamedRequest(BaseModel):
+    """A request some of whose fields have the prototype's name beside the documented one
+    (`validation_alias=_name(documented, prototype)`). Either is read; both, agreeing, are
+    one; both, disagreeing, are an error rather than a guess. Errors name the field as the
+    client sent it: pydantic's do (it reports the alias it read), and `in_clients_words`
+    renames ours, which name the documented field."""
+
+    model_config = ConfigDict(extra="forbid")
+    _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def _other_names(cls) -> dict[str, str]:
+        return {field: info.validation_alias.choices[1]
+                for field, info in cls.model_fields.items()
+                if isinstance(info.validation_alias, AliasChoices)}
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_name_each(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
+        if not isinstance(data, dict):
+            return handler(data)
+        values, sent_as = dict(data), {}
+        for documented, other in cls._other_names().items():
+            if other not in values:
+                continue
+            if documented not in values:
+                sent_as[documented] = other
+                continue
+            a, b = values[documented], values.pop(other)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"{documented} and {other} name the same thing and disagree "
+                                 f"({a!r} vs {b!r}); send one of them")
+            values[documented] = a if a is not None else b
+        request = handler(values)
+        request._sent_as = sent_as
+        return request
+
+    def in_clients_words(self, error: ApiError) -> ApiError:
+        """`error`, naming its field as the client sent it: the generator's checks say
+        `ckpt_repo:` where a prototype client sent `repo_id`."""
+        field, sep, reason = error.message.partition(":")
+        if sep and field in self._sent_as:
+            return error.reworded(f"{self._sent_as[field]}:{reason}")
+        return error
 
 
 # a branch, tag or commit id of a Hub repo (`checkpoints.check_revision`)
 Revision = Annotated[str, Field(max_length=200), AfterValidator(checkpoints.check_revision)]
-Step = either(Int | Literal["latest"] | None, "a checkpoint step (an integer) or 'latest'")
 
 
-class SelectRequest(BaseModel):
+def _not_negative(step: int | str | None) -> int | str | None:
+    if isinstance(step, int) and step < 0:
+        raise ValueError("must be >= 0")
+    return step
+
+
+Step = Annotated[
+    either(Int | Literal["latest"] | None, "a checkpoint step (an integer) or 'latest'"),
+    AfterValidator(_not_negative)]
+
+
+class SelectRequest(TwoNamedRequest):
     """POST /model/select."""
 
-    model_config = ConfigDict(extra="forbid")
-
     ckpt_repo: str | None = Field(None, min_length=1, max_length=500,
+                                  validation_alias=_name("ckpt_repo", "repo_id"),
                                   description="Hub repo id or local directory (alias repo_id)")
     ckpt_step: Step = Field(
-        None, description="finetune step, or 'latest' (alias step); none: the base weights")
+        None, validation_alias=_name("ckpt_step", "step"),
+        description="finetune step, or 'latest' (alias step); none: the base weights")
     size: str | None = Field(None, description="tiny | small | base (large = base), or a "
                                                "variant name; default: the current one")
     revision: Revision | None = None
@@ -59,54 +121,34 @@ class SelectRequest(BaseModel):
     dry_run: bool = Field(False, description="only check: repo, checkpoint, tensors")
     variant: str | None = Field(None, description="which generator; default: the default")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _aliases(cls, data):
-        if not isinstance(data, dict):
-            return data
-        values = dict(data)
-        _merge(values, "ckpt_repo", "repo_id")
-        _merge(values, "ckpt_step", "step")
-        return values
-
     @model_validator(mode="after")
     def _checks(self):
-        if isinstance(self.ckpt_step, int) and self.ckpt_step < 0:
-            raise ValueError("ckpt_step: must be >= 0")
         if self.size is not None:
             variant_for_size(self.size)
         return self
 
 
-class AssetsRequest(BaseModel):
+class AssetsRequest(TwoNamedRequest):
     """POST /model/assets/load."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    repo_id: str = Field(min_length=1, max_length=500)
+    repo_id: str = Field(min_length=1, max_length=500,
+                         validation_alias=_name("repo_id", "assets_repo_id"))
     revision: Revision | None = None
     variant: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _aliases(cls, data):
-        if isinstance(data, dict) and "assets_repo_id" in data:
-            values = dict(data)
-            _merge(values, "repo_id", "assets_repo_id")
-            return values
-        return data
 
-
-async def _listing(repo: str, revision: str | None, *, allow_local: bool = True) -> dict:
+async def _listing(repo: str, revision: str | None, *, allow_local: bool = True,
+                   field: str = "repo_id") -> dict:
+    """The repo's checkpoints; an error names `field`, where the client sent the repo."""
     try:
         return await asyncio.to_thread(checkpoints.list_checkpoints, repo, revision=revision,
                                        allow_local=allow_local)
     except checkpoints.CheckpointNotFound as e:
         if "cannot be reached" in str(e):
-            raise Unavailable(f"repo_id: {e}") from e
-        raise BadRequest(f"repo_id: {e}") from e
+            raise Unavailable(f"{field}: {e}") from e
+        raise BadRequest(f"{field}: {e}") from e
     except ValueError as e:
-        raise BadRequest(f"repo_id: {e}") from e
+        raise BadRequest(f"{field}: {e}") from e
 
 
 def add_model_routes(app: FastAPI, service: JamService) -> None:
@@ -129,6 +171,12 @@ def add_model_routes(app: FastAPI, service: JamService) -> None:
         """Switch a generator's model: validated first, loaded beside the old one, swapped
         between two steps (live sessions keep streaming when the size is unchanged), and
         remembered for every replica. Any failure keeps the old model serving."""
+        try:
+            return await select(request)
+        except ApiError as e:
+            raise request.in_clients_words(e) from None
+
+    async def select(request: SelectRequest) -> JSONResponse:
         _, client = service.generator(request.variant)
         current = await client.model_status()
         size = variant_for_size(request.size) if request.size else current["model"]["size"]
@@ -136,8 +184,8 @@ def add_model_routes(app: FastAPI, service: JamService) -> None:
         if step == "latest":
             if request.ckpt_repo is None:
                 raise BadRequest("ckpt_step: 'latest' needs ckpt_repo (or repo_id)")
-            step = (await _listing(request.ckpt_repo, request.revision))["latest"]
-            if step is None:
+            listing = await _listing(request.ckpt_repo, request.revision, field="ckpt_repo")
+            if (step := listing["latest"]) is None:
                 raise BadRequest(f"ckpt_step: {request.ckpt_repo} has no "
                                  "checkpoint_<step>.safetensors to be the latest")
         selection = ModelSelection(size, request.ckpt_repo, step, request.revision,
@@ -180,7 +228,10 @@ def add_model_routes(app: FastAPI, service: JamService) -> None:
     async def model_assets_load(request: AssetsRequest):
         """Load steering assets (mean style, centroids) from a repo for a generator."""
         _, client = service.generator(request.variant)
-        return await client.load_assets(request.repo_id, request.revision)
+        try:
+            return await client.load_assets(request.repo_id, request.revision)
+        except ApiError as e:
+            raise request.in_clients_words(e) from None
 
     @app.get("/model/assets/status")
     async def model_assets_status(variant: str | None = Query(None)):
