@@ -106,6 +106,27 @@ def test_cors_lets_the_configured_origins_call_with_a_key(core, tiny):
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+def test_with_origins_set_another_site_may_not_change_state(core, tiny):
+    """CORS hides answers, not requests: a page on any site may POST a form (no preflight).
+    With origins configured, a browser's request that changes state comes only from them
+    or the server's own pages; reading, and clients that send no Origin, are untouched."""
+    app, evil = "https://app.example.com", "https://evil.example"
+    with client(core, tiny, cors_origins=[app]) as http:
+        r = http.post("/jam/stop_all", headers={"Origin": evil})
+        assert r.status_code == 403 and r.json()["error"] == (
+            "origin: https://evil.example may not send POST requests here "
+            "(not in api.cors_origins)"), r.text
+        assert "access-control-allow-origin" not in r.headers
+        r = http.post("/model/select", json={"dry_run": True}, headers={"Origin": "null"})
+        assert r.status_code == 403 and r.json()["error"].startswith("origin: null "), r.text
+        assert http.get("/health", headers={"Origin": evil}).status_code == 200
+        for headers in ({"Origin": app}, {"Origin": "http://testserver"}, {}):
+            r = http.post("/jam/stop_all", headers=headers)
+            assert r.status_code == 200 and "stopped" in r.json(), (headers, r.text)
+    with client(core, tiny, cors_origins=["*"]) as http:
+        assert http.post("/jam/stop_all", headers={"Origin": evil}).status_code == 200
+
+
 def test_template_mode_reports_and_refuses_generation(core, tiny):
     with client(core, tiny, space_mode="template") as http:
         assert http.get("/health").json()["status"] == "template"

@@ -13,6 +13,7 @@ import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 import yaml
 
@@ -128,12 +129,20 @@ CALLS_FROM_A_PAGE = """async (base) => {
     return {health: await said(() => fetch(base + '/health')), started, stopped, socket};
 }"""
 
+# what any page can do to a server without asking (no preflight for a form), reading
+# nothing back: stop every jam on it
+BLIND_STOP_ALL = """async (base) => {
+    const r = await fetch(base + '/jam/stop_all', {method: 'POST', mode: 'no-cors',
+                                                   body: new FormData()});
+    return r.type;
+}"""
+
 
 def test_a_web_app_on_an_allowed_origin_jams_from_the_browser(local_server, sites, tmp_path):
     """A real Chromium on another origin: the configured one starts and stops a jam
     (preflights and all) and opens a WebSocket jam; one not configured is refused by the
-    browser (HTTP) and by the server (its WebSocket, which browsers apply no CORS to);
-    the server's own pages are not refused."""
+    browser (reading HTTP answers) and by the server (its WebSocket, which browsers apply
+    no CORS to, and a form it sends blind); the server's own pages are not refused."""
     base, _ = local_server
     with open_page(sites[0], tmp_path / "allowed.png") as (page, errors):
         calls = page.evaluate(CALLS_FROM_A_PAGE, base)
@@ -146,6 +155,14 @@ def test_a_web_app_on_an_allowed_origin_jams_from_the_browser(local_server, site
     assert calls["health"][0] == "refused" and calls["started"][0] == "refused", calls
     assert calls["socket"] == (f"closed 4403: origin: {sites[1]} may not open a WebSocket "
                                "here (not in api.cors_origins)"), calls
+    # a jam of a client that is not a browser outlives the other origin's blind stop_all
+    with httpx.Client(base_url=base, timeout=60) as http:
+        session = http.post("/jam/start", data={"styles": "ambient"}).json()["session_id"]
+        with open_page(sites[1], tmp_path / "blind.png") as (page, _):
+            assert page.evaluate(BLIND_STOP_ALL, base) == "opaque"
+        status = http.get("/jam/status", params={"session_id": session})
+        assert status.status_code == 200, status.text
+        assert http.post("/jam/stop", json={"session_id": session}).status_code == 200
     with open_page(base + "/", tmp_path / "own.png") as (page, _):
         calls = page.evaluate(CALLS_FROM_A_PAGE, base)
     assert calls["started"][0] == 200 and calls["socket"] == "started", calls

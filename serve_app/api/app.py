@@ -36,7 +36,7 @@ from . import offload
 from .clients import GeneratorClient, StyleClient
 from .http_errors import add_error_handlers
 from .models import add_model_routes
-from .security import ApiKeyMiddleware, BodyLimitMiddleware, WebSocketOriginMiddleware
+from .security import ApiKeyMiddleware, BodyLimitMiddleware, OriginMiddleware
 from .service import ControlFields, JamService
 from .settings import ApiSettings
 from .ws import JamSocket
@@ -451,7 +451,7 @@ def create_app(
     add_model_routes(app, service)
     app.add_middleware(ApiKeyMiddleware, settings=settings)
     if settings.cors_origins:
-        app.add_middleware(WebSocketOriginMiddleware, origins=settings.cors_origins)
+        app.add_middleware(OriginMiddleware, origins=settings.cors_origins)
         # outside the key check: a browser's preflight carries no key, and a refusal
         # (401, 403) must carry the CORS headers for the page to read why
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

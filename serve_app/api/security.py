@@ -1,5 +1,5 @@
-"""Optional API keys, request-size limits and the origins a browser's WebSocket may come
-from, as plain ASGI middleware.
+"""Optional API keys, request-size limits and the origins a browser may change the
+server's state from, as plain ASGI middleware.
 
 No keys configured means open access (local use). With keys, every HTTP route
 and the WebSocket need one (header `X-API-Key`, `Authorization: Bearer`, or
@@ -87,24 +87,35 @@ class ApiKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
-class WebSocketOriginMiddleware:
-    """With `cors_origins` configured, a browser's WebSocket opens only from those origins
-    or from the server's own pages. Browsers apply no CORS to WebSockets, so the list that
-    keeps other sites from reading the HTTP API would otherwise not keep them from jamming
-    on the server. Clients that are not browsers send no Origin and pass."""
+# what a page may send another site without asking first (CORS's "simple" requests are
+# POSTs too, so only these are safe): everything else changes the server's state
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class OriginMiddleware:
+    """With `cors_origins` configured, a browser may change the server's state only from
+    those origins or from the server's own pages: a WebSocket (browsers apply no CORS to
+    WebSockets) and any HTTP request but GET/HEAD/OPTIONS. CORS keeps other sites from
+    reading answers, not from sending: a page on any site could POST a form to
+    `/jam/stop_all` or start renders (no preflight for a form). Clients that are not
+    browsers send no Origin and pass."""
 
     def __init__(self, app, origins: list[str]) -> None:
         self.app = app
         self.origins = origins
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "websocket" and "*" not in self.origins:
+        if "*" not in self.origins and (
+                scope["type"] == "websocket"
+                or (scope["type"] == "http" and scope["method"] not in _SAFE_METHODS)):
             headers = Headers(scope=scope)
             origin = headers.get("origin")
             if (origin is not None and origin not in self.origins
                     and urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+                what = ("open a WebSocket" if scope["type"] == "websocket"
+                        else f"send {scope['method']} requests")
                 return await _reject(scope, receive, send, 403,
-                                     f"origin: {origin} may not open a WebSocket here "
+                                     f"origin: {origin} may not {what} here "
                                      "(not in api.cors_origins)")
         return await self.app(scope, receive, send)
 
