@@ -6,7 +6,8 @@ import ray
 from ray import serve
 
 from serve_app import logs
-from serve_app.generator import GeneratorCore, JamSpec, JamUpdate
+from serve_app.generator import GeneratorCore
+from serve_app.jam_spec import JamSpec, JamUpdate
 from serve_app.metrics import GeneratorMetrics
 from serve_app.selection import ModelSelection
 

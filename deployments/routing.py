@@ -18,7 +18,7 @@ import random
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
-from serve_app.generator import replica_of
+from serve_app.jam_spec import replica_of
 
 
 class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):

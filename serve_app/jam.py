@@ -34,8 +34,8 @@ import numpy as np
 from .audio.bars import BarChunker, BarCut
 from .engine import Session
 from .engine.session import CODE_LEVELS
-from .engine.variants import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 from .errors import shown
+from .frames import CHANNELS, FRAME_SAMPLES, FRAMES_PER_SECOND, SAMPLE_RATE
 from .styles import RampState
 
 PACES = ("realtime", "asap")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import time
 
 import httpx
@@ -128,3 +129,18 @@ def follow_move(ws, session_id: str, heard: list[dict], after: int = 5,
     assert [m["metadata"]["first_frame"] for m in heard + later] == [
         chunk_frames * i for i in indices]
     return moved
+
+
+def replica_processes(deployment: str, app: str = "mrt") -> dict[int, str]:
+    """/proc/<pid>/maps of each process Ray runs a replica of `app`'s `deployment` in
+    (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    found = {}
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().split(b"\0")[0] == (
+                    f"ray::ServeReplica:{app}:{deployment}".encode()):
+                found[int(proc.name)] = (proc / "maps").read_text()
+        except OSError:  # a process that ended while looked at
+            continue
+    return found
+

@@ -165,8 +165,8 @@ def test_a_stop_ends_a_waiting_next_chunk_quietly(core, tiny):
     import asyncio
 
     from serve_app.errors import UnknownSession
-    from serve_app.generator import JamSpec, StyleSpec
     from serve_app.jam import StreamConfig
+    from serve_app.jam_spec import JamSpec, StyleSpec
 
     async def scenario():
         spec = JamSpec(style=StyleSpec(), stream=StreamConfig(chunk_frames=50, pace="realtime"))

@@ -18,8 +18,9 @@ import pytest
 
 from serve_app.audio.barclock import BarClock
 from serve_app.errors import BadRequest, OverCapacity, Unavailable, UnknownSession
-from serve_app.generator import GeneratorCore, JamSpec, JamUpdate, StyleSpec
+from serve_app.generator import GeneratorCore
 from serve_app.jam import StreamConfig
+from serve_app.jam_spec import JamSpec, JamUpdate, StyleSpec
 
 from .generator_cores import wait_for_boot, wait_until_ready
 from .offline_decode import assert_heard_as_decoded, decode_at_once

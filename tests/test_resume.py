@@ -16,8 +16,8 @@ from serve_app.audio.bars import BarChunker
 from serve_app.engine import Session
 from serve_app.engine.session import CODE_LEVELS, Controls
 from serve_app.frames import FRAME_SAMPLES
-from serve_app.generator import BarSpec, JamSpec, JamUpdate, StyleSpec
 from serve_app.jam import JamStream, StreamConfig
+from serve_app.jam_spec import BarSpec, JamSpec, JamUpdate, StyleSpec
 from serve_app.styles import StyleModel
 
 # 93.7 bpm, 4 beats: a bar is 122,945.6 samples, so bar lines fall inside frames

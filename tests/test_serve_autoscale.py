@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from serve_app.generator import replica_of
+from serve_app.jam_spec import replica_of
 
 from .serve_fixtures import deploy, follow_move, recv_json, start_jam, tiny_config
 

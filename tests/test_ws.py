@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 from serve_app.api.flow import STREAM_CREDIT_CHUNKS
 from serve_app.client import stop_and_wait
 
-from .serve_fixtures import recv_json
+from .serve_fixtures import recv_json, replica_processes
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -440,3 +440,16 @@ def test_the_generator_writes_no_log_line_per_chunk(ws_url):
     time.sleep(1)  # Serve buffers request logs briefly before writing them
     for path in generator_logs:  # an access line reads "... -- CALL next_chunk OK 2.1ms"
         assert "CALL next_chunk" not in path.read_text(), path.name
+
+
+def test_the_ingress_served_all_of_this_without_jax(ws_url):
+    """Last in the last module on the shared app: after renders, polled and WebSocket jams,
+    bar mode's reseeds and bad input, the ingress has not loaded JAX. It parses, checks
+    and relays and never runs a model; with JAX it took twice the memory (445 -> 213 MB
+    resident on the dev box) and twice as long to import. The generator has it (what
+    shows this test can tell)."""
+    ingresses, generators = replica_processes("Ingress"), replica_processes("Generator_tiny")
+    assert ingresses and generators
+    assert all("jaxlib" in maps for maps in generators.values())
+    assert not [pid for pid, maps in ingresses.items() if "jaxlib" in maps]
+

@@ -25,10 +25,10 @@ from ..audio import to_int16, to_wav_bytes
 from ..audio.barclock import BarClock
 from ..audio.loudness import LoudnessMatcher, fade_edges
 from ..audio.resample import check_rate, resample, resample_int16
-from ..engine import CHANNELS, SAMPLE_RATE
 from ..errors import BadRequest, NotReady, Unavailable
-from ..generator import variant_of
+from ..frames import CHANNELS, SAMPLE_RATE
 from ..jam import StreamConfig, frames_for
+from ..jam_spec import variant_of
 from ..progress import MemoryProgressStore, ProgressBoard, ProgressStore, SetStage
 from ..styles import MAX_RAMP_SECONDS
 from ..web import page

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..generator import JamSpec, JamUpdate
 from ..jam import Chunk
+from ..jam_spec import JamSpec, JamUpdate
 from ..selection import ModelSelection
 
 

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from .. import checkpoints
-from ..engine.variants import SIZE_ALIASES, VARIANTS, variant_for_size
+from ..engine.catalog import SIZE_ALIASES, VARIANT_NAMES, variant_for_size
 from ..errors import ApiError, BadRequest, Int, Unavailable, either
 from ..selection import ModelSelection
 from .security import may_read_local_paths
@@ -208,7 +208,7 @@ def add_model_routes(app: FastAPI, service: JamService) -> None:
             "default_variant": settings.default_variant,
             "variants": {n: {"model": s.get("model"), "boot_default": s.get("boot_default")}
                          for n, s in (await statuses(None)).items()},
-            "sizes": {**SIZE_ALIASES, **{v: v for v in VARIANTS}},
+            "sizes": {**SIZE_ALIASES, **{v: v for v in VARIANT_NAMES}},
             "ab_split": service.ab.weights if service.ab else None,
             "boot_env": {k: os.environ.get(k) for k in BOOT_ENV},
             "checkpoint_naming": "checkpoint_<step>.safetensors (root or checkpoints/); "

@@ -31,8 +31,8 @@ import numpy as np
 
 from ..engine.session import CODE_LEVELS
 from ..frames import FRAME_SAMPLES, SAMPLE_RATE
-from ..generator import JamSpec, JamUpdate
 from ..jam import Chunk
+from ..jam_spec import JamSpec, JamUpdate
 from ..styles import RampState
 
 # Context rows kept per stream: more than any variant's context (mrt2_base: 500

@@ -16,8 +16,8 @@ from ..audio.resample import check_rate
 from ..engine import Controls
 from ..errors import BadRequest, Unavailable, UnknownSession, clipped, shown
 from ..frames import SAMPLE_RATE
-from ..generator import BarSpec, JamSpec, JamUpdate, StyleSpec, variant_of
 from ..jam import MAX_CHUNK_SECONDS, StreamConfig
+from ..jam_spec import BarSpec, JamSpec, JamUpdate, StyleSpec, variant_of
 from ..styles import check_ramp_seconds
 from ..styles.prompts import parse_floats, parse_styles
 from .ab import ABSplit

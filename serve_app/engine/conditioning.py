@@ -20,7 +20,6 @@ from magenta_rt.config import (
     NUM_RESERVED_TOKENS,
     PIANOROLL_WITH_ONSETS,
 )
-from magenta_rt.jax.system import discretize_cfg
 
 TOKEN_OFFSET = NUM_RESERVED_TOKENS + 1
 MASKED = -1
@@ -42,6 +41,10 @@ DEFAULT_CFG = {"musiccoca": 3.0, "notes": 1.0, "drums": 1.0}
 
 def cfg_tokens(cfg: dict[str, float]) -> tuple[int, int, int]:
     """CFG scales -> (musiccoca, notes, drums) token indices, binned like upstream."""
+    # upstream's binning lives in its JAX system module: imported where a step is built
+    # (the generator, which has JAX), not where the ingress imports these constants
+    from magenta_rt.jax.system import discretize_cfg
+
     style_max = CFG_CONDITIONING_MUSICCOCA_NOTES.codebook_size - 1
     return (
         discretize_cfg(cfg["musiccoca"], CFG_CONDITIONING_MUSICCOCA_NOTES.step, style_max),

@@ -12,12 +12,16 @@ import collections
 import dataclasses
 import uuid
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..frames import FRAME_SAMPLES, SAMPLE_RATE
-from ..styles import RampState, StyleModel, StyleRamp, check_ramp_seconds
+from ..styles import RampState, StyleRamp, check_ramp_seconds
 from .conditioning import DEFAULT_CFG, DRUMS, NoteTracker, build_block
+
+if TYPE_CHECKING:  # MusicCoCa: the generator has it; the ingress, importing Controls, not
+    from ..styles import StyleModel
 
 MAX_TOP_K = 1024  # one RVQ level's codebook
 CODE_LEVELS = 12  # RVQ levels per frame

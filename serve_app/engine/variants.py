@@ -26,6 +26,12 @@ from ..frames import (  # noqa: F401  (re-exported: the engine's geometry)
     SAMPLE_RATE,
     STYLE_EMBEDDING_DIM,
 )
+from .catalog import (  # noqa: F401  (re-exported)
+    SIZE_ALIASES,
+    VARIANT_NAMES,
+    check_variant_name,
+    variant_for_size,
+)
 
 _TINY_SPEC = ModelSpec(
     num_layers=1,
@@ -149,28 +155,12 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+if tuple(VARIANTS) != VARIANT_NAMES:  # the API checks names against the catalog alone
+    raise ImportError(f"catalog.VARIANT_NAMES {VARIANT_NAMES} and VARIANTS disagree")
+
+
 def get_variant(name: str) -> Variant:
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise ValueError(
-            f"variant: unknown model variant {name!r}; choose one of {sorted(VARIANTS)}"
-        ) from None
+    return VARIANTS[check_variant_name(name)]
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# `size` as the prototype's clients send it (MRT v1 had "base" and "large"), mapped
-# to the Magenta RT 2 variant of that rank; exact variant names are accepted too.
-SIZE_ALIASES = {"small": "mrt2_small", "base": "mrt2_base", "large": "mrt2_base"}
-
-
-def variant_for_size(size: str) -> str:
-    """The model variant a `size` names, or a ValueError naming the field."""
-    name = SIZE_ALIASES.get(size.strip().lower(), size.strip())
-    if name not in VARIANTS:
-        raise ValueError(
-            f"size: unknown model size {size!r}; choose one of "
-            f"{sorted({*SIZE_ALIASES, *VARIANTS})}"
-        )
-    return name
