@@ -51,6 +51,22 @@ def test_keys_are_required_on_every_route_when_configured(core, tiny):
         sid = r.json()["session_id"]
         assert http.post("/jam/stop", json={"session_id": sid},
                          headers={"X-API-Key": "k1"}).status_code == 200
+    # a key with a character outside ASCII is a key like any other (it was a 500: the
+    # header could not be decoded, or compare_digest refused the text)
+    with client(core, tiny, api_keys=["clé"]) as http:
+        for headers, params, status in [
+            ({"X-API-Key": "clé".encode()}, {}, 200),
+            ({"Authorization": "Bearer clé".encode()}, {}, 200),
+            ({}, {"api_key": "clé"}, 200),
+            ({"X-API-Key": b"\xff\xfe"}, {}, 401),
+            ({"Authorization": b"Bearer \xe9"}, {}, 401),
+            ({}, {"api_key": "cle\u0301"}, 401),
+        ]:
+            r = http.get("/ping", headers=headers, params=params)
+            assert r.status_code == status, (headers, params, r.text)
+        with http.websocket_connect("/ws/jam?api_key=cl%C3%A9") as ws:
+            ws.send_json({"type": "ping"})
+            assert ws.receive_json()["type"] == "pong"
 
 
 def test_model_writes_need_an_admin_key(core, tiny):

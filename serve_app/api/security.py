@@ -19,15 +19,20 @@ from starlette.datastructures import Headers
 from .settings import ApiSettings
 
 
-def _key_from_scope(scope) -> str | None:
-    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+def _key_from_scope(scope) -> bytes | None:
+    """The key as the bytes the client sent: a header's raw bytes (Starlette decodes them
+    as latin-1, which gives them back exactly), the query's percent-decoded. Compared as
+    bytes, a key with a non-ASCII character is only a wrong key (as str, `compare_digest`
+    refused it and the request was a 500)."""
+    headers = Headers(scope=scope)
     if "x-api-key" in headers:
-        return headers["x-api-key"]
+        return headers["x-api-key"].encode("latin-1")
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    query = parse_qs(scope.get("query_string", b"").decode())
-    return query.get("api_key", [None])[0]
+        return auth[7:].strip().encode("latin-1")
+    # latin-1 both ways: each byte (raw or percent-escaped) one character, and back
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), encoding="latin-1")
+    return query["api_key"][0].encode("latin-1") if "api_key" in query else None
 
 
 # Set by ApiKeyMiddleware in each request's scope when keys are configured.
@@ -40,8 +45,8 @@ def may_read_local_paths(scope) -> bool:
     return scope.get(_LOCAL_PATHS, True)
 
 
-def _matches(key: str | None, allowed: list[str]) -> bool:
-    return key is not None and any(hmac.compare_digest(key, k) for k in allowed)
+def _matches(key: bytes | None, allowed: list[str]) -> bool:
+    return key is not None and any(hmac.compare_digest(key, k.encode()) for k in allowed)
 
 
 def _is_admin_write(scope) -> bool:
@@ -130,8 +135,7 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers", []))
-        declared = headers.get(b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _reject(scope, receive, send, 413, self._message())
         seen = 0
