@@ -135,6 +135,8 @@ def test_with_origins_set_another_site_may_not_change_state(core, tiny):
         assert "access-control-allow-origin" not in r.headers
         r = http.post("/model/select", json={"dry_run": True}, headers={"Origin": "null"})
         assert r.status_code == 403 and r.json()["error"].startswith("origin: null "), r.text
+        r = http.post("/jam/stop_all", headers={"Origin": "http://[::1"})  # was a 500
+        assert r.status_code == 403 and r.json()["error"].startswith("origin: http://[::1 ")
         assert http.get("/health", headers={"Origin": evil}).status_code == 200
         for headers in ({"Origin": app}, {"Origin": "http://testserver"}, {}):
             r = http.post("/jam/stop_all", headers=headers)

@@ -97,6 +97,15 @@ class ApiKeyMiddleware:
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def _host_of(origin: str) -> str | None:
+    """An Origin's host[:port], as a Host header names it; None for one that is no URL
+    (`http://[::1` made urlsplit raise, and the request a 500)."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None
+
+
 class OriginMiddleware:
     """With `cors_origins` configured, a browser may change the server's state only from
     those origins or from the server's own pages: a WebSocket (browsers apply no CORS to
@@ -116,7 +125,7 @@ class OriginMiddleware:
             headers = Headers(scope=scope)
             origin = headers.get("origin")
             if (origin is not None and origin not in self.origins
-                    and urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+                    and _host_of(origin) != headers.get("host", "").lower()):
                 what = ("open a WebSocket" if scope["type"] == "websocket"
                         else f"send {scope['method']} requests")
                 return await _reject(scope, receive, send, 403,
