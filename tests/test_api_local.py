@@ -117,6 +117,13 @@ def test_cors_lets_the_configured_origins_call_with_a_key(core, tiny):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == app
         other = http.options("/jam/start", headers={**preflight, "Origin": "https://evil.example"})
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        # refused, it says why as every error does (Starlette: "Disallowed CORS origin")
+        assert other.json()["error"] == ("origin: https://evil.example is not in "
+                                         "api.cors_origins (MRT_CORS_ORIGINS)"), other.text
+        odd = http.options("/jam/start", headers={**preflight, "Origin": "https://evil.example",
+                                                   "Access-Control-Request-Method": "JAM"})
+        assert odd.json()["error"].endswith(
+            "; access-control-request-method: JAM is not an HTTP method"), odd.text
     with client(core, tiny) as http:
         r = http.get("/health", headers={"Origin": app})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, WebSocket
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..audio import to_int16, to_wav_bytes
@@ -34,6 +33,7 @@ from ..styles import MAX_RAMP_SECONDS
 from ..web import page
 from . import offload
 from .clients import GeneratorClient, StyleClient
+from .cors import CORSWithNamedErrors
 from .http_errors import add_error_handlers
 from .models import add_model_routes
 from .security import ApiKeyMiddleware, BodyLimitMiddleware, OriginMiddleware
@@ -454,7 +454,7 @@ def create_app(
         app.add_middleware(OriginMiddleware, origins=settings.cors_origins)
         # outside the key check: a browser's preflight carries no key, and a refusal
         # (401, 403) must carry the CORS headers for the page to read why
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+        app.add_middleware(CORSWithNamedErrors, allow_origins=settings.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
     return app
 
