@@ -36,17 +36,12 @@ from .service import JamService
 BOOT_ENV = ("MRT_CKPT_REPO", "MRT_CKPT_STEP", "MRT_SIZE", "SPACE_MODE")
 
 
-def _name(*names: str) -> AliasChoices:
-    """A field's documented name, then the prototype's."""
-    return AliasChoices(*names)
-
-
 class TwoNamedRequest(BaseModel):
     """A request some of whose fields have the prototype's name beside the documented one
-    (`validation_alias=_name(documented, prototype)`). Either is read; both, agreeing, are
-    one; both, disagreeing, are an error rather than a guess. Errors name the field as the
-    client sent it: pydantic's do (it reports the alias it read), and `in_clients_words`
-    renames ours, which name the documented field."""
+    (`validation_alias=AliasChoices(documented, prototype)`, in that order). Either is
+    read; both, agreeing, are one; both, disagreeing, are an error rather than a guess.
+    Errors name the field as the client sent it: pydantic's do (it reports the alias it
+    read), and `in_clients_words` renames ours, which name the documented field."""
 
     model_config = ConfigDict(extra="forbid")
     _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -106,10 +101,10 @@ class SelectRequest(TwoNamedRequest):
     """POST /model/select."""
 
     ckpt_repo: str | None = Field(None, min_length=1, max_length=500,
-                                  validation_alias=_name("ckpt_repo", "repo_id"),
+                                  validation_alias=AliasChoices("ckpt_repo", "repo_id"),
                                   description="Hub repo id or local directory (alias repo_id)")
     ckpt_step: Step = Field(
-        None, validation_alias=_name("ckpt_step", "step"),
+        None, validation_alias=AliasChoices("ckpt_step", "step"),
         description="finetune step, or 'latest' (alias step); none: the base weights")
     size: str | None = Field(None, description="tiny | small | base (large = base), or a "
                                                "variant name; default: the current one")
@@ -132,7 +127,7 @@ class AssetsRequest(TwoNamedRequest):
     """POST /model/assets/load."""
 
     repo_id: str = Field(min_length=1, max_length=500,
-                         validation_alias=_name("repo_id", "assets_repo_id"))
+                         validation_alias=AliasChoices("repo_id", "assets_repo_id"))
     revision: Revision | None = None
     variant: str | None = None
 
