@@ -66,7 +66,9 @@ class ApiSettings(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     admin_keys: list[str] = Field(default_factory=list)
     # Web pages on these origins may call the HTTP API from a browser (CORS; "*": any).
-    # None by default: only pages the server itself serves. WebSockets need no CORS.
+    # None by default: only pages the server itself serves. Set, a browser on any other
+    # origin may not change state either (security.OriginMiddleware: its WebSockets and
+    # writes, which CORS does not stop, are refused).
     cors_origins: list[Origin] = Field(default_factory=list)
     space_mode: SpaceMode = "auto"
 
