@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from .api.app import create_app
+from .api.security import open_to_the_network
 from .api.settings import ApiSettings, ws_max_message_bytes
 from .config import AppConfig, load_app_config, read_config_file
 from .engine.tiny import write_named_repos
@@ -90,6 +91,8 @@ def serve(config_path: str | os.PathLike, *, app_name: str | None = None,
             generators = build_generators(config)
             settings = ApiSettings.from_config(config.api_config)
             app = build_app(config, generators, settings)
+            if warning := open_to_the_network(host, settings):
+                print(f"mrt-serve local: warning: {warning}", file=sys.stderr, flush=True)
             print(f"mrt-serve local: http://{host}:{port} serving {', '.join(generators)} "
                   "(/health shows readiness)", file=sys.stderr, flush=True)
             # PCM does not compress: no permessage-deflate (deployments/proxy.py does the

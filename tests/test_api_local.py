@@ -152,6 +152,18 @@ def test_with_origins_set_another_site_may_not_change_state(core, tiny):
         assert http.post("/jam/stop_all", headers={"Origin": evil}).status_code == 200
 
 
+def test_a_server_without_keys_open_to_the_network_is_warned_of():
+    """`mrt-serve local` prints this at start: no keys is meant for local use."""
+    from serve_app.api.security import open_to_the_network
+
+    for host in ("0.0.0.0", "192.168.1.20", "::", "lab-box"):
+        assert "anyone who reaches this port" in open_to_the_network(host, ApiSettings())
+        assert open_to_the_network(host, ApiSettings(api_keys=["k"])) is None
+        assert open_to_the_network(host, ApiSettings(admin_keys=["root"])) is None
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert open_to_the_network(host, ApiSettings()) is None
+
+
 def test_template_mode_reports_and_refuses_generation(core, tiny):
     with client(core, tiny, space_mode="template") as http:
         assert http.get("/health").json()["status"] == "template"

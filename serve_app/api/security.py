@@ -11,6 +11,7 @@ does naming a directory of the server's disk where a repo is asked for
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,6 +34,22 @@ def _key_from_scope(scope) -> bytes | None:
     # latin-1 both ways: each byte (raw or percent-escaped) one character, and back
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"), encoding="latin-1")
     return query["api_key"][0].encode("latin-1") if "api_key" in query else None
+
+
+def open_to_the_network(host: str, settings: ApiSettings) -> str | None:
+    """What to warn of when a server with no keys listens beyond this machine: no keys is
+    meant for local use (`mrt-serve local --host 0.0.0.0` on a lab machine is not)."""
+    if settings.api_keys or settings.admin_keys:
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a name
+        if host == "localhost":
+            return None
+    return (f"no API keys, and listening on {host}: anyone who reaches this port may jam, "
+            "switch models and name directories of this machine as repos; set MRT_API_KEYS "
+            "and MRT_ADMIN_KEYS")
 
 
 # Set by ApiKeyMiddleware in each request's scope when keys are configured.
