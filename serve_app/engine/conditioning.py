@@ -9,7 +9,8 @@ shifted by NUM_RESERVED_TOKENS + 1 and -1 means "masked / model's choice".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from magenta_rt.config import (
@@ -39,12 +40,19 @@ DRUMS = {"free": MASKED, "off": 0, "on": 1}
 DEFAULT_CFG = {"musiccoca": 3.0, "notes": 1.0, "drums": 1.0}
 
 
-def cfg_tokens(cfg: dict[str, float]) -> tuple[int, int, int]:
-    """CFG scales -> (musiccoca, notes, drums) token indices, binned like upstream."""
-    # upstream's binning lives in its JAX system module: imported where a step is built
-    # (the generator, which has JAX), not where the ingress imports these constants
+@functools.cache
+def _upstream_binning() -> Callable[[float, float, int], int]:
+    """Upstream's `discretize_cfg`. It lives in its JAX system module: imported the first
+    time a frame is built (in the generator, which has JAX), not where the ingress imports
+    these constants, and not again for every frame of every session."""
     from magenta_rt.jax.system import discretize_cfg
 
+    return discretize_cfg
+
+
+def cfg_tokens(cfg: dict[str, float]) -> tuple[int, int, int]:
+    """CFG scales -> (musiccoca, notes, drums) token indices, binned like upstream."""
+    discretize_cfg = _upstream_binning()
     style_max = CFG_CONDITIONING_MUSICCOCA_NOTES.codebook_size - 1
     return (
         discretize_cfg(cfg["musiccoca"], CFG_CONDITIONING_MUSICCOCA_NOTES.step, style_max),
