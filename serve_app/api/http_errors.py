@@ -12,6 +12,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..errors import TOO_DEEP, ApiError, field_problems
@@ -20,22 +21,24 @@ from ..errors import TOO_DEEP, ApiError, field_problems
 _UNPARSED_BODY = "There was an error parsing the body"
 
 
-def framework_problem(exc: HTTPException, request: Request) -> str:
-    """The "field: reason" of an error Starlette or FastAPI raised before our code ran."""
+def framework_problem(exc: HTTPException, request: Request) -> tuple[int, str]:
+    """The status and "field: reason" of an error Starlette or FastAPI raised before our
+    code ran."""
     if exc.status_code == 404:
-        return f"path: {request.url.path} is not a route of this server (see /docs)"
+        return 404, f"path: {request.url.path} is not a route of this server (see /docs)"
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        allowed = Headers(headers=exc.headers or {}).get("allow")
         also = f" (it takes {allowed})" if allowed else ""
-        return f"method: {request.method} is not allowed on {request.url.path}{also}"
+        return 405, f"method: {request.method} is not allowed on {request.url.path}{also}"
     if exc.detail == _UNPARSED_BODY:
         cause = exc.__cause__
-        if isinstance(cause, RecursionError):  # '[' * 100000
-            return f"body: {TOO_DEEP}"
-        return f"body: could not be read ({cause or 'unreadable'})"
+        # '[' * 100000: invalid JSON, answered as FastAPI answers the rest of it (422)
+        if isinstance(cause, RecursionError):
+            return 422, f"body: {TOO_DEEP}"
+        return exc.status_code, f"body: could not be read ({cause or 'unreadable'})"
     if exc.status_code == 400:  # Starlette's multipart parser: "Missing boundary in multipart."
-        return f"body: {str(exc.detail).rstrip('.')}"
-    return str(exc.detail)
+        return 400, f"body: {str(exc.detail).rstrip('.')}"
+    return exc.status_code, str(exc.detail)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -51,8 +54,6 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def framework_error(request: Request, exc: HTTPException) -> JSONResponse:
-        problem = framework_problem(exc, request)
-        # JSON too deep to parse is invalid JSON, answered as FastAPI answers the rest (422)
-        status = 422 if problem == f"body: {TOO_DEEP}" else exc.status_code
+        status, problem = framework_problem(exc, request)
         return JSONResponse({"error": problem, "detail": exc.detail},
                             status_code=status, headers=exc.headers)
