@@ -10,6 +10,7 @@ picks the generator, and reports.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Annotated, Any, Literal
 
@@ -47,6 +48,7 @@ class TwoNamedRequest(BaseModel):
     _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @classmethod
+    @functools.cache  # per class: its fields do not change after it is made
     def _other_names(cls) -> dict[str, str]:
         return {field: info.validation_alias.choices[1]
                 for field, info in cls.model_fields.items()
