@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .api.ab import ABSplit
 from .api.settings import ApiSettings
 from .engine import compile_cache
-from .engine.catalog import VARIANT_NAMES, variant_for_size
+from .engine.catalog import check_variant_name, variant_for_size
 from .errors import field_problems
 
 log = logging.getLogger("mrt_serve.config")
@@ -180,9 +180,7 @@ def load_app_config(args: Mapping, environ: Mapping[str, str] = os.environ, *,
     if not config.variants:
         raise ValueError("variants: list at least one model variant to serve")
     for v in config.variants:  # a name doubles as the model variant when none is given
-        if v.model_variant not in VARIANT_NAMES:
-            raise ValueError(f"variants[{v.name}].variant: unknown model variant "
-                             f"{v.model_variant!r}; choose one of {sorted(VARIANT_NAMES)}")
+        check_variant_name(v.model_variant, f"variants[{v.name}].variant")
     names = [v.name for v in config.variants]
     config.default_variant = config.default_variant or names[0]
     if config.default_variant not in names:

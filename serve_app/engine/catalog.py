@@ -12,11 +12,11 @@ VARIANT_NAMES = ("mrt2_base", "mrt2_small", "tiny")
 SIZE_ALIASES = {"small": "mrt2_small", "base": "mrt2_base", "large": "mrt2_base"}
 
 
-def check_variant_name(name: str) -> str:
-    """`name` when a variant has it, or a ValueError naming the field."""
+def check_variant_name(name: str, field: str = "variant") -> str:
+    """`name` when a variant has it, or a ValueError naming `field` (where it was given)."""
     if name not in VARIANT_NAMES:
         raise ValueError(
-            f"variant: unknown model variant {name!r}; choose one of {sorted(VARIANT_NAMES)}")
+            f"{field}: unknown model variant {name!r}; choose one of {sorted(VARIANT_NAMES)}")
     return name
 
 
